@@ -1,0 +1,267 @@
+"""Hugging Face checkpoints in and out: streaming safetensors load onto shardings, and sharded export.
+
+The name map is one table, `LEAF_TO_HF`: our parameter path `a.b.q_proj.kernel` is HF's `a.b.q_proj.weight`
+transposed; `embedding` and `scale` are HF's `weight` as they are; `bias` is `bias`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from automodel_jax.checkpoint.safetensors_io import (DTYPES, CheckpointError, SafetensorsFile, dtype_name,
+                                                     write_file)
+from automodel_jax.models.params import flatten, path_str, pure_dict, unflatten
+from automodel_jax.models.base import CausalLM, HFSource, model_class_for
+from automodel_jax.parallel.sharding import DEFAULT_RULES, make_mesh, param_shardings
+
+LEAF_TO_HF = {"kernel": ("weight", True), "embedding": ("weight", False), "scale": ("weight", False),
+              "bias": ("bias", False)}
+# Buffers that old HF checkpoints carry but that are recomputed, never learned.
+IGNORED_HF_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """(HF tensor name, transposed?) for one of our parameter paths."""
+    leaf, transpose = LEAF_TO_HF[path[-1]]
+    return path_str(path[:-1] + (leaf,)), transpose
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A local HF checkpoint directory, or a Hub name resolved through the HF cache (downloading when online)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+        raise FileNotFoundError(f"model path {str(path)!r} is not a checkpoint directory; pass a local HF "
+                                f"checkpoint directory or a Hub name such as 'meta-llama/Llama-3.2-1B'")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - any Hub failure becomes one clear line
+        raise FileNotFoundError(f"model {str(path)!r} is not a local directory and could not be fetched from the "
+                                f"Hugging Face Hub ({type(e).__name__}); download it first or pass a local path")
+
+
+def read_hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing config.json; an HF checkpoint directory needs config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})")
+
+
+class CheckpointTensors:
+    """Every tensor of a single-file or sharded safetensors checkpoint, by name, opened lazily."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (directory / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: lists shard {missing[0]} which is missing from {directory}")
+        elif single.is_file():
+            files = ["model.safetensors"]
+        else:
+            pickles = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            hint = (f"found only {pickles[0]} (pickle), which is never loaded; convert it with transformers: "
+                    f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+                    if pickles else "no model.safetensors or model.safetensors.index.json")
+            raise CheckpointError(f"{directory}: {hint}")
+        self.files = {name: SafetensorsFile(directory / name) for name in files}
+        self.where = {key: f for f in self.files.values() for key in f.keys()}
+
+    def names(self):
+        return self.where.keys()
+
+    def get(self, name: str) -> tuple[np.ndarray, Path]:
+        f = self.where[name]
+        return f.get(name), f.path
+
+
+def _abstract_model(cls, cfg, dtype, param_dtype):
+    abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    shapes = {tuple(p): (leaf.shape, leaf.dtype) for p, leaf in flatten(pure_dict(state)).items()}
+    return abstract, graphdef, shapes
+
+
+@jax.jit(static_argnames=("transpose", "dtype", "sharding"))
+def _to_param(x, *, transpose, dtype, sharding):
+    return jax.lax.with_sharding_constraint((x.T if transpose else x).astype(dtype), sharding)
+
+
+def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None, rules=DEFAULT_RULES,
+                    model_overrides: dict | None = None) -> CausalLM:
+    """Build the model for `path`'s config and stream its safetensors onto the mesh (one device when mesh is None).
+
+    Each tensor is mapped from disk and placed in HF layout and source dtype onto its target sharding (a device reads
+    only its own slice), then transposed and cast on the devices; the host never holds the whole checkpoint.
+    """
+    directory = resolve_checkpoint_dir(path)
+    hf_config = read_hf_config(directory)
+    cls = model_class_for(hf_config, str(directory / "config.json"))
+    cfg = cls.config_class.from_hf(hf_config)
+    if model_overrides:
+        cfg = cfg.__class__(**{**cfg.__dict__, **model_overrides})
+    tensors = CheckpointTensors(directory)
+    mesh = mesh or make_mesh()
+    abstract, graphdef, shapes = _abstract_model(cls, cfg, dtype, param_dtype)
+    shardings = param_shardings(abstract, {p: s for p, (s, _) in shapes.items()}, mesh, rules)
+    expected = {hf_name(p)[0]: p for p in shapes}
+    missing = sorted(set(expected) - set(tensors.names()))
+    if missing:
+        raise CheckpointError(f"{directory}: tensor {missing[0]} is missing from the checkpoint "
+                              f"({len(missing)} missing); is this checkpoint for this config.json?")
+    unexpected = sorted(n for n in tensors.names() if n not in expected and not IGNORED_HF_KEYS.match(n)
+                        and not (n == "lm_head.weight" and cfg.tie_word_embeddings))
+    if unexpected:
+        raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all) that this "
+                              f"{cls.__name__} does not have; does config.json match the weights?")
+    params, source_dtypes = {}, []
+    for name, path_ in expected.items():
+        view, file = tensors.get(name)
+        shape, target_dtype = shapes[path_]
+        transpose = hf_name(path_)[1]
+        hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
+        if view.shape != hf_shape:
+            raise CheckpointError(f"{file}: tensor {name} has shape {list(view.shape)} but config.json implies "
+                                  f"{list(hf_shape)}")
+        spec = shardings[path_].spec
+        hf_spec = jax.sharding.PartitionSpec(*reversed(tuple(spec) + (None,) * (len(shape) - len(spec)))) \
+            if transpose else spec
+        raw = jax.make_array_from_callback(hf_shape, jax.sharding.NamedSharding(mesh, hf_spec),
+                                           lambda idx, v=view: np.asarray(v[idx]))
+        params[path_] = _to_param(raw, transpose=transpose, dtype=target_dtype, sharding=shardings[path_])
+        source_dtypes.append((name, dtype_name(view.dtype)))
+    model = nnx.merge(graphdef, unflatten(params))
+    model.hf_source = HFSource(str(directory), json.dumps(hf_config), tuple(sorted(source_dtypes)))
+    return model
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", size, re.I)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} is not a size such as '5GB' or '500MB'")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    """All of `x` on this host (a collective when it spans processes: every process must call it)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def prepare_output_dir(out_dir, overwrite: bool) -> Path:
+    """Refuse a non-empty directory unless overwrite; return a fresh temporary sibling to write into."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"output directory {out} is not empty; choose another directory or pass "
+                              f"overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def commit_output_dir(tmp: Path, out_dir) -> None:
+    """Swap the finished temporary directory in, so a failed export never leaves a half-written checkpoint."""
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+
+
+def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_shard_size: int | str = "5GB",
+                    params: dict | None = None) -> None:
+    """Write `model` (or `params`, a {path: array} override such as merged LoRA weights) as an HF checkpoint.
+
+    Tensors are gathered one at a time; only process 0 writes; dtypes follow the source checkpoint when known.
+    """
+    budget = _parse_size(max_shard_size)
+    primary = jax.process_index() == 0
+    tmp = prepare_output_dir(out_dir, overwrite) if primary else None
+    try:
+        flat = flatten(pure_dict(model, nnx.Param)) if params is None else params
+        source_dtypes = dict(model.hf_source.dtypes)
+        entries = []
+        for path, x in flat.items():
+            if path[-1] not in LEAF_TO_HF:
+                continue
+            name, transpose = hf_name(path)
+            dtype = DTYPES[source_dtypes[name]] if name in source_dtypes else np.dtype(x.dtype)
+            entries.append((name, tuple(reversed(x.shape)) if transpose else tuple(x.shape), dtype, path, transpose))
+        shards, current, size = [], [], 0
+        for entry in entries:
+            nbytes = int(np.prod(entry[1])) * entry[2].itemsize
+            if current and size + nbytes > budget:
+                shards.append(current)
+                current, size = [], 0
+            current.append(entry)
+            size += nbytes
+        shards.append(current)
+        by_name = {e[0]: e for e in entries}
+
+        def fetch(name):
+            _, _, dtype, path, transpose = by_name[name]
+            x = flat[path]
+            return _host_array((x.T if transpose else x).astype(dtype))
+
+        weight_map, total = {}, 0
+        for k, shard in enumerate(shards, 1):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            if primary:
+                write_file(tmp / fname, [(e[0], e[1], e[2]) for e in shard], fetch)
+            else:
+                for e in shard:
+                    fetch(e[0])
+            for e in shard:
+                weight_map[e[0]] = fname
+                total += int(np.prod(e[1])) * e[2].itemsize
+        if primary:
+            _write_metadata(model, tmp, weight_map, total, len(shards))
+            commit_output_dir(tmp, out_dir)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_metadata(model: CausalLM, out: Path, weight_map: dict, total: int, n_shards: int) -> None:
+    if n_shards > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    source = Path(model.hf_source.directory) if model.hf_source.directory else None
+    config = json.loads(model.hf_source.config_json) if model.hf_source.config_json else None
+    if config is None:
+        raise CheckpointError("model has no HF config to export; build it with from_pretrained or from_config")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = source / "generation_config.json" if source else None
+    if gen is not None and gen.is_file():
+        shutil.copyfile(gen, out / "generation_config.json")
+    else:
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+        (out / "generation_config.json").write_text(json.dumps({k: config[k] for k in keys if k in config}) + "\n")
+    for name in TOKENIZER_FILES:
+        if source is not None and (source / name).is_file():
+            shutil.copyfile(source / name, out / name)

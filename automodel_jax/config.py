@@ -1,0 +1,268 @@
+"""Command-line configs in the ml_collections ``config_flags`` convention.
+
+``--config configs/llama_lora.py[:preset] --config.optim.learning_rate=3e-4``
+
+A config file is a Python file with ``get_config(preset: str = "") -> ConfigDict``; it may
+declare its presets in a module-level ``PRESETS`` tuple so that a wrong name lists the right
+ones. The convention is implemented here rather than through absl flags so that it works from
+any entry point (no global flag state, callable many times) and every mistake is a one-line
+``ConfigError`` that names the key and the fix.
+
+Override rules (``--config.KEY=VALUE`` or ``--config.KEY VALUE``; the last one for a key wins):
+
+* Only existing keys can be set; a typo gets the closest valid key.
+* The value is parsed by the type of the field: ``bool`` (true/false/yes/no/1/0; a bare
+  ``--config.KEY`` means true), ``int``, ``float`` (ints accepted), ``str`` (taken verbatim),
+  ``tuple``/``list`` (a Python literal such as ``'(1, 2)'``; a single value makes a
+  one-element sequence).
+* A field that may be None must be declared with a type:
+  ``config_dict.placeholder(int)`` (default None) or ``FieldReference(8, field_type=int)``.
+  Such a field accepts ``None`` or a value of its type. A plain ``None`` field has no type and
+  cannot be overridden.
+* Sections (nested ConfigDicts) are set field by field.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import inspect
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+from ml_collections.config_dict import FieldReference
+
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0")
+_BUILTIN_TYPES = (bool, int, float, str, tuple, list)
+_USAGE = "expected --config PATH[:PRESET] and --config.KEY=VALUE overrides"
+
+
+class ConfigError(ValueError):
+    """A bad config file, preset, key or value; the message says which and how to fix it."""
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """Runs ``get_config`` of the Python file in ``spec`` = ``PATH[:PRESET]``."""
+    path_text, _, preset = spec.partition(":")
+    path = Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path_text}' not found")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path.resolve()))}", path)
+    if module_spec is None:
+        raise ConfigError(f"config file '{path_text}' is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"config file '{path_text}' defines no get_config(preset: str = '') function")
+    presets = getattr(module, "PRESETS", None)
+    if preset and presets is not None and preset not in presets:
+        raise ConfigError(f"unknown preset '{preset}' for '{path_text}'; known presets: {', '.join(presets)}")
+    if inspect.signature(get_config).parameters:
+        cfg = get_config(preset)
+    elif preset:
+        raise ConfigError(f"get_config() of '{path_text}' takes no preset; drop ':{preset}'")
+    else:
+        cfg = get_config()
+    if not isinstance(cfg, ConfigDict):
+        raise ConfigError(f"get_config() of '{path_text}' returned {type(cfg).__name__}, not a ConfigDict")
+    return cfg
+
+
+def parse_config(argv: Sequence[str]) -> ConfigDict:
+    """Builds the locked config from ``argv`` (without the program name, e.g. ``sys.argv[1:]``)."""
+    spec, overrides = _split_argv(list(argv))
+    cfg = load_config_file(spec)
+    cfg.lock()
+    for key, raw in overrides:
+        apply_override(cfg, key, raw)
+    return cfg
+
+
+def _split_argv(argv: list[str]) -> tuple[str, list[tuple[str, str | None]]]:
+    """Separates ``--config SPEC`` from the ``(key, raw value or None for bare flags)`` overrides."""
+    spec, overrides = None, []
+    while argv:
+        arg = argv.pop(0)
+        name, has_value, value = arg.partition("=")
+        if not has_value and argv and not argv[0].startswith("--"):
+            value, has_value = argv.pop(0), True
+        if name == "--config":
+            if not has_value:
+                raise ConfigError(f"--config needs a value: {_USAGE}")
+            if spec is not None:
+                raise ConfigError(f"--config given twice ('{spec}' and '{value}'); give one config file")
+            spec = value
+        elif name.startswith("--config."):
+            overrides.append((name.removeprefix("--config."), value if has_value else None))
+        else:
+            raise ConfigError(f"unexpected argument '{arg}'; {_USAGE}")
+    if spec is None:
+        raise ConfigError(f"missing --config PATH[:PRESET]; {_USAGE}")
+    return spec, overrides
+
+
+def apply_override(cfg: ConfigDict, key: str, raw: str | None) -> None:
+    """Sets ``cfg[key]`` (dotted) from its command-line text; ``raw=None`` is a bare flag (true)."""
+    parent, name = _lookup(cfg, key)
+    field = dict(parent.items(preserve_field_references=True))[name]
+    if isinstance(field, ConfigDict):
+        first = next(iter(field.keys()), "name")
+        raise ConfigError(f"config key '{key}' is a section; set its fields, e.g. '{key}.{first}'")
+    optional = isinstance(field, FieldReference)
+    declared = parent.get_type(name)
+    if declared is type(None):
+        raise ConfigError(
+            f"config key '{key}' is None with no declared type; declare it in the config file as "
+            f"ml_collections.config_dict.placeholder(<type>) to make it settable"
+        )
+    if raw is None and declared is not bool:
+        raise ConfigError(f"config key '{key}' needs a value: --config.{key}=VALUE")
+    try:
+        parent[name] = None if optional and raw == "None" else _parse("true" if raw is None else raw, declared)
+    except (ValueError, SyntaxError, TypeError):
+        expected = declared.__name__ + (" or None" if optional else "")
+        raise ConfigError(f"config key '{key}' expects {expected}, got {raw!r}") from None
+
+
+def _parse(raw: str, declared: type) -> Any:
+    """Parses command-line text as a value of the ``declared`` type (ValueError if it is not one)."""
+    if declared is bool:
+        if raw.lower() not in _TRUE + _FALSE:
+            raise ValueError(raw)
+        return raw.lower() in _TRUE
+    if declared in (int, float, str):
+        return declared(raw)
+    if declared in (tuple, list):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            if "," in raw:
+                raise
+            value = raw
+        return declared(value) if isinstance(value, (tuple, list)) else declared((value,))
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _lookup(cfg: ConfigDict, key: str) -> tuple[ConfigDict, str]:
+    """Returns the section holding dotted ``key`` and its last name, or raises a did-you-mean error."""
+    *sections, name = key.split(".")
+    node = cfg
+    for section in sections:
+        child = node.get(section)
+        if not isinstance(child, ConfigDict):
+            raise _unknown_key(cfg, key)
+        node = child
+    if name not in node:
+        raise _unknown_key(cfg, key)
+    return node, name
+
+
+def _unknown_key(cfg: ConfigDict, key: str) -> ConfigError:
+    """Suggests the most similar valid key, else lists the keys of the deepest section that exists."""
+    scored = [(_similarity(key, path), path) for path in _leaf_paths(cfg)]
+    score, closest = max(scored, default=(0.0, ""))
+    if score >= 0.6:
+        return ConfigError(f"unknown config key '{key}'; did you mean '{closest}'?")
+    section, path = cfg, []
+    for name in key.split(".")[:-1]:
+        if not isinstance(section.get(name), ConfigDict):
+            break
+        section, path = section[name], path + [name]
+    where = f"keys under '{'.'.join(path)}'" if path else "top-level keys"
+    return ConfigError(f"unknown config key '{key}'; {where}: {', '.join(section.keys())}")
+
+
+def _similarity(key: str, path: str) -> float:
+    """Similarity of two dotted keys, ignoring the sections they share (which would inflate it)."""
+    key_parts, path_parts = key.split("."), path.split(".")
+    while len(key_parts) > 1 and len(path_parts) > 1 and key_parts[0] == path_parts[0]:
+        key_parts, path_parts = key_parts[1:], path_parts[1:]
+    return difflib.SequenceMatcher(None, ".".join(key_parts), ".".join(path_parts)).ratio()
+
+
+def _leaf_paths(cfg: ConfigDict, prefix: str = "") -> list[str]:
+    paths = []
+    for name, value in cfg.items():
+        if isinstance(value, ConfigDict):
+            paths += _leaf_paths(value, f"{prefix}{name}.")
+        else:
+            paths.append(prefix + name)
+    return paths
+
+
+def validate_choice(cfg: ConfigDict, key: str, choices: Sequence[str], *, prefix: str = "") -> str:
+    """Returns ``cfg[key]`` if it is one of ``choices``; ``prefix`` is where cfg sits, for the message."""
+    parent, name = _lookup(cfg, key)
+    value = parent[name]
+    if value in choices:
+        return value
+    label = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"{label} must be one of {', '.join(map(repr, choices))}; got {value!r}{hint}")
+
+
+def save_config(cfg: ConfigDict, run_dir: str | Path) -> Path:
+    """Writes ``config.json`` (values, for people and tools) and ``config.py`` (exact, reloadable).
+
+    ``config.py`` keeps tuples and typed optional fields, and is itself a config file:
+    ``--config RUN_DIR/config.py`` repeats the run. Linked fields are saved as their values.
+    """
+    source = (
+        '"""Resolved config of this run; reload with automodel_jax.config.load_saved_config."""\n'
+        "from ml_collections import ConfigDict\n"
+        "from ml_collections.config_dict import FieldReference\n\n\n"
+        f"def get_config():\n    return {_python_source(cfg, '', 1)}\n"
+    )
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    path = run_dir / "config.py"
+    path.write_text(source)
+    return path
+
+
+def load_saved_config(run_dir: str | Path) -> ConfigDict:
+    """Loads the config that ``save_config`` wrote into ``run_dir``."""
+    path = Path(run_dir) / "config.py"
+    if not path.is_file():
+        raise ConfigError(f"no saved config in '{run_dir}': {path.name} is missing (written by save_config)")
+    cfg = load_config_file(str(path))
+    cfg.lock()
+    return cfg
+
+
+def _python_source(value: Any, key: str, depth: int) -> str:
+    """Python expression that rebuilds ``value`` (a config field) exactly."""
+    if isinstance(value, ConfigDict):
+        lines = ["ConfigDict({"]
+        for name, field in value.items(preserve_field_references=True):
+            field_source = _python_source(field, f"{key}.{name}" if key else name, depth + 1)
+            lines.append(f"{'    ' * (depth + 1)}{name!r}: {field_source},")
+        return "\n".join(lines + ["    " * depth + "})"])
+    if isinstance(value, FieldReference):
+        field_type = value.get_type()
+        if field_type not in _BUILTIN_TYPES:
+            raise ConfigError(f"config key '{key}' is typed {field_type.__name__}, which save_config cannot write")
+        return f"FieldReference({_python_source(value.get(), key, depth)}, field_type={field_type.__name__})"
+    if isinstance(value, list):
+        return "[" + ", ".join(_python_source(v, key, depth) for v in value) + "]"
+    if isinstance(value, tuple):
+        items = [_python_source(v, key, depth) for v in value]
+        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float('{value}')"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    raise ConfigError(f"config key '{key}' holds a {type(value).__name__}, which save_config cannot write")

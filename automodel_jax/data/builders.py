@@ -1,0 +1,195 @@
+"""Dataset builders: config section -> TokenizedDataset of shifted samples, fit to seq_len.
+
+Samples are tokenized once, up front: the data sets used for fine-tuning fit in host memory, the truncation/drop
+counts are known before training starts, and the loader can index samples without any further work.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import ml_collections
+import numpy as np
+
+from automodel_jax.data.encoding import (IGNORE, bos_ids, encode_chat, encode_prompt_answer, normalize_messages, shift,
+                                         token_ids)
+from automodel_jax.data.sources import DataError, load_rows, require_columns
+
+logger = logging.getLogger(__name__)
+
+TRUNCATION_MODES = ("truncate", "drop")
+
+
+class TokenizedDataset(Sequence):
+    """Samples ({input_ids, labels} int32 arrays, labels already shifted) plus how fitting them to seq_len went."""
+
+    def __init__(self, name: str, samples: list[dict[str, np.ndarray]], stats: dict[str, int]):
+        self.name, self.samples, self.stats = name, samples, stats
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+
+def fit_samples(name: str, encoded: Iterable[tuple[list[int], list[bool]]], seq_len: int,
+                truncation: str) -> TokenizedDataset:
+    """Shift each (ids, supervised) pair; truncate or drop those longer than seq_len; drop those left without loss."""
+    if truncation not in TRUNCATION_MODES:
+        raise DataError(f"data.truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    if seq_len < 1:
+        raise DataError(f"data.seq_len must be positive, got {seq_len}")
+    stats = {"rows": 0, "samples": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_loss": 0}
+    samples = []
+    for ids, supervised in encoded:
+        stats["rows"] += 1
+        sample = shift(ids, supervised)
+        if len(sample["input_ids"]) > seq_len:
+            if truncation == "drop":
+                stats["dropped_too_long"] += 1
+                continue
+            stats["truncated"] += 1
+            sample = {k: v[:seq_len] for k, v in sample.items()}
+        if not (sample["labels"] != IGNORE).any():
+            stats["dropped_no_loss"] += 1
+            continue
+        samples.append(sample)
+    stats["samples"] = len(samples)
+    logger.info("dataset %s: %d of %d rows kept at seq_len %d (%d truncated, %d dropped as too long, %d dropped "
+                "with no loss tokens)", name, stats["samples"], stats["rows"], seq_len, stats["truncated"],
+                stats["dropped_too_long"], stats["dropped_no_loss"])
+    if not samples:
+        raise DataError(f"dataset {name}: no sample is left after fitting to seq_len {seq_len} ({stats}); "
+                        "raise data.seq_len or use data.truncation='truncate'")
+    return TokenizedDataset(name, samples, stats)
+
+
+def build_instruction(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDataset:
+    """Column-mapped prompt/answer rows; `columns` maps template names (plus the required `answer`) to columns."""
+    columns = dict(cfg.columns or {})
+    fields = [k for k in columns if k != "answer"]
+    if "answer" not in columns or not fields:
+        raise DataError(f"data `columns` must map 'answer' and at least one prompt field to columns, got {columns}")
+    rows = load_rows(cfg.path, cfg.split, cfg.limit)
+    require_columns(rows, list(columns.values()), cfg.path)
+    template = cfg.prompt_template
+
+    def prompt_of(row) -> str:
+        values = {k: "" if row[columns[k]] is None else str(row[columns[k]]) for k in fields}
+        if template is None:  # NeMo Automodel's default: the prompt fields joined by spaces, then a space
+            return " ".join(v for v in values.values() if v) + " "
+        try:
+            return template.format_map(values)
+        except KeyError as e:
+            raise DataError(f"prompt_template uses {{{e.args[0]}}}, which is not among the mapped columns {fields}")
+
+    encoded = (encode_prompt_answer(tokenizer, prompt_of(row), str(row[columns["answer"]])) for row in rows)
+    return fit_samples(cfg.path, encoded, seq_len, truncation)
+
+
+def build_squad(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDataset:
+    """SQuAD as NeMo Automodel's make_squad_dataset: loss on the first gold answer (stripped) and the EOS."""
+    rows = load_rows(cfg.path, cfg.split, cfg.limit)
+    require_columns(rows, ["context", "question", "answers"], cfg.path)
+    encoded = (encode_prompt_answer(tokenizer, f"Context: {row['context']} Question: {row['question']} Answer: ",
+                                    row["answers"]["text"][0].strip() if row["answers"]["text"] else "")
+               for row in rows)
+    return fit_samples(cfg.path, encoded, seq_len, truncation)
+
+
+def build_hellaswag(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDataset:
+    """HellaSwag as NeMo Automodel's SFT preprocessor: BOS + ctx + the gold ending, tokenized apart, loss on the ending.
+
+    As there, the ending is tokenized on its own (SentencePiece tokenizers then start it with a word boundary) and
+    no EOS follows it.
+    """
+    rows = load_rows(cfg.path, cfg.split, cfg.limit)
+    require_columns(rows, ["ctx", "endings", "label"], cfg.path)
+
+    def encode(row):
+        if str(row["label"]) not in {str(i) for i in range(len(row["endings"]))}:
+            raise DataError(f"{cfg.path}: row {row.get('ind')} has no usable gold label ({row['label']!r}); "
+                            "HellaSwag's test split is unlabelled, use train or validation")
+        context = bos_ids(tokenizer) + token_ids(tokenizer, row["ctx"])
+        ending = token_ids(tokenizer, row["endings"][int(row["label"])])
+        return context + ending, [False] * len(context) + [True] * len(ending)
+
+    return fit_samples(cfg.path, map(encode, rows), seq_len, truncation)
+
+
+def build_chat(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDataset:
+    """Message lists through a chat template (the config's, else the tokenizer's); loss on assistant turns only."""
+    template = cfg.chat_template or tokenizer.chat_template
+    if not template:
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no chat template: set the dataset's "
+                        "`chat_template` to a Jinja template string")
+    column = cfg.messages_column
+    rows = load_rows(cfg.path, cfg.split, cfg.limit)
+    require_columns(rows, [column], cfg.path)
+    encoded = (encode_chat(tokenizer, normalize_messages(row[column], f"{cfg.path} row {i}"), template)
+               for i, row in enumerate(rows))
+    return fit_samples(cfg.path, encoded, seq_len, truncation)
+
+
+def build_mock(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDataset:
+    """Seeded uniform random tokens, full rows of seq_len with loss everywhere: for throughput benchmarks."""
+    vocab_size = cfg.vocab_size or len(tokenizer)
+    rng = np.random.default_rng(cfg.seed)
+    tokens = rng.integers(0, vocab_size, (cfg.num_samples, seq_len + 1)).tolist()
+    encoded = ((ids, [True] * len(ids)) for ids in tokens)
+    return fit_samples("mock", encoded, seq_len, truncation)
+
+
+BUILDERS: dict[str, Callable[..., TokenizedDataset]] = {
+    "instruction": build_instruction, "squad": build_squad, "hellaswag": build_hellaswag, "chat": build_chat,
+    "mock": build_mock,
+}
+
+
+def build_dataset(ds_cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDataset:
+    """Dispatch on `ds_cfg.kind`; see data_defaults() for the keys each kind reads."""
+    given = dict(ds_cfg)
+    builder = BUILDERS.get(given.get("kind"))
+    if builder is None:
+        raise DataError(f"unknown dataset kind {given.get('kind')!r}: use one of {sorted(BUILDERS)}")
+    cfg = dataset_defaults(given["kind"], path="", split="train")
+    unknown = sorted(set(given) - set(cfg))
+    if unknown:
+        raise DataError(f"unknown dataset setting(s) {unknown}: the known ones are {sorted(cfg)}")
+    cfg.update(given)
+    return builder(ml_collections.ConfigDict(cfg), tokenizer, seq_len, truncation)
+
+
+def resolve_pad_id(tokenizer, pad_token_id: int | None = None, pad_with_eos: bool = True) -> int:
+    """The id that fills padding: the config's, else the tokenizer's, else (by default) EOS.
+
+    Padding never carries loss (labels -100) and is masked out of attention (segment id 0), so reusing EOS is safe;
+    it is what HF and NeMo Automodel users usually do for tokenizers without a pad token (Llama, stories260K).
+    """
+    if pad_token_id is not None:
+        if not 0 <= pad_token_id < len(tokenizer):
+            raise DataError(f"data.pad_token_id {pad_token_id} is outside the vocabulary [0, {len(tokenizer)})")
+        return pad_token_id
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if pad_with_eos and tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no pad token: set data.pad_token_id, or "
+                    "data.pad_with_eos=True (with a tokenizer that has an EOS token)")
+
+
+def dataset_defaults(kind: str, path: str, split: str) -> dict:
+    """Every key any builder reads, so configs can override any of them from the command line."""
+    return dict(kind=kind, path=path, split=split, limit=None,
+                columns=dict(context="context", question="question", answer="answer"), prompt_template=None,
+                messages_column="messages", chat_template=None, num_samples=1024, seed=0, vocab_size=None)
+
+
+def data_defaults() -> ml_collections.ConfigDict:
+    """The `data` config section: SQuAD from the Hub, answer-only loss, no packing, EOS as pad when none is set."""
+    return ml_collections.ConfigDict(dict(
+        train=dataset_defaults("squad", "rajpurkar/squad", "train"),
+        validation=dataset_defaults("squad", "rajpurkar/squad", "validation"),
+        seq_len=512, truncation="truncate", packing=False, pad_token_id=None, pad_with_eos=True,
+    ))

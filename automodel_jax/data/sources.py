@@ -1,0 +1,60 @@
+"""Raw rows from wherever a config points: local json/jsonl/parquet/csv files, a `save_to_disk` directory, or the Hub.
+
+Everything is returned as a `datasets.Dataset` so the builders see one row interface whatever the source.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+FILE_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """Data that cannot be used as configured; the message names the file, column or setting and the fix."""
+
+
+def _looks_like_local_path(path: str) -> bool:
+    """A Hub id is `name` or `org/name`; anything absolute, relative-dotted or with a file extension is meant locally."""
+    return path.startswith(("/", ".", "~")) or Path(path).suffix != "" or path.count("/") > 1
+
+
+def load_rows(path: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
+    """Load one split of rows; local files have a single split, so `split` only selects within dirs and Hub sets."""
+    if not path:
+        raise DataError("data path is empty: set data.train.path (a file, a save_to_disk directory or a Hub name)")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        rows = datasets.load_from_disk(str(local))
+        if isinstance(rows, datasets.DatasetDict):
+            if split not in rows:
+                raise DataError(f"{path} has splits {sorted(rows)}, not {split!r}: set the dataset's split")
+            rows = rows[split]
+    elif local.is_file():
+        loader = FILE_LOADERS.get(local.suffix.lower())
+        if loader is None:
+            raise DataError(f"{path}: unsupported file type {local.suffix!r}; use one of {sorted(FILE_LOADERS)}")
+        rows = datasets.load_dataset(loader, data_files=str(local), split="train")
+    elif _looks_like_local_path(path):
+        raise DataError(f"data file or directory {path} does not exist")
+    else:
+        try:
+            rows = datasets.load_dataset(path, split=split)
+        except Exception as e:  # the Hub raises many types (offline, missing, gated); report them as one
+            raise DataError(f"could not load Hub dataset {path!r} split {split!r} ({type(e).__name__}: {e})") from e
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"limit must be a positive number of rows or None, got {limit}")
+        rows = rows.select(range(min(limit, len(rows))))
+    if len(rows) == 0:
+        raise DataError(f"dataset {path} (split {split!r}) has no rows")
+    return rows
+
+
+def require_columns(rows: datasets.Dataset, expected: list[str], path: str) -> None:
+    """Fail early, naming both sides, instead of a KeyError deep inside tokenization."""
+    missing = [c for c in expected if c not in rows.column_names]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {missing}: expected {expected}, found {rows.column_names}; "
+                        "fix the dataset's `columns` mapping")

@@ -1,0 +1,167 @@
+"""Multi-process start-up: detect the cluster, initialise `jax.distributed`, and report the topology.
+
+`python -m automodel_jax.launcher.distributed` initialises and prints one topology line per process; run it under
+srun to check that every node sees all of its GPUs before a long job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import jax
+
+from automodel_jax.launcher.cluster import ClusterSpec, detect_cluster
+
+# JAX's own timeout aborts the process from C++ with a multi-line trace; ours fires first with one clear line.
+_JAX_TIMEOUT_GRACE_S = 30
+_PROBE_INTERVAL_S = 0.25
+
+
+class DistributedInitError(RuntimeError):
+    """This process could not join the cluster; the message names the coordinator and the timeout."""
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """What this process joined: rank, sizes, and where the spec came from ("single", "env" or "slurm")."""
+
+    process_index: int
+    process_count: int
+    local_device_count: int
+    global_device_count: int
+    coordinator_address: str | None
+    source: str
+
+
+def _wait_for_coordinator(spec: ClusterSpec, deadline: float, timeout_s: int) -> None:
+    """Poll the coordinator's TCP port so an unreachable host fails with a Python error, not a C++ abort."""
+    host, _, port = spec.coordinator_address.rpartition(":")
+    host = host.strip("[]")
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                return
+        except socket.gaierror as error:
+            raise DistributedInitError(
+                f"process {spec.process_id}/{spec.num_processes}: cannot resolve coordinator host {host!r} "
+                f"of {spec.coordinator_address} ({error.strerror})"
+            ) from None
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise DistributedInitError(
+                    f"process {spec.process_id}/{spec.num_processes}: JAX coordinator {spec.coordinator_address} "
+                    f"unreachable after {timeout_s}s (is process 0 running there, and the port open?)"
+                ) from None
+            time.sleep(_PROBE_INTERVAL_S)
+
+
+def _start_watchdog(spec: ClusterSpec, deadline: float, timeout_s: int) -> threading.Event:
+    """Exit with one clear line if `jax.distributed.initialize` is still waiting at the deadline."""
+    finished = threading.Event()
+
+    def watch() -> None:
+        if not finished.wait(max(0.0, deadline - time.monotonic())):
+            print(
+                f"DistributedInitError: process {spec.process_id}/{spec.num_processes}: not all "
+                f"{spec.num_processes} processes joined JAX coordinator {spec.coordinator_address} within "
+                f"{timeout_s}s (did every task start, with the same coordinator address?)",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(1)
+
+    threading.Thread(target=watch, name="distributed-init-watchdog", daemon=True).start()
+    return finished
+
+
+def _current_info(coordinator_address: str | None, source: str) -> DistributedInfo:
+    return DistributedInfo(
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        local_device_count=jax.local_device_count(),
+        global_device_count=jax.device_count(),
+        coordinator_address=coordinator_address,
+        source=source,
+    )
+
+
+def initialize_distributed(timeout_s: int = 300) -> DistributedInfo:
+    """Join the multi-process cluster described by the environment; a no-op for a single process.
+
+    Call before any other JAX work. Raises ClusterConfigError for an inconsistent environment and
+    DistributedInitError when the coordinator stays unreachable for `timeout_s` seconds; if the coordinator is
+    reachable but not every process joins in time, the process exits with one line on stderr.
+    """
+    if timeout_s < 1:
+        raise ValueError(f"timeout_s={timeout_s} must be at least 1 second")
+    spec = detect_cluster(os.environ)
+    if spec is None:
+        return _current_info(None, "single")
+    if jax.distributed.is_initialized():
+        return _current_info(spec.coordinator_address, spec.source)
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        # Cross-process collectives on CPU hosts (tests, CPU clusters) go through gloo over TCP.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    deadline = time.monotonic() + timeout_s
+    if spec.process_id != 0:
+        _wait_for_coordinator(spec, deadline, timeout_s)
+    finished = _start_watchdog(spec, deadline, timeout_s)
+    try:
+        jax.distributed.initialize(
+            coordinator_address=spec.coordinator_address,
+            num_processes=spec.num_processes,
+            process_id=spec.process_id,
+            local_device_ids=list(spec.local_device_ids) if spec.local_device_ids is not None else None,
+            cluster_detection_method="deactivate",
+            initialization_timeout=timeout_s + _JAX_TIMEOUT_GRACE_S,
+        )
+    finally:
+        finished.set()
+    return _current_info(spec.coordinator_address, spec.source)
+
+
+def describe_topology(mesh: jax.sharding.Mesh | None = None, file=sys.stdout) -> str:
+    """One line for this process (rank, device counts per process, kinds, mesh); printed to `file` unless None.
+
+    The per-process device counts come from the global device list, so any process shows a node that
+    contributes one GPU instead of eight.
+    """
+    per_process = Counter(device.process_index for device in jax.devices())
+    counts = [per_process[index] for index in range(jax.process_count())]
+    kinds = sorted({device.device_kind for device in jax.local_devices()})
+    line = (
+        f"[topology] process {jax.process_index()}/{jax.process_count()} host {socket.gethostname()}: "
+        f"local devices {jax.local_device_count()}, global devices {jax.device_count()}, "
+        f"devices per process {counts}{'' if len(set(counts)) == 1 else ' UNEVEN'}, "
+        f"platform {jax.default_backend()}, kinds {kinds}"
+    )
+    if mesh is not None:
+        line += ", mesh " + " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    if file is not None:
+        print(line, file=file, flush=True)
+    return line
+
+
+def main() -> int:
+    """Initialise and print this process's topology line; exit 1 with one line on a start-up failure."""
+    parser = argparse.ArgumentParser(description="Join the cluster and print one topology line per process.")
+    parser.add_argument("--timeout-s", type=int, default=300, help="seconds to wait for the coordinator and peers")
+    args = parser.parse_args()
+    try:
+        initialize_distributed(timeout_s=args.timeout_s)
+    except (DistributedInitError, ValueError) as error:
+        print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return 1
+    describe_topology()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""What every causal LM family shares: the public call, logits from hidden states, HF export, the model-type registry."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+_REGISTRY: dict[str, type["CausalLM"]] = {}
+
+
+def register(model_type: str):
+    """Class decorator: make a CausalLM loadable from HF configs whose `model_type` is `model_type`."""
+    def wrap(cls):
+        _REGISTRY[model_type] = cls
+        return cls
+    return wrap
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def model_class_for(hf_config: dict, where: str = "config.json") -> type["CausalLM"]:
+    model_type = hf_config.get("model_type")
+    if model_type not in _REGISTRY:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported model types: "
+                         f"{', '.join(supported_model_types())}")
+    return _REGISTRY[model_type]
+
+
+@dataclasses.dataclass(frozen=True)
+class HFSource:
+    """Where a model came from: its directory (for tokenizer/config files on export) and per-tensor HF dtypes."""
+    directory: str | None = None
+    config_json: str | None = None
+    dtypes: tuple[tuple[str, str], ...] = ()
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown activation checkpointing policy {name!r}; choose one of {REMAT_POLICIES}")
+    return {"full": jax.checkpoint_policies.nothing_saveable,
+            "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(name)
+
+
+class CausalLM(nnx.Module):
+    """Base of every family: subclasses build `self.model` and define `hidden_states` and `output_kernel`.
+
+    `config_class` turns an HF config dict into the family's frozen config dataclass.
+    """
+    config_class: ClassVar[type]
+    hf_source: HFSource = HFSource()
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 right_padded: bool = False, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Logits [batch, seq, vocab]. `attention_mask` (1 = token, 0 = padding) or `segment_ids` (packing)."""
+        h = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
+                               right_padded=right_padded, dropout_rng=dropout_rng)
+        return self.logits(h)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        return jnp.dot(h, self.output_kernel().astype(h.dtype))
+
+    def output_kernel(self) -> jax.Array:
+        """The lm_head as [hidden, vocab] (the tied embedding transposed when embeddings are tied)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    @staticmethod
+    def _inputs(input_ids, attention_mask, positions, segment_ids):
+        """HF semantics: positions default to 0..T-1 (not shifted by left padding); the mask becomes segment ids."""
+        if segment_ids is None and attention_mask is not None:
+            segment_ids = attention_mask.astype(jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        return positions, segment_ids
+
+    def save_pretrained(self, out_dir, *, overwrite: bool = False, max_shard_size: int | str = "5GB") -> None:
+        """Write an HF checkpoint (sharded safetensors + index, config, generation config, tokenizer files)."""
+        from automodel_jax.checkpoint.hf import save_pretrained
+        save_pretrained(self, out_dir, overwrite=overwrite, max_shard_size=max_shard_size)

@@ -1,0 +1,38 @@
+"""Parameters as plain pytrees: nested dicts from NNX state, and flat {path tuple: array} views of them.
+
+Training and checkpointing work on these explicit pytrees; `nnx.merge(graphdef, tree)` rebuilds the module.
+"""
+from __future__ import annotations
+
+from flax import nnx
+
+
+def pure_dict(module_or_state, *filters) -> dict:
+    """Nested {name: array} dict of `module_or_state` (optionally only the variables matching `filters`)."""
+    state = nnx.state(module_or_state, *filters) if isinstance(module_or_state, nnx.Module) else module_or_state
+    to_pure = getattr(nnx, "to_pure_dict", None)
+    return to_pure(state) if to_pure is not None else state.to_pure_dict()
+
+
+def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def unflatten(flat: dict[tuple, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def path_str(path: tuple) -> str:
+    return ".".join(map(str, path))

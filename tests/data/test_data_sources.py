@@ -1,0 +1,79 @@
+"""load_rows on every supported source (real Alpaca rows re-written as parquet, csv and save_to_disk) and its errors."""
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from automodel_jax.data import DataError, load_rows
+from automodel_jax.data.sources import require_columns
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets" / "data"
+ALPACA = DATA / "alpaca" / "alpaca_en_demo.json"
+
+
+@pytest.fixture(scope="module")
+def alpaca_rows():
+    return json.loads(ALPACA.read_text(encoding="utf-8"))[:20]
+
+
+def test_json_file_matches_the_raw_rows(alpaca_rows):
+    rows = load_rows(str(ALPACA), limit=20)
+    assert rows.to_list() == alpaca_rows
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "save_to_disk", "save_to_disk_dict"])
+def test_every_local_format_gives_the_same_rows(tmp_path, alpaca_rows, fmt):
+    ds = datasets.Dataset.from_list(alpaca_rows)
+    target = tmp_path / fmt
+    if fmt == "save_to_disk":
+        ds.save_to_disk(str(target))
+    elif fmt == "save_to_disk_dict":
+        datasets.DatasetDict(train=ds.select(range(5)), validation=ds).save_to_disk(str(target))
+    else:
+        target = tmp_path / f"rows.{fmt}"
+        getattr(ds, {"jsonl": "to_json"}.get(fmt, f"to_{fmt}"))(str(target))
+        if fmt == "csv":  # csv cannot tell an empty string from a missing value
+            alpaca_rows = [{k: v or None for k, v in row.items()} for row in alpaca_rows]
+    assert load_rows(str(target), split="validation").to_list() == alpaca_rows
+
+
+def test_limit_takes_the_first_rows():
+    assert len(load_rows(str(ALPACA), limit=7)) == 7
+    with pytest.raises(DataError, match="limit must be"):
+        load_rows(str(ALPACA), limit=0)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_unsupported_file_type(tmp_path):
+    (tmp_path / "rows.txt").write_text("hello\n")
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):
+        load_rows(str(tmp_path / "rows.txt"))
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.csv").write_text("instruction,input,output\n")
+    with pytest.raises(DataError, match="has no rows"):
+        load_rows(str(tmp_path / "empty.csv"))
+
+
+def test_missing_split_of_a_saved_dataset_dict(tmp_path, alpaca_rows):
+    datasets.DatasetDict(train=datasets.Dataset.from_list(alpaca_rows)).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"has splits \['train'\], not 'test'"):
+        load_rows(str(tmp_path / "dd"), split="test")
+
+
+def test_empty_path():
+    with pytest.raises(DataError, match="data path is empty"):
+        load_rows("")
+
+
+def test_missing_column_names_expected_and_found():
+    rows = load_rows(str(ALPACA), limit=3)
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['answer'\]: expected \['instruction', 'answer'\], "
+                                        r"found \['instruction', 'input', 'output'\]"):
+        require_columns(rows, ["instruction", "answer"], str(ALPACA))

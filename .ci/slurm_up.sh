@@ -32,6 +32,8 @@ install_packages() {
 }
 
 write_config() {
+    # slurmctld and slurmd look the node up by name; containers do not always map their hostname.
+    getent hosts "$NODE" >/dev/null || echo "127.0.0.1 $NODE" >>/etc/hosts
     mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/slurm
     cat >"$CONF_DIR/slurm.conf" <<EOF
 # One-node test cluster written by .ci/slurm_up.sh; no cgroups, no accounting database.

@@ -114,7 +114,7 @@ def apply_override(cfg: ConfigDict, key: str, raw: str | None) -> None:
     parent, name = _lookup(cfg, key)
     field = dict(parent.items(preserve_field_references=True))[name]
     if isinstance(field, ConfigDict):
-        first = next(iter(field.keys()), "name")
+        first = next(iter(field.keys()), "KEY")
         raise ConfigError(f"config key '{key}' is a section; set its fields, e.g. '{key}.{first}'")
     optional = isinstance(field, FieldReference)
     declared = parent.get_type(name)

@@ -1,4 +1,5 @@
 import json
+import re
 import textwrap
 
 import pytest
@@ -124,7 +125,7 @@ def test_bad_command_lines(config_file, tmp_path):
         (["--config", f"{config_file}:huge"], f"unknown preset 'huge' for '{config_file}'; known presets: tiny, big"),
     ]
     for argv, message in cases:
-        with pytest.raises(ConfigError, match="^" + __import__("re").escape(message)):
+        with pytest.raises(ConfigError, match="^" + re.escape(message)):
             parse_config(argv)
 
 
@@ -157,6 +158,13 @@ def test_save_and_load_round_trip(config_file, tmp_path):
     assert again.max_steps is None and again.eval_every == 9
     with pytest.raises(ConfigError, match="expects int or None"):
         parse_config(["--config", str(run_dir / "config.py"), "--config.max_steps=x"])
+
+
+def test_save_round_trips_lists_and_special_floats(tmp_path):
+    cfg = ConfigDict(dict(layers=[0, 1], clip=float("inf"), nested=dict(pairs=((1, 2), (3, 4)))))
+    save_config(cfg, tmp_path)
+    loaded = load_saved_config(tmp_path)
+    assert loaded.layers == [0, 1] and loaded.clip == float("inf") and loaded.nested.pairs == ((1, 2), (3, 4))
 
 
 def test_save_rejects_values_it_cannot_write(tmp_path):

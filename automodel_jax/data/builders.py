@@ -74,17 +74,21 @@ def build_instruction(cfg, tokenizer, seq_len: int, truncation: str) -> Tokenize
     rows = load_rows(cfg.path, cfg.split, cfg.limit)
     require_columns(rows, list(columns.values()), cfg.path)
     template = cfg.prompt_template
+    if template is None:  # NeMo Automodel's default: context and question joined by spaces, then a space
+        if not set(fields) <= {"context", "question"}:
+            raise DataError(f"columns {fields} need a prompt_template (the default only knows context and question)")
+        template = " ".join(f"{{{k}}}" for k in ("context", "question") if k in fields) + " "
 
-    def prompt_of(row) -> str:
-        values = {k: "" if row[columns[k]] is None else str(row[columns[k]]) for k in fields}
-        if template is None:  # NeMo Automodel's default: the prompt fields joined by spaces, then a space
-            return " ".join(v for v in values.values() if v) + " "
+    def encode(row):
+        values = {k: "" if row[column] is None else str(row[column]) for k, column in columns.items()}
         try:
-            return template.format_map(values)
+            prompt = template.format_map({k: values[k] for k in fields})
         except KeyError as e:
-            raise DataError(f"prompt_template uses {{{e.args[0]}}}, which is not among the mapped columns {fields}")
+            raise DataError(f"prompt_template uses {{{e.args[0]}}}, which is not among the mapped columns "
+                            f"{fields}") from e
+        return encode_prompt_answer(tokenizer, prompt, values["answer"])
 
-    encoded = (encode_prompt_answer(tokenizer, prompt_of(row), str(row[columns["answer"]])) for row in rows)
+    encoded = map(encode, rows)
     return fit_samples(cfg.path, encoded, seq_len, truncation)
 
 

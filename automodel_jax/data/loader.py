@@ -97,7 +97,8 @@ def make_loader(dataset: Sequence[dict], *, batch_size: int, seq_len: int, pad_i
 
     num_epochs=None repeats forever (each epoch shuffled anew from `seed`). With drop_remainder=False the last,
     short global batch is kept and filled with padding rows, so shapes never change. packing=True first-fit packs
-    samples into rows (segment ids 1..n per row, positions restarting at 0 per sample).
+    samples, in stream order, into one global batch of rows at a time (the rows fill until a sample fits none of
+    them); segment ids run 1..n per row and positions restart at 0 for each sample.
     """
     if not 0 <= shard_index < shard_count:
         raise DataError(f"shard_index must be in [0, shard_count={shard_count}), got {shard_index}")

@@ -16,14 +16,11 @@ class DataError(ValueError):
 
 
 def _looks_like_local_path(path: str) -> bool:
-    """A Hub id is `name` or `org/name`; anything absolute, relative-dotted or with a file extension is meant locally."""
+    """A Hub id is `name` or `org/name`; absolute, dotted-relative or suffixed paths are meant to be local."""
     return path.startswith(("/", ".", "~")) or Path(path).suffix != "" or path.count("/") > 1
 
 
-def load_rows(path: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
-    """Load one split of rows; local files have a single split, so `split` only selects within dirs and Hub sets."""
-    if not path:
-        raise DataError("data path is empty: set data.train.path (a file, a save_to_disk directory or a Hub name)")
+def _read(path: str, split: str) -> datasets.Dataset:
     local = Path(path).expanduser()
     if local.is_dir():
         rows = datasets.load_from_disk(str(local))
@@ -31,24 +28,34 @@ def load_rows(path: str, split: str = "train", limit: int | None = None) -> data
             if split not in rows:
                 raise DataError(f"{path} has splits {sorted(rows)}, not {split!r}: set the dataset's split")
             rows = rows[split]
-    elif local.is_file():
+        return rows
+    if local.is_file():
         loader = FILE_LOADERS.get(local.suffix.lower())
         if loader is None:
             raise DataError(f"{path}: unsupported file type {local.suffix!r}; use one of {sorted(FILE_LOADERS)}")
-        rows = datasets.load_dataset(loader, data_files=str(local), split="train")
-    elif _looks_like_local_path(path):
+        return datasets.load_dataset(loader, data_files=str(local), split="train")
+    if _looks_like_local_path(path):
         raise DataError(f"data file or directory {path} does not exist")
-    else:
-        try:
-            rows = datasets.load_dataset(path, split=split)
-        except Exception as e:  # the Hub raises many types (offline, missing, gated); report them as one
-            raise DataError(f"could not load Hub dataset {path!r} split {split!r} ({type(e).__name__}: {e})") from e
+    return datasets.load_dataset(path, split=split)
+
+
+def load_rows(path: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
+    """Load one split of rows; local files have a single split, so `split` only selects within dirs and Hub sets."""
+    if not path:
+        raise DataError("data path is empty: set the dataset's path (a file, a save_to_disk directory or a Hub name)")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of rows or None, got {limit}")
+    try:
+        rows = _read(path, split)
+    except DataError:
+        raise
+    except Exception as e:  # empty or malformed files, offline or missing Hub sets fail in many ways; report as one
+        raise DataError(f"could not load {path} (split {split!r}): it has no rows or is not readable "
+                        f"({type(e).__name__}: {e})") from e
     if limit is not None:
-        if limit < 1:
-            raise DataError(f"limit must be a positive number of rows or None, got {limit}")
         rows = rows.select(range(min(limit, len(rows))))
     if len(rows) == 0:
-        raise DataError(f"dataset {path} (split {split!r}) has no rows")
+        raise DataError(f"could not load {path} (split {split!r}): it has no rows")
     return rows
 
 

@@ -126,7 +126,8 @@ def _tile_logits(h_ref, w_ref, row0, col0, grid: _Grid) -> jax.Array:
         k_mask = (k0 + jnp.arange(cfg.block_k)) < grid.h if k_ragged else None
         h = _load(h_ref.at[pl.ds(row0, cfg.block_n), pl.ds(k0, cfg.block_k)], _outer_and(row_mask, k_mask))
         w = _load(w_ref.at[pl.ds(k0, cfg.block_k), pl.ds(col0, cfg.block_v)], _outer_and(k_mask, col_mask))
-        return acc + jnp.dot(h, w, preferred_element_type=jnp.float32)
+        # HIGHEST keeps float32 operands in full float32 (Triton's default would be TF32); no effect on bf16.
+        return acc + jnp.dot(h, w, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
 
     init = jnp.zeros((cfg.block_n, cfg.block_v), jnp.float32)
     return lax.fori_loop(0, pl.cdiv(grid.h, cfg.block_k), step, init)

@@ -1,4 +1,4 @@
-"""Multi-process start-up (`initialize_distributed`) and the Slurm launcher (`python -m automodel_jax.launch`)."""
+"""Multi-process start-up (`initialize_distributed`) and the Slurm launcher behind `python -m automodel_jax.launch`."""
 
 from automodel_jax.launcher.cluster import ClusterConfigError, ClusterSpec, detect_cluster, expand_nodelist
 from automodel_jax.launcher.distributed import (

@@ -180,8 +180,7 @@ def _from_slurm(env: Mapping[str, str]) -> ClusterSpec | None:
     num_processes = _int(env, tasks_name) if tasks_name in env else 1
     if num_processes == 1:
         return None
-    nodelist_name = "SLURM_STEP_NODELIST" if "SLURM_STEP_NODELIST" in env else None
-    if nodelist_name is None:
+    if "SLURM_STEP_NODELIST" not in env:
         raise ClusterConfigError(
             f"Slurm job has {num_processes} tasks but this process is not in an srun step; "
             "start it with srun (python -m automodel_jax.launch slurm does), or set NUM_PROCESSES=1"
@@ -192,12 +191,14 @@ def _from_slurm(env: Mapping[str, str]) -> ClusterSpec | None:
         coordinator = _check_address(env["COORDINATOR_ADDRESS"], "COORDINATOR_ADDRESS")
     else:
         port = _int(env, "COORDINATOR_PORT") if "COORDINATOR_PORT" in env else derive_port(_int(env, "SLURM_JOB_ID"))
-        coordinator = _check_address(f"{expand_nodelist(env[nodelist_name])[0]}:{port}", "COORDINATOR_PORT")
-    tasks_name = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in env else "SLURM_TASKS_PER_NODE"
-    tasks_per_node = expand_tasks_per_node(env.get(tasks_name, "1"))
+        if not 0 < port < 65536:
+            raise ClusterConfigError(f"COORDINATOR_PORT={port} must be in 1..65535")
+        coordinator = f"{expand_nodelist(env['SLURM_STEP_NODELIST'])[0]}:{port}"
+    per_node_name = "SLURM_STEP_TASKS_PER_NODE" if "SLURM_STEP_TASKS_PER_NODE" in env else "SLURM_TASKS_PER_NODE"
+    tasks_per_node = expand_tasks_per_node(env.get(per_node_name, "1"))
     node_id = _int(env, "SLURM_NODEID") if "SLURM_NODEID" in env else 0
     if node_id >= len(tasks_per_node):
-        raise ClusterConfigError(f"SLURM_NODEID={node_id} has no entry in {tasks_name}={env.get(tasks_name)!r}")
+        raise ClusterConfigError(f"SLURM_NODEID={node_id} has no entry in {per_node_name}={env.get(per_node_name)!r}")
     return ClusterSpec(
         coordinator_address=coordinator,
         num_processes=num_processes,

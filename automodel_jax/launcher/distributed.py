@@ -1,12 +1,7 @@
-"""Multi-process start-up: detect the cluster, initialise `jax.distributed`, and report the topology.
-
-`python -m automodel_jax.launcher.distributed` initialises and prints one topology line per process; run it under
-srun to check that every node sees all of its GPUs before a long job.
-"""
+"""Multi-process start-up: detect the cluster, initialise `jax.distributed`, and report the topology."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -62,6 +57,24 @@ def _wait_for_coordinator(spec: ClusterSpec, deadline: float, timeout_s: int) ->
             time.sleep(_PROBE_INTERVAL_S)
 
 
+def _check_port_free(spec: ClusterSpec) -> None:
+    """Process 0 hosts the coordinator service; JAX crashes (SIGSEGV) if its port is taken, so check first."""
+    port = int(spec.coordinator_address.rpartition(":")[2])
+    try:  # JAX binds [::]:port; fall back to IPv4 where the kernel has no IPv6.
+        sock, host = socket.socket(socket.AF_INET6), "::"
+    except OSError:
+        sock, host = socket.socket(socket.AF_INET), "0.0.0.0"
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise DistributedInitError(
+                f"process 0/{spec.num_processes}: cannot listen on coordinator port {port} of "
+                f"{spec.coordinator_address} ({error.strerror}); choose another COORDINATOR_PORT"
+            ) from None
+
+
 def _start_watchdog(spec: ClusterSpec, deadline: float, timeout_s: int) -> threading.Event:
     """Exit with one clear line if `jax.distributed.initialize` is still waiting at the deadline."""
     finished = threading.Event()
@@ -110,7 +123,9 @@ def initialize_distributed(timeout_s: int = 300) -> DistributedInfo:
         # Cross-process collectives on CPU hosts (tests, CPU clusters) go through gloo over TCP.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     deadline = time.monotonic() + timeout_s
-    if spec.process_id != 0:
+    if spec.process_id == 0:
+        _check_port_free(spec)
+    else:
         _wait_for_coordinator(spec, deadline, timeout_s)
     finished = _start_watchdog(spec, deadline, timeout_s)
     try:
@@ -127,8 +142,8 @@ def initialize_distributed(timeout_s: int = 300) -> DistributedInfo:
     return _current_info(spec.coordinator_address, spec.source)
 
 
-def describe_topology(mesh: jax.sharding.Mesh | None = None, file=sys.stdout) -> str:
-    """One line for this process (rank, device counts per process, kinds, mesh); printed to `file` unless None.
+def describe_topology(mesh: jax.sharding.Mesh | None = None, echo: bool = True) -> str:
+    """One line for this process (rank, device counts per process, kinds, mesh), also printed when `echo`.
 
     The per-process device counts come from the global device list, so any process shows a node that
     contributes one GPU instead of eight.
@@ -144,24 +159,6 @@ def describe_topology(mesh: jax.sharding.Mesh | None = None, file=sys.stdout) ->
     )
     if mesh is not None:
         line += ", mesh " + " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
-    if file is not None:
-        print(line, file=file, flush=True)
+    if echo:
+        print(line, flush=True)
     return line
-
-
-def main() -> int:
-    """Initialise and print this process's topology line; exit 1 with one line on a start-up failure."""
-    parser = argparse.ArgumentParser(description="Join the cluster and print one topology line per process.")
-    parser.add_argument("--timeout-s", type=int, default=300, help="seconds to wait for the coordinator and peers")
-    args = parser.parse_args()
-    try:
-        initialize_distributed(timeout_s=args.timeout_s)
-    except (DistributedInitError, ValueError) as error:
-        print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        return 1
-    describe_topology()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

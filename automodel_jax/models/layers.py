@@ -13,6 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+# Marks an attribute as pytree data even while it holds None (flax >= 0.12 needs it; older flax has no such marker).
+as_data = getattr(nnx, "data", lambda value: value)
+
+
 class LoRAParam(nnx.Param):
     """An adapter weight: split from the frozen base parameters by this type (`nnx.split(model, LoRAParam, ...)`)."""
 
@@ -30,7 +34,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.kernel = nnx.Param(_init(rngs.params(), (in_features, out_features), param_dtype, init_std))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
-        self.lora_a = self.lora_b = None
+        self.lora_a, self.lora_b = as_data(None), as_data(None)
         self.lora_scale, self.lora_dropout, self.lora_salt = 0.0, 0.0, 0
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:

@@ -55,10 +55,18 @@ def test_unsupported_file_type(tmp_path):
         load_rows(str(tmp_path / "rows.txt"))
 
 
-def test_empty_dataset_is_a_clear_error(tmp_path):
-    (tmp_path / "empty.csv").write_text("instruction,input,output\n")
-    with pytest.raises(DataError, match="has no rows"):
-        load_rows(str(tmp_path / "empty.csv"))
+@pytest.mark.parametrize("name, text", [("empty.csv", "instruction,input,output\n"), ("empty.jsonl", ""),
+                                        ("empty.json", "[]"), ("broken.jsonl", '{"instruction": \n')])
+def test_empty_or_malformed_file_is_a_clear_error(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match="could not load .*: it has no rows or is not readable"):
+        load_rows(str(tmp_path / name))
+
+
+def test_empty_saved_dataset_is_a_clear_error(tmp_path):
+    datasets.Dataset.from_dict({"instruction": [], "output": []}).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="could not load .*: it has no rows"):
+        load_rows(str(tmp_path / "empty"))
 
 
 def test_missing_split_of_a_saved_dataset_dict(tmp_path, alpaca_rows):

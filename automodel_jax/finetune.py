@@ -1,0 +1,184 @@
+"""Fine-tuning recipe (LoRA or full SFT): `python -m automodel_jax.finetune --config configs/llama_lora.py[:preset]`.
+
+Reads top to bottom: config -> processes and mesh -> model (+ adapters) -> data -> optimizer and jitted steps ->
+restore -> train loop (validation, checkpoints) -> final validation, generations, export, plot.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from automodel_jax import embedded
+from automodel_jax.config import ConfigError, parse_config, save_config, validate_choice
+from automodel_jax.data import build_dataset, data_defaults, make_loader, resolve_pad_id
+from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
+from automodel_jax.models import AutoModelForCausalLM
+from automodel_jax.parallel.sharding import make_mesh
+from automodel_jax.peft.lora import apply_lora, lora_defaults
+from automodel_jax.training import loop
+from automodel_jax.training.loop import TrainingError
+from automodel_jax.training.metrics import MetricsLogger, wandb_defaults
+from automodel_jax.training.optim import build_optimizer, optim_defaults
+from automodel_jax.training.step import (compile_steps, init_state, make_eval_step, make_train_step, split_model,
+                                         tree_shardings)
+
+log = logging.getLogger("automodel_jax.finetune")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the recipe reads, with defaults; config files start from this and set their presets."""
+    from ml_collections import config_dict
+    cfg = ml_collections.ConfigDict()
+    cfg.run_dir = "runs/finetune"
+    cfg.seed = 0
+    cfg.model = dict(path="embedded:tiny-llama", dtype="bfloat16", param_dtype="float32", remat="none",
+                     attention="auto")
+    cfg.peft = lora_defaults()
+    cfg.data = data_defaults()
+    cfg.train = dict(global_batch_size=32, micro_batch_size=8, max_steps=config_dict.placeholder(int),
+                     num_epochs=1, log_every=10, val_every=100, val_max_samples=config_dict.placeholder(int),
+                     sample_prompts=(), sample_max_new_tokens=32)
+    cfg.optim = optim_defaults()
+    cfg.loss = dict(impl="chunked", chunk_size=4096)
+    cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1)
+    cfg.logging = dict(tensorboard=True, wandb=wandb_defaults())
+    cfg.distributed = dict(timeout_s=300)
+    return cfg
+
+
+def batch_geometry(cfg, mesh) -> tuple[int, int]:
+    """(gradient-accumulation steps, per-process batch) from global and micro batch sizes (NeMo Automodel's way)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if global_batch % (micro * dp):
+        raise ConfigError(f"train.global_batch_size {global_batch} must be a multiple of train.micro_batch_size "
+                          f"{micro} x data-parallel size {dp}")
+    if global_batch % jax.process_count():
+        raise ConfigError(f"train.global_batch_size {global_batch} must be divisible by the process count "
+                          f"{jax.process_count()}")
+    return global_batch // (micro * dp), global_batch // jax.process_count()
+
+
+def run(cfg) -> dict:
+    """Train as `cfg` says; returns the final metrics (validation loss before/after, steps done)."""
+    validate_choice(cfg, "peft.method", ("lora", "none"))
+    validate_choice(cfg, "loss.impl", ("naive", "chunked", "pallas"))
+    initialize_distributed(cfg.distributed.timeout_s)
+    primary = jax.process_index() == 0
+    run_dir = Path(cfg.run_dir)
+    if primary:
+        save_config(cfg, run_dir)
+    mesh = make_mesh(dict(cfg.mesh))
+    describe_topology(mesh)
+
+    # Model, tokenizer, adapters.
+    model_path = embedded.resolve(cfg.model.path)
+    tokenizer = load_tokenizer(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                                                 mesh=mesh, remat=cfg.model.remat,
+                                                 attention_impl=cfg.model.attention)
+    lora = cfg.peft.method == "lora"
+    if lora:
+        apply_lora(model, r=cfg.peft.r, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
+                   target_modules=cfg.peft.target_modules, exclude_modules=cfg.peft.exclude_modules, seed=cfg.seed)
+
+    # Data.
+    seq_len, data_cfg = cfg.data.seq_len, cfg.data
+    for split in ("train", "validation"):
+        data_cfg[split].path = embedded.resolve(data_cfg[split].path)
+    train_set = build_dataset(data_cfg.train, tokenizer, seq_len, data_cfg.truncation)
+    val_set = build_dataset(data_cfg.validation, tokenizer, seq_len, data_cfg.truncation)
+    pad_id = resolve_pad_id(tokenizer, data_cfg.pad_token_id, data_cfg.pad_with_eos)
+    accum, process_batch = batch_geometry(cfg, mesh)
+    loader = make_loader(train_set, batch_size=process_batch, seq_len=seq_len, pad_id=pad_id, seed=cfg.seed,
+                         shard_index=jax.process_index(), shard_count=jax.process_count(),
+                         packing=data_cfg.packing)
+    steps_per_epoch = max(len(train_set) // cfg.train.global_batch_size, 1)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.num_epochs
+
+    # Optimizer, state, jitted steps.
+    optimizer, schedule = build_optimizer(cfg.optim, total_steps)
+    graphdef, trainable, frozen = split_model(model, lora)
+    state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh))
+    frozen_shardings = tree_shardings(model, frozen, mesh)
+    step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=not data_cfg.packing)
+    train_step, eval_step, batch_3d, batch_2d = compile_steps(
+        make_train_step(graphdef, optimizer, schedule, **step_kw), make_eval_step(graphdef, **step_kw),
+        state_shardings, frozen_shardings, mesh)
+    del model, trainable
+
+    logger = MetricsLogger(run_dir, enabled=primary, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                           total_steps=total_steps, run_config=cfg.to_dict())
+    val_batches = loop.validation_batches(val_set, cfg.train.val_max_samples, cfg.train.micro_batch_size * mesh.shape[
+        "data"] * mesh.shape["fsdp"], seq_len, pad_id)
+
+    def validate(step: int) -> float:
+        loss = loop.validation_loss(eval_step, state["params"], frozen, val_batches, batch_2d)
+        logger.log(step, {"loss": loss}, "val")
+        return loss
+
+    def generations(title: str):
+        if primary and cfg.train.sample_prompts:
+            model_now = nnx.merge(graphdef, state["params"], frozen)
+            loop.print_generations(title, model_now, tokenizer, cfg.train.sample_prompts,
+                                   cfg.train.sample_max_new_tokens)
+
+    # Train.
+    start_step = int(state["step"])
+    first_val = validate(start_step)
+    generations("before fine-tuning")
+    pending, t_last, tokens_since = None, time.perf_counter(), 0
+    for step in range(start_step, total_steps):
+        batch = loop.global_batch(next(loader), accum, batch_3d)
+        state, metrics = train_step(state, frozen, batch)
+        if pending is not None:  # read step k-1's metrics while step k runs: no host sync in the loop
+            done = loop.check_metrics(pending, step)
+            tokens_since += done["tokens"]
+            if step % cfg.train.log_every == 0:
+                now = time.perf_counter()
+                done["tokens_per_s"] = tokens_since / (now - t_last)
+                t_last, tokens_since = now, 0
+                logger.log(step, done, "train")
+            logger.progress(step, done)
+        pending = metrics
+        if cfg.train.val_every and (step + 1) % cfg.train.val_every == 0 and step + 1 < total_steps:
+            validate(step + 1)
+    if pending is not None:
+        done = loop.check_metrics(pending, total_steps)
+        logger.log(total_steps, done, "train")
+        logger.progress(total_steps, done)
+    final_val = validate(total_steps)
+    generations("after fine-tuning")
+    if primary:
+        print(f"validation loss: {first_val:.4f} before -> {final_val:.4f} after {total_steps} steps", flush=True)
+    logger.plot_losses()
+    logger.close()
+    return dict(val_loss_before=first_val, val_loss_after=final_val, steps=total_steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        run(cfg)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

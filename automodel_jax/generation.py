@@ -1,0 +1,265 @@
+"""Text generation with a KV cache: one jitted prefill over the left-padded prompts, then one jitted step per token.
+
+Prompts are left padded to a bucketed width, so every row's last prompt token sits in the same column and all rows
+decode in lock step. Positions count each row's real tokens (HF generate's convention) and the cache's segment ids
+(the attention mask) keep padding out of attention. The model is split once and the step is a pure function of
+(graphdef, state, cache, ...), so XLA compiles two programs per (batch size, prompt bucket, max new tokens).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from automodel_jax.models.layers import Linear, LoRAParam
+
+PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
+# PEFT settings that change the adapter's math beyond plain LoRA; load_peft_adapter refuses them.
+PEFT_UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+                    "bias": "none", "lora_bias": False}
+
+
+def bucket_length(n: int) -> int:
+    """Pad lengths to few shapes: powers of two up to 64, then multiples of 64 (one compile per bucket)."""
+    if n <= 64:
+        return max(16, 1 << (n - 1).bit_length())
+    return -(-n // 64) * 64
+
+
+def context_length(model) -> int:
+    """The longest sequence the model was trained for (HF's max_position_embeddings)."""
+    return model.config.rope.max_position_embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked: argmax at temperature 0; else temperature, top-k, top-p (HF's order), sample."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature {self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k {self.top_k} must be >= 0 (0 = no top-k filter)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p {self.top_p} must be in (0, 1] (1 = no nucleus filter)")
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next token id [B] from float32 logits [B, V]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        # Keep the most likely tokens until their mass reaches top_p (always at least one).
+        ordered = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        kept = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < sampling.top_p, axis=-1, keepdims=True)
+        logits = jnp.where(logits < jnp.take_along_axis(ordered, kept - 1, axis=-1), -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _step(graphdef, state, cache, tokens, positions, segment_ids, key, step, *, sampling):
+    """Run `tokens` [B, T] through the model, appending them to the cache; pick the token after the last one."""
+    logits, cache = nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    return sample_tokens(logits[:, -1].astype(jnp.float32), jax.random.fold_in(key, step), sampling), cache
+
+
+def _encode(tokenizer, prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings or of token id lists")
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError(f"prompt {i} is text but no tokenizer was given; pass a tokenizer or token ids")
+            prompt = tokenizer(prompt)["input_ids"]
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompt {i} has no tokens; give at least one (e.g. the BOS token)")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        encoded.append(ids)
+    return encoded
+
+
+def default_eos_ids(model, tokenizer) -> tuple[int, ...]:
+    """The checkpoint's generation_config.json eos_token_id (an id or a list, as HF reads it), else the tokenizer's."""
+    directory = model.hf_source.directory
+    config = Path(directory) / "generation_config.json" if directory else None
+    if config is not None and config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (eos,)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return (tokenizer.eos_token_id,)
+    return ()
+
+
+def generate(model, tokenizer, prompts: list[list[int]] | list[str], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
+             stream: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """New tokens for each prompt (text is tokenized with `tokenizer`, BOS included as the tokenizer adds it).
+
+    A row stops after its first EOS (kept in its output) or after `max_new_tokens`; finished rows are fed padding
+    until every row is done. `stream(row, token)` is called with each new token as soon as it exists. LoRA adapters
+    inside the model's Linear layers are simply run (never merged).
+    """
+    sampling = Sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 1")
+    prompts = _encode(tokenizer, prompts, model.config.vocab_size)
+    if eos_token_id is None:
+        eos = default_eos_ids(model, tokenizer)
+    else:
+        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = tokenizer.pad_token_id if tokenizer is not None else None
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+
+    batch, width = len(prompts), bucket_length(max(map(len, prompts)))
+    tokens = np.full((batch, width), pad_token_id, np.int32)
+    mask = np.zeros((batch, width), np.int32)
+    for row, ids in enumerate(prompts):
+        tokens[row, width - len(ids):], mask[row, width - len(ids):] = ids, 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    next_position = positions[:, -1] + 1
+
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(batch, width + max_new_tokens, model.model.embed_tokens.dtype)
+    key = jax.random.key(seed)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    finished = np.zeros(batch, bool)
+    for step in range(max_new_tokens):
+        picked, cache = _step(graphdef, state, cache, tokens, positions, mask, key, step, sampling=sampling)
+        picked = np.where(finished, pad_token_id, np.asarray(picked)).astype(np.int32)
+        for row in np.flatnonzero(~finished):
+            token = int(picked[row])
+            outputs[row].append(token)
+            finished[row] = token in eos
+            if stream is not None:
+                stream(int(row), token)
+        if finished.all():
+            break
+        tokens, positions = picked[:, None], (next_position + step)[:, None]
+        mask = np.ones((batch, 1), np.int32)
+    return outputs
+
+
+def load_peft_adapter(model, adapter_dir) -> None:
+    """Put an HF PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into the model's Linear layers.
+
+    lora_a = A.T [in, r], lora_b = B.T [r, out], lora_scale = lora_alpha / r (/ sqrt(r) with use_rslora). A minimal
+    loader for generation; the LoRA component's own importer is the canonical one.
+    """
+    from safetensors.numpy import load_file
+    directory = Path(adapter_dir)
+    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter {directory}: missing {path.name}; an HF PEFT adapter directory has "
+                                    "adapter_config.json and adapter_model.safetensors")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_path}: peft_type {config['peft_type']!r} is not supported; only LORA adapters are")
+    for name, plain in PEFT_UNSUPPORTED.items():
+        if config.get(name, plain) not in (plain, None, {}, False):
+            raise ValueError(f"{config_path}: {name}={config[name]!r} is not supported by this loader; export a plain "
+                             f"LoRA adapter ({name}={plain!r})")
+    linears = {p: m for p, m in _linear_paths(model)}
+    targets = config.get("target_modules") or []
+    if isinstance(targets, list):
+        absent = [t for t in targets if not any(p == t or p.endswith("." + t) for p in linears)]
+        if absent:
+            raise ValueError(f"{config_path}: target module(s) {absent} do not exist in this "
+                             f"{type(model).__name__}; its Linear layers are named like {sorted(linears)[:3]}")
+    rank, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in load_file(str(weights_path)).items():
+        match = PEFT_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{weights_path}: tensor {key} is not a LoRA A/B weight "
+                             "(base_model.model.<module>.lora_A.weight / lora_B.weight)")
+        factors.setdefault(match["module"], {})[match["factor"]] = value
+    for module, pair in sorted(factors.items()):
+        linear = linears.get(module)
+        if linear is None:
+            raise ValueError(f"{weights_path}: adapter module {module} does not exist in this "
+                             f"{type(model).__name__}; was the adapter trained on another architecture?")
+        a, b = pair.get("A"), pair.get("B")
+        if a is None or b is None:
+            raise ValueError(f"{weights_path}: module {module} has lora_{'A' if a is None else 'B'} missing")
+        if a.shape != (rank, linear.in_features) or b.shape != (linear.out_features, rank):
+            raise ValueError(f"{weights_path}: module {module} has lora_A {list(a.shape)} and lora_B "
+                             f"{list(b.shape)}, expected [{rank}, {linear.in_features}] and "
+                             f"[{linear.out_features}, {rank}]")
+        dtype = linear.kernel[...].dtype
+        linear.lora_a = LoRAParam(jnp.asarray(a.T, dtype))
+        linear.lora_b = LoRAParam(jnp.asarray(b.T, dtype))
+        linear.lora_scale = scale
+
+
+def _linear_paths(model):
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, Linear):
+            yield ".".join(map(str, path)), node
+
+
+def _is_hf_checkpoint(directory: Path) -> bool:
+    config = directory / "config.json"
+    if not config.is_file() or not any((directory / f).is_file()
+                                       for f in ("model.safetensors", "model.safetensors.index.json")):
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def find_checkpoint_dir(path) -> Path | str:
+    """An HF checkpoint directory as given; a run directory: the newest HF checkpoint under it; else `path` unchanged
+    (a Hub name, or a path the checkpoint loader reports as missing)."""
+    local = Path(path).expanduser()
+    if not local.is_dir() or _is_hf_checkpoint(local):
+        return local if local.is_dir() else path
+    found = sorted((c.parent for c in local.rglob("config.json") if _is_hf_checkpoint(c.parent)),
+                   key=lambda d: d.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"{path} is neither an HF checkpoint directory (config.json with model_type and "
+                                "safetensors weights) nor a run directory containing one; pass the exported "
+                                "checkpoint directory")
+    return found[-1]
+
+
+def load_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
+    """(model, tokenizer) from an HF checkpoint or run directory, with an optional PEFT adapter put into it."""
+    import transformers
+
+    from automodel_jax.models import AutoModelForCausalLM
+    directory = find_checkpoint_dir(model_path)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model.hf_source.directory)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{model.hf_source.directory}: no usable tokenizer ({type(e).__name__}); the "
+                                "checkpoint directory needs its tokenizer files (tokenizer.json or tokenizer.model)")
+    if adapter is not None:
+        load_peft_adapter(model, adapter)
+    return model, tokenizer

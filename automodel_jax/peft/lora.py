@@ -1,0 +1,120 @@
+"""LoRA as param-tree adapters on the model's Linear layers.
+
+Each targeted `Linear` gets `lora_a` [in, r] (HF PEFT's default init: kaiming-uniform with a=sqrt(5), i.e.
+U(-1/sqrt(in), 1/sqrt(in))) and `lora_b` [r, out] (zeros), scale alpha / r, optional dropout on the adapter input.
+They are `LoRAParam` variables, so `nnx.split(model, LoRAParam, nnx.Param)` yields the adapters as their own pytree:
+gradients and optimizer state exist only for them. `adapters(model)` gives the `{module path: (A, B)}` view.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from automodel_jax.models.layers import Linear, LoRAParam
+from automodel_jax.models.params import path_str
+
+ALL_LINEAR = "all-linear"
+OUTPUT_LAYERS = ("lm_head",)
+
+
+def lora_defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        method="lora",  # "lora" or "none" (full-parameter SFT)
+        r=8, alpha=32.0, dropout=0.0,
+        target_modules=("*_proj",),  # globs on module names/paths, "re:<regex>" on full paths, or "all-linear"
+        exclude_modules=(),
+    ))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    last = name.rsplit(".", 1)[-1]
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(last, pattern) or fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def linear_modules(model: nnx.Module) -> dict[str, Linear]:
+    return {path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, Linear)}
+
+
+def find_targets(model: nnx.Module, target_modules: str | Sequence[str],
+                 exclude_modules: Sequence[str] = ()) -> list[str]:
+    """Module paths (HF names such as `model.layers.0.self_attn.q_proj`) of the Linear layers to adapt."""
+    patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    linears = linear_modules(model)
+    if ALL_LINEAR in patterns:
+        chosen = [n for n in linears if n.rsplit(".", 1)[-1] not in OUTPUT_LAYERS]
+    else:
+        chosen = [n for n in linears if any(_matches(n, p) for p in patterns)]
+    chosen = [n for n in chosen if not any(_matches(n, p) for p in exclude_modules)]
+    if not chosen:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(f"peft.target_modules {patterns} matches no Linear layer; layer names are {names}")
+    return chosen
+
+
+def apply_lora(model: nnx.Module, *, r: int, alpha: float, dropout: float = 0.0,
+               target_modules: str | Sequence[str] = ("*_proj",), exclude_modules: Sequence[str] = (),
+               seed: int = 0, param_dtype=jnp.float32) -> list[str]:
+    """Attach fresh adapters to the targeted layers (in place); returns their module paths."""
+    if r <= 0:
+        raise ValueError(f"peft.r must be a positive integer, got {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"peft.dropout must be in [0, 1), got {dropout}")
+    targets = find_targets(model, target_modules, exclude_modules)
+    linears = linear_modules(model)
+    key = jax.random.key(seed)
+    for salt, name in enumerate(targets):
+        layer = linears[name]
+        bound = 1.0 / math.sqrt(layer.in_features)
+        a = jax.random.uniform(jax.random.fold_in(key, salt), (layer.in_features, r), jnp.float32, -bound, bound)
+        layer.lora_a = LoRAParam(a.astype(param_dtype))
+        layer.lora_b = LoRAParam(jnp.zeros((r, layer.out_features), param_dtype))
+        layer.lora_scale, layer.lora_dropout, layer.lora_salt = alpha / r, float(dropout), salt
+    return targets
+
+
+def adapters(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{module path: (A [in, r], B [r, out])} for every adapted layer."""
+    return {name: (layer.lora_a[...], layer.lora_b[...]) for name, layer in linear_modules(model).items()
+            if layer.lora_a is not None}
+
+
+def lora_settings(model: nnx.Module) -> dict:
+    """r, alpha, dropout and targets of the model's adapters (all adapters share them)."""
+    adapted = {n: l for n, l in linear_modules(model).items() if l.lora_a is not None}
+    if not adapted:
+        raise ValueError("the model has no LoRA adapters")
+    first = next(iter(adapted.values()))
+    r = first.lora_a.shape[1]
+    return dict(r=r, alpha=first.lora_scale * r, dropout=first.lora_dropout, targets=sorted(adapted))
+
+
+def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
+    """{path of kernel: kernel + scale * A @ B} for every adapted layer (computed in float32, cast back)."""
+    out = {}
+    for p, layer in nnx.iter_graph(model):
+        if isinstance(layer, Linear) and layer.lora_a is not None:
+            kernel = layer.kernel[...]
+            delta = jnp.dot(layer.lora_a[...].astype(jnp.float32), layer.lora_b[...].astype(jnp.float32))
+            out[tuple(p) + ("kernel",)] = (kernel.astype(jnp.float32) + layer.lora_scale * delta).astype(kernel.dtype)
+    return out
+
+
+def merge_lora(model: nnx.Module) -> None:
+    """Fold every adapter into its base kernel and remove the adapter (in place)."""
+    merged = merged_kernels(model)
+    for p, layer in nnx.iter_graph(model):
+        if isinstance(layer, Linear) and layer.lora_a is not None:
+            layer.kernel[...] = merged[tuple(p) + ("kernel",)]
+            layer.lora_a, layer.lora_b = None, None
+            layer.lora_scale, layer.lora_dropout, layer.lora_salt = 0.0, 0.0, 0

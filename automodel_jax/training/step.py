@@ -1,0 +1,126 @@
+"""The train and eval steps: one jitted, buffer-donating function each, over explicit pytrees with declared shardings.
+
+State = {"step", "params" (the trainable pytree: adapters for LoRA, everything for SFT), "opt_state", "rng"}; the
+frozen base parameters travel separately and are never donated. Loss follows NeMo Automodel: token losses summed over
+labels != -100 and divided by the number of such tokens in the whole global batch (all micro-batches).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from automodel_jax.losses.cross_entropy import linear_cross_entropy
+from automodel_jax.models.layers import LoRAParam
+from automodel_jax.models.params import flatten, pure_dict, unflatten
+from automodel_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, param_shardings
+
+BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+
+
+def split_model(model: nnx.Module, lora: bool):
+    """(graphdef, trainable, frozen) as nested dicts: adapters vs base for LoRA, all params vs nothing for SFT."""
+    if lora:
+        graphdef, trainable, frozen = nnx.split(model, LoRAParam, nnx.Param)
+        return graphdef, pure_dict(trainable), pure_dict(frozen)
+    graphdef, trainable = nnx.split(model, nnx.Param)
+    return graphdef, pure_dict(trainable), {}
+
+
+def tree_shardings(model: nnx.Module, tree: dict, mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a params pytree of `model`, by the rule table."""
+    flat = flatten(tree)
+    shardings = param_shardings(model, {p: x.shape for p, x in flat.items()}, mesh, rules)
+    return unflatten({p: shardings[p] for p in flat})
+
+
+def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, right_padded: bool, dropout_rng=None,
+               chunk_size: int = 4096):
+    """(sum of token losses, number of label tokens) of one micro-batch."""
+    model = nnx.merge(graphdef, trainable, frozen)
+    h = model.hidden_states(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                            right_padded=right_padded, dropout_rng=dropout_rng)
+    return linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.output_kernel(), batch["labels"].reshape(-1),
+                                impl=loss_impl, chunk_size=chunk_size,
+                                logit_softcap=getattr(model, "logit_softcap", None))
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: Callable, *, loss_impl: str,
+                    right_padded: bool, chunk_size: int = 4096):
+    """step(state, frozen, batch) -> (state, metrics); batch arrays are [accum, micro_batch, seq].
+
+    Gradients of the summed loss are accumulated over micro-batches with a scan, then divided by the global token
+    count. A non-finite loss or gradient leaves the state unchanged (the last good state) and sets metrics["finite"]
+    to False so the host can stop with a clear message.
+    """
+    def step(state, frozen, batch):
+        rng, step_rng = jax.random.split(state["rng"])
+
+        def micro(carry, xs):
+            grads_acc, loss_acc, count_acc = carry
+            micro_batch, i = xs
+            grad_fn = jax.value_and_grad(
+                lambda p: token_loss(graphdef, p, frozen, micro_batch, loss_impl=loss_impl, chunk_size=chunk_size,
+                                     right_padded=right_padded, dropout_rng=jax.random.fold_in(step_rng, i)),
+                has_aux=True)
+            (loss_sum, count), grads = grad_fn(state["params"])
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+        accum = batch["input_ids"].shape[0]
+        (grads, loss_sum, count), _ = jax.lax.scan(
+            micro, (zeros, jnp.float32(0), jnp.int32(0)), (batch, jnp.arange(accum)))
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state["params"])
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = dict(step=state["step"] + 1, params=params, opt_state=opt_state, rng=rng)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]), tokens=count,
+                       finite=finite)
+        return new, metrics
+
+    return step
+
+
+def make_eval_step(graphdef, *, loss_impl: str, right_padded: bool, chunk_size: int = 4096):
+    """eval(trainable, frozen, batch [batch, seq]) -> (loss sum, token count)."""
+    def evaluate(trainable, frozen, batch):
+        return token_loss(graphdef, trainable, frozen, batch, loss_impl=loss_impl, right_padded=right_padded,
+                          chunk_size=chunk_size)
+    return evaluate
+
+
+def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int, param_shardings_tree):
+    """Fresh train state; optimizer moments get their parameters' shardings (ZeRO-style when params are sharded)."""
+    opt_state = jax.jit(optimizer.init)(params)
+    mesh = jax.tree.leaves(param_shardings_tree)[0].mesh
+
+    def like_param(x):
+        return x.sharding if hasattr(x, "sharding") else NamedSharding(mesh, PartitionSpec())
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = dict(step=jnp.int32(0), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(seed))
+    shardings = dict(step=replicated, params=param_shardings_tree,
+                     opt_state=jax.tree.map(like_param, opt_state), rng=replicated)
+    state = jax.device_put(state, shardings)
+    return state, shardings
+
+
+def compile_steps(train_step, eval_step, state_shardings, frozen_shardings, mesh, rules=DEFAULT_RULES):
+    """jit with declared shardings: state donated, batch sharded over (batch, seq) by the rule table."""
+    batch_3d = {k: activation_sharding(mesh, (None, "batch", "seq"), rules) for k in BATCH_KEYS}
+    batch_2d = {k: activation_sharding(mesh, ("batch", "seq"), rules) for k in BATCH_KEYS}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    train = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_3d),
+                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    evaluate = jax.jit(eval_step, in_shardings=(state_shardings["params"], frozen_shardings, batch_2d),
+                       out_shardings=(replicated, replicated))
+    return train, evaluate, batch_3d, batch_2d

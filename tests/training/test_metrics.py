@@ -1,0 +1,166 @@
+import json
+import sys
+
+import jax.numpy as jnp
+import matplotlib.image
+import pytest
+from ml_collections import ConfigDict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+
+from automodel_jax.config import ConfigError
+from automodel_jax.training.metrics import MetricsLogger, wandb_defaults
+
+TRAIN = [(1, {"loss": 2.5, "learning_rate": 1e-4, "grad_norm": 1.5}), (2, {"loss": 2.0, "learning_rate": 2e-4})]
+VAL = [(2, {"loss": 2.25})]
+
+
+def log_all(logger):
+    for step, metrics in TRAIN:
+        logger.log(step, metrics, "train")
+    for step, metrics in VAL:
+        logger.log(step, metrics, "val")
+
+
+def test_jsonl_lines_hold_step_split_and_values(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=None, total_steps=2)
+    log_all(logger)
+    logger.log(3, {"loss": jnp.float32(1.5)}, "train")  # device scalars are accepted
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 1, "split": "train", "loss": 2.5, "learning_rate": 1e-4, "grad_norm": 1.5}
+    assert rows[2] == {"step": 2, "split": "val", "loss": 2.25}
+    assert rows[3] == {"step": 3, "split": "train", "loss": 1.5}
+
+
+def test_tensorboard_scalars_read_back(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True, wandb=None, total_steps=2)
+    log_all(logger)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["tensors"]) == {"train/loss", "train/learning_rate", "train/grad_norm", "val/loss"}
+    read = {tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in events.Tensors(tag)]
+            for tag in ("train/loss", "val/loss")}
+    assert read["train/loss"] == [(1, 2.5), (2, 2.0)]
+    assert read["val/loss"] == [(2, 2.25)]
+
+
+def test_progress_bar_shows_step_and_metrics(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=None, total_steps=10)
+    logger.progress(4, {"loss": 2.0, "learning_rate": 3e-4, "grad_norm": 0.5, "tokens_per_sec": 1234.4})
+    logger.progress(5, {"loss": 1.9, "learning_rate": 3e-4})
+    logger.close()
+    shown = capsys.readouterr().err.split("\r")[-1]
+    assert "5/10" in shown and "loss=1.9000" in shown and "lr=3.00e-04" in shown
+    assert "gnorm" not in shown  # only what the latest step reported
+
+
+def test_progress_bar_shows_every_known_metric(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=None, total_steps=10)
+    logger.progress(1, {"loss": 2.0, "learning_rate": 3e-4, "grad_norm": 0.5, "tokens_per_sec": 1234.4})
+    logger.close()
+    shown = capsys.readouterr().err
+    for text in ("1/10", "loss=2.0000", "lr=3.00e-04", "gnorm=0.500", "tok/s=1234", "<"):  # "<" precedes the ETA
+        assert text in shown
+
+
+def test_plot_losses_draws_train_and_val(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=None, total_steps=2)
+    assert logger.plot_losses() is None  # nothing logged yet
+    log_all(logger)
+    path = logger.plot_losses()
+    logger.close()
+    assert path == tmp_path / "loss.png"
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 400
+
+
+def test_disabled_logger_writes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    logger = MetricsLogger(run_dir, enabled=False, tensorboard=True, wandb=None, total_steps=2)
+    log_all(logger)
+    logger.progress(1, {"loss": 1.0})
+    assert logger.plot_losses() is None
+    logger.close()
+    assert not run_dir.exists() and capsys.readouterr().err == ""
+
+
+def test_reserved_metric_names_are_rejected(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=None, total_steps=2)
+    with pytest.raises(ValueError, match=r"metric names \['step'\] are reserved"):
+        logger.log(1, {"step": 1.0}, "train")
+    logger.close()
+
+
+def enabled_wandb(**fields):
+    cfg = wandb_defaults()
+    cfg.update(dict(enabled=True, project="tests", name="offline-check", **fields))
+    return cfg
+
+
+def test_wandb_needs_the_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets when it is not installed
+    with pytest.raises(ImportError, match="wandb.enabled is set but wandb is not installed: pip install wandb"):
+        MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=enabled_wandb(), total_steps=2)
+
+
+def test_wandb_mode_must_be_known(tmp_path):
+    with pytest.raises(ConfigError, match="wandb.mode must be one of 'offline', 'online'; got 'local'"):
+        MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=enabled_wandb(mode="local"), total_steps=2)
+
+
+def read_wandb_records(run_file):
+    """Records of an offline W&B run file (a LevelDB-style log of Record protos in 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos = run_file.read_bytes(), 32768, 7  # 7-byte file header: ":W&B", magic, version
+    assert data[:4] == b":W&B"
+    records, pending = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room for a record header: the block is padded
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def history_rows(records):
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        for record in records
+        if record.WhichOneof("record_type") == "history"
+    ]
+
+
+def test_wandb_offline_run_holds_the_logged_values(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = MetricsLogger(
+        tmp_path, enabled=True, tensorboard=False, wandb=enabled_wandb(), total_steps=2,
+        run_config=ConfigDict(dict(seed=3)).to_dict(),
+    )
+    log_all(logger)
+    logger.close()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    import time
+    t = time.time()
+    while time.time() - t < 30:
+        records = read_wandb_records(run_file)
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            break
+        time.sleep(0.05)
+    open("/tmp/waited.txt", "a").write(f"{time.time() - t}\n")
+    rows = history_rows(records)
+    assert [(row["_step"], row["train/loss"]) for row in rows] == [(1, 2.5), (2, 2.0)]
+    assert rows[1]["val/loss"] == 2.25 and rows[0]["train/grad_norm"] == 1.5
+    (run,) = [record.run for record in records if record.WhichOneof("record_type") == "run"]
+    assert (run.project, run.display_name) == ("tests", "offline-check")
+    assert {item.key: item.value_json for item in run.config.update}["seed"] == "3"

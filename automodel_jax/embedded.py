@@ -17,13 +17,14 @@ from pathlib import Path
 SCHEME = "embedded:"
 MODEL_NAME = "tiny-llama"
 TASKS = {"reverse": lambda w: w[::-1], "upper": str.upper, "sort": lambda w: "".join(sorted(w))}
+PRETRAIN_TASKS = {"copy": lambda w: w}
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 TINY_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=128,
                   intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                   hidden_act="silu", initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=3,
                   torch_dtype="float32")
-SPLIT_SIZES = {"train": 4000, "validation": 256}
+SPLIT_SIZES = {"train": 4000, "validation": 256, "pretrain": 4000}
 
 
 def cache_dir() -> Path:
@@ -43,9 +44,11 @@ def _words(seed: int, count: int, exclude: set[str] = frozenset()) -> list[str]:
 def task_rows(split: str) -> list[dict]:
     """{instruction, input, output} rows; validation words are disjoint from training words."""
     held_out = _words(seed=1, count=SPLIT_SIZES["validation"])
-    words = held_out if split == "validation" else _words(seed=0, count=SPLIT_SIZES["train"], exclude=set(held_out))
-    names = sorted(TASKS)
-    return [dict(instruction=f"{names[i % len(names)]} {w}", input="", output=TASKS[names[i % len(names)]](w))
+    words = held_out if split == "validation" else _words(seed=0 if split == "train" else 2,
+                                                          count=SPLIT_SIZES[split], exclude=set(held_out))
+    tasks = PRETRAIN_TASKS if split == "pretrain" else TASKS
+    names = sorted(tasks)
+    return [dict(instruction=f"{names[i % len(names)]} {w}", input="", output=tasks[names[i % len(names)]](w))
             for i, w in enumerate(words)]
 
 

@@ -5,6 +5,8 @@ restore -> train loop (validation, checkpoints) -> final validation, generations
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import sys
@@ -17,11 +19,14 @@ import numpy as np
 from flax import nnx
 
 from automodel_jax import embedded
+from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
+from automodel_jax.checkpoint.orbax_io import TrainCheckpoints, checkpoint_defaults
 from automodel_jax.config import ConfigError, parse_config, save_config, validate_choice
 from automodel_jax.data import build_dataset, data_defaults, make_loader, resolve_pad_id
-from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
+from automodel_jax.export import export_defaults, export_dir, export_model
+from automodel_jax.launcher.distributed import DistributedInitError, describe_topology, initialize_distributed
 from automodel_jax.models import AutoModelForCausalLM
-from automodel_jax.parallel.sharding import make_mesh
+from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout, mesh_from_config
 from automodel_jax.peft.lora import apply_lora, lora_defaults
 from automodel_jax.training import loop
 from automodel_jax.training.loop import TrainingError
@@ -53,8 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
                      sample_prompts=(), sample_max_new_tokens=32)
     cfg.optim = optim_defaults()
     cfg.loss = dict(impl="chunked", chunk_size=4096)
-    cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1)
+    cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1, zero3_over_data=False)
     cfg.logging = dict(tensorboard=True, wandb=wandb_defaults())
+    cfg.checkpoint = checkpoint_defaults()
+    cfg.export = export_defaults()
     cfg.distributed = dict(timeout_s=300)
     return cfg
 
@@ -72,20 +79,32 @@ def batch_geometry(cfg, mesh) -> tuple[int, int]:
     return global_batch // (micro * dp), global_batch // jax.process_count()
 
 
+def check_parallelism(cfg, mesh, rules, model_path: str) -> None:
+    """The mesh against the model's heads, the sequence, the batch and the processes, before loading or compiling."""
+    hf = read_hf_config(resolve_checkpoint_dir(model_path))
+    heads = hf["num_attention_heads"]
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    check_mesh_fits(mesh.shape, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+                    seq_len=cfg.data.seq_len, batch_rows=cfg.train.micro_batch_size * dp)
+    check_process_layout(mesh, rules)
+
+
 def run(cfg) -> dict:
-    """Train as `cfg` says; returns the final metrics (validation loss before/after, steps done)."""
+    """Train as `cfg` says; returns validation loss before/after, steps done and the trained model."""
     validate_choice(cfg, "peft.method", ("lora", "none"))
     validate_choice(cfg, "loss.impl", ("naive", "chunked", "pallas"))
+    export_to = export_dir(cfg)
     initialize_distributed(cfg.distributed.timeout_s)
     primary = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
     if primary:
         save_config(cfg, run_dir)
-    mesh = make_mesh(dict(cfg.mesh))
+    mesh, rules = mesh_from_config(cfg.mesh)
     describe_topology(mesh)
 
     # Model, tokenizer, adapters.
     model_path = embedded.resolve(cfg.model.path)
+    check_parallelism(cfg, mesh, rules, model_path)
     tokenizer = load_tokenizer(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                                                  mesh=mesh, remat=cfg.model.remat,
@@ -109,16 +128,21 @@ def run(cfg) -> dict:
     steps_per_epoch = max(len(train_set) // cfg.train.global_batch_size, 1)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.num_epochs
 
+    # Checkpoints: find the one to resume (the run's latest, else checkpoint.restore_from); it must fit the model.
+    checkpoints = TrainCheckpoints(cfg, model, total_steps)
+
     # Optimizer, state, jitted steps.
     optimizer, schedule = build_optimizer(cfg.optim, total_steps)
     graphdef, trainable, frozen = split_model(model, lora)
-    state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh))
-    frozen_shardings = tree_shardings(model, frozen, mesh)
+    state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
+    frozen_shardings = tree_shardings(model, frozen, mesh, rules)
+    frozen = jax.device_put(frozen, frozen_shardings)
     step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=not data_cfg.packing)
     train_step, eval_step, batch_3d, batch_2d = compile_steps(
-        make_train_step(graphdef, optimizer, schedule, **step_kw), make_eval_step(graphdef, **step_kw),
-        state_shardings, frozen_shardings, mesh)
+        make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
+        make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules)
     del model, trainable
+    state = checkpoints.restore(state, state_shardings, loader)  # train state and data position, onto this mesh
 
     logger = MetricsLogger(run_dir, enabled=primary, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                            total_steps=total_steps, run_config=cfg.to_dict())
@@ -131,10 +155,12 @@ def run(cfg) -> dict:
         return loss
 
     def generations(title: str):
-        if primary and cfg.train.sample_prompts:
+        """Every process takes part (the parameters are sharded over all of them); only process 0 prints."""
+        if cfg.train.sample_prompts:
             model_now = nnx.merge(graphdef, state["params"], frozen)
-            loop.print_generations(title, model_now, tokenizer, cfg.train.sample_prompts,
-                                   cfg.train.sample_max_new_tokens)
+            with contextlib.nullcontext() if primary else contextlib.redirect_stdout(io.StringIO()):
+                loop.print_generations(title, model_now, tokenizer, cfg.train.sample_prompts,
+                                       cfg.train.sample_max_new_tokens)
 
     # Train.
     start_step = int(state["step"])
@@ -149,24 +175,32 @@ def run(cfg) -> dict:
             tokens_since += done["tokens"]
             if step % cfg.train.log_every == 0:
                 now = time.perf_counter()
-                done["tokens_per_s"] = tokens_since / (now - t_last)
+                done["tokens_per_sec"] = tokens_since / (now - t_last)
                 t_last, tokens_since = now, 0
                 logger.log(step, done, "train")
             logger.progress(step, done)
         pending = metrics
+        val_loss = None
         if cfg.train.val_every and (step + 1) % cfg.train.val_every == 0 and step + 1 < total_steps:
-            validate(step + 1)
+            val_loss = validate(step + 1)
+        checkpoints.save(step + 1, state, loader, val_loss)  # asynchronous, every checkpoint.every_steps
     if pending is not None:
         done = loop.check_metrics(pending, total_steps)
         logger.log(total_steps, done, "train")
         logger.progress(total_steps, done)
     final_val = validate(total_steps)
+    checkpoints.save(total_steps, state, loader, final_val, final=True)
     generations("after fine-tuning")
     if primary:
         print(f"validation loss: {first_val:.4f} before -> {final_val:.4f} after {total_steps} steps", flush=True)
     logger.plot_losses()
     logger.close()
-    return dict(val_loss_before=first_val, val_loss_after=final_val, steps=total_steps)
+    checkpoints.close()
+    if export_to is not None:
+        export_model(nnx.merge(graphdef, state["params"], frozen), export_to, base_model_name_or_path=model_path,
+                     merge_lora=cfg.export.merge_lora, overwrite=cfg.export.overwrite)
+    return dict(val_loss_before=first_val, val_loss_after=final_val, steps=total_steps,
+                model=nnx.merge(graphdef, state["params"], frozen))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         run(cfg)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TrainingError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TrainingError, DistributedInitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

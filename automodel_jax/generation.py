@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from automodel_jax.models.layers import Linear, LoRAParam
+from automodel_jax.models.layers import LoRAParam
+from automodel_jax.peft.lora import linear_modules
 
 PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
 # PEFT settings that change the adapter's math beyond plain LoRA; load_peft_adapter refuses them.
@@ -55,10 +56,8 @@ class Sampling:
             raise ValueError(f"top_p {self.top_p} must be in (0, 1] (1 = no nucleus filter)")
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Next token id [B] from float32 logits [B, V]."""
-    if sampling.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """Temperature-scaled float32 logits [B, V] with the tokens top-k and top-p exclude set to -inf."""
     logits = logits / sampling.temperature
     if sampling.top_k:
         kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
@@ -69,7 +68,14 @@ def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
         probs = jax.nn.softmax(ordered, axis=-1)
         kept = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < sampling.top_p, axis=-1, keepdims=True)
         logits = jnp.where(logits < jnp.take_along_axis(ordered, kept - 1, axis=-1), -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next token id [B] from float32 logits [B, V]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
@@ -142,7 +148,8 @@ def generate(model, tokenizer, prompts: list[list[int]] | list[str], *, max_new_
     next_position = positions[:, -1] + 1
 
     graphdef, state = nnx.split(model)
-    cache = model.init_cache(batch, width + max_new_tokens, model.model.embed_tokens.dtype)
+    # Own buffer per leaf: the step donates the cache, and a buffer shared by two leaves cannot be donated twice.
+    cache = jax.tree.map(jnp.copy, model.init_cache(batch, width + max_new_tokens))
     key = jax.random.key(seed)
     outputs: list[list[int]] = [[] for _ in range(batch)]
     finished = np.zeros(batch, bool)
@@ -179,10 +186,10 @@ def load_peft_adapter(model, adapter_dir) -> None:
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: peft_type {config['peft_type']!r} is not supported; only LORA adapters are")
     for name, plain in PEFT_UNSUPPORTED.items():
-        if config.get(name, plain) not in (plain, None, {}, False):
+        if config.get(name) and config[name] != plain:
             raise ValueError(f"{config_path}: {name}={config[name]!r} is not supported by this loader; export a plain "
                              f"LoRA adapter ({name}={plain!r})")
-    linears = {p: m for p, m in _linear_paths(model)}
+    linears = linear_modules(model)
     targets = config.get("target_modules") or []
     if isinstance(targets, list):
         absent = [t for t in targets if not any(p == t or p.endswith("." + t) for p in linears)]
@@ -214,12 +221,6 @@ def load_peft_adapter(model, adapter_dir) -> None:
         linear.lora_a = LoRAParam(jnp.asarray(a.T, dtype))
         linear.lora_b = LoRAParam(jnp.asarray(b.T, dtype))
         linear.lora_scale = scale
-
-
-def _linear_paths(model):
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, Linear):
-            yield ".".join(map(str, path)), node
 
 
 def _is_hf_checkpoint(directory: Path) -> bool:

@@ -1,6 +1,7 @@
 """`python -m automodel_jax.launch slurm ...`: write a multi-node sbatch script for a fine-tuning run and submit it.
 
-Config overrides use the recipe's own syntax, `--config.key=value`, and are passed through unchanged.
+Config overrides use the recipe's own syntax (`--config.key=value`, `--config.key value`, bare `--config.flag`) and
+are passed through to every task.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         "slurm",
         allow_abbrev=False,
         help="write an sbatch script into the run dir and submit it",
-        epilog="Any --config.key=value arguments are passed to the program as config overrides.",
+        epilog="Any --config.key=value (or --config.key value, or bare --config.flag) arguments are passed to the "
+        "program as config overrides.",
     )
     slurm.add_argument("--config", required=True, help="config file, optionally with a preset: CFG[:preset]")
     slurm.add_argument("--nodes", type=int, required=True)
@@ -47,13 +49,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_overrides(extra: Sequence[str]) -> tuple[list[str], str | None]:
-    """Config overrides, minus any --config.run_dir=, which is returned separately."""
-    overrides, run_dir = [], None
-    for token in extra:
-        if not (token.startswith("--config.") and "=" in token):
+    """Config overrides in the recipe's forms (--config.k=v, --config.k v, bare --config.flag), normalised to
+    --config.k=v where a value is given, minus --config.run_dir, which is returned separately."""
+    overrides, run_dir, tokens = [], None, list(extra)
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("--config."):
             raise LaunchConfigError(f"unrecognised argument {token!r}: config overrides look like --config.key=value")
+        if "=" not in token and tokens and not tokens[0].startswith("--"):
+            token = f"{token}={tokens.pop(0)}"
         if token.startswith(_RUN_DIR_OVERRIDE):
             run_dir = token[len(_RUN_DIR_OVERRIDE) :]
+        elif token == _RUN_DIR_OVERRIDE.rstrip("="):
+            raise LaunchConfigError("--config.run_dir needs a value, e.g. --config.run_dir=runs/exp1 (or --run-dir)")
         else:
             overrides.append(token)
     return overrides, run_dir

@@ -35,7 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--impl", action="append", choices=["naive", "chunked", "pallas"],
                         help="implementation to time (repeatable; default: all three)")
     parser.add_argument("--chunk-size", type=int, action="append",
-                        help="chunk_size to try (repeatable; default: the impl's default)")
+                        help="chunk_size to try: tokens for chunked, vocabulary columns for pallas "
+                             "(repeatable; default: the impl's default)")
     parser.add_argument("--pallas-config", action="append", metavar="BN,BV,BK,GROUP,WARPS,STAGES",
                         help="Pallas tile config to try (repeatable; default: the dtype's default)")
     parser.add_argument("--softcap", type=float, default=None, help="logit soft-cap (Gemma 2 uses 30)")

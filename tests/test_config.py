@@ -93,7 +93,11 @@ def test_last_override_wins_and_config_is_locked(config_file):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--config.optim.learnig_rate=1", "unknown config key 'optim.learnig_rate'; did you mean 'optim.learning_rate'?"),
+        (
+            "--config.optim.learnig_rate=1",
+            "unknown config key 'optim.learnig_rate'; did you mean 'optim.learning_rate'?",
+        ),
+        ("--config.learning_rate=1", "unknown config key 'learning_rate'; did you mean 'optim.learning_rate'?"),
         ("--config.optim.zzz=1", "unknown config key 'optim.zzz'; keys under 'optim': betas, learning_rate, name"),
         ("--config.qqq.x=1", "unknown config key 'qqq.x'; top-level keys: data, eval_every, max_steps"),
         ("--config.seed=abc", "config key 'seed' expects int, got 'abc'"),

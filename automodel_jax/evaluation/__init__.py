@@ -21,6 +21,8 @@ def evaluate(model, tokenizer, task: str, rows, limit: int | None = None, batch_
     """
     if task not in TASKS:
         raise ValueError(f"unknown evaluation task {task!r}; choose one of {TASKS}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} must be >= 1")
     if limit is not None and limit < 1:
         raise ValueError(f"limit {limit} must be a positive number of rows (or None for all)")
     rows = [rows[i] for i in range(len(rows) if limit is None else min(limit, len(rows)))]

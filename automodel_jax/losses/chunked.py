@@ -20,18 +20,22 @@ from automodel_jax.losses.common import logits_loss
 
 def chunked_linear_cross_entropy(hidden, kernel, labels, *, chunk_size: int, ignore_index: int,
                                  logit_softcap: float | None) -> tuple[jax.Array, jax.Array]:
-    """(loss sum float32, token count int32) of hidden [N, H] @ kernel [H, V] against labels [N], chunk_size tokens at a time."""
+    """(loss sum float32, token count int32) of hidden [N, H] @ kernel [H, V] against labels [N].
+
+    At most chunk_size tokens' logits are live at a time (chunks are balanced, so padding stays below one per chunk).
+    """
     return _chunked_loss(chunk_size, ignore_index, logit_softcap)(hidden, kernel, labels)
 
 
 def _split(hidden, labels, chunk_size: int, ignore_index: int):
     """[chunks, T, H] hidden and [chunks, T] labels, padded with ignored rows.
 
-    Chunk c holds rows c, c + chunks, c + 2 * chunks, ...: a batch sharded by rows stays sharded inside every chunk.
+    Chunk c holds rows c, c + chunks, c + 2 * chunks, ...: a batch sharded by rows keeps every chunk spread over all
+    its shards, so the scan does not serialise the devices.
     """
     n, h = hidden.shape
-    rows = min(chunk_size, n)
-    chunks = -(-n // rows)
+    chunks = -(-n // chunk_size)
+    rows = -(-n // chunks)
     pad = rows * chunks - n
     hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
     labels = jnp.pad(labels, (0, pad), constant_values=ignore_index)
@@ -88,9 +92,7 @@ def _chunked_loss(chunk_size: int, ignore_index: int, cap: float | None):
         return (loss_sum, count), (dh, dw)
 
     def bwd(grads, cotangents):
-        cotangent = cotangents[0]
-        if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
-            return None, None, None
+        cotangent = cotangents[0]  # the count is an integer: its cotangent is always a symbolic zero
         dh, dw = grads
         return _scale(dh, cotangent), _scale(dw, cotangent), None
 

@@ -14,7 +14,7 @@ def masked_loss_sum(lse: jax.Array, target: jax.Array, valid: jax.Array) -> tupl
 
 
 def logits_loss(logits: jax.Array, labels: jax.Array, ignore_index: int, cap: float | None):
-    """Capped float32 logits, their per-row logsumexp, and the (loss sum, count) of rows [T, V] of materialised logits."""
+    """For materialised logits [T, V]: the capped float32 logits, their row logsumexp, and (loss sum, count)."""
     capped = softcap(logits.astype(jnp.float32), cap)
     lse = jax.nn.logsumexp(capped, axis=-1)
     valid = labels != ignore_index

@@ -24,11 +24,15 @@ def linear_cross_entropy(hidden, kernel, labels, *, impl: str = "chunked", chunk
                          ) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies of softcap(hidden @ kernel) and the number of tokens it covers.
 
-    hidden [N, H] in the compute dtype (bf16 or f32), kernel [H, V] (the lm_head as [in, out], cast to hidden's dtype;
-    pass embedding.T when tied), labels [N] integers in [0, V) or ignore_index. Returns (float32 loss sum over labels != ignore_index, int32
-    count of those labels). impl: "naive" materialises the [N, V] float32 logits (reference); "chunked" (pure XLA,
-    any backend) holds [chunk_size, V] logits at a time; "pallas" runs the fused GPU kernel (interpreted elsewhere)
-    and holds [N, chunk_size] dlogits in the backward. chunk_size=None takes DEFAULT_CHUNK_SIZE[impl].
+    hidden [N, H] in the compute dtype (bf16 or f32); kernel [H, V] is the lm_head as [in, out] (pass embedding.T when
+    tied), cast to hidden's dtype; labels [N] are integers in [0, V) or ignore_index. Returns (float32 sum of the
+    losses of tokens whose label != ignore_index, int32 count of those tokens).
+
+    impl: "naive" materialises the [N, V] float32 logits (the reference); "chunked" (pure XLA, any backend, the
+    fastest on an H200) holds [chunk_size, V] logits at a time and needs three matmuls for loss and both gradients;
+    "pallas" (fused GPU kernel, interpreted elsewhere) never writes logits, holds [N, chunk_size] dlogits in the
+    backward and so needs the least memory, at the price of a fourth matmul. chunk_size=None takes
+    DEFAULT_CHUNK_SIZE[impl] (tokens for "chunked", vocabulary columns for "pallas"; "naive" ignores it).
     """
     _check_args(hidden, kernel, labels, impl, chunk_size, logit_softcap)
     labels = labels.astype(jnp.int32)

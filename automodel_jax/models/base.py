@@ -1,4 +1,4 @@
-"""What every causal LM family shares: the public call, logits from hidden states, HF export, the model-type registry."""
+"""What every causal LM family shares: the public call, logits from hidden states, HF export, the registry."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,23 +48,38 @@ def remat_policy(name: str):
 
 
 class CausalLM(nnx.Module):
-    """Base of every family: subclasses build `self.model` and define `hidden_states` and `output_kernel`.
+    """Base of every family: subclasses build `self.model` (and `lm_head` unless tied) and define `hidden_states`
+    and `init_cache`.
 
-    `config_class` turns an HF config dict into the family's frozen config dataclass.
+    `config_class` turns an HF config dict into the family's frozen config dataclass (which has
+    `tie_word_embeddings` and `final_logit_softcap`).
     """
     config_class: ClassVar[type]
     hf_source: HFSource = HFSource()
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 right_padded: bool = False, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """Logits [batch, seq, vocab]. `attention_mask` (1 = token, 0 = padding) or `segment_ids` (packing)."""
-        h = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
-                               right_padded=right_padded, dropout_rng=dropout_rng)
-        return self.logits(h)
+                 right_padded: bool = False, dropout_rng: jax.Array | None = None, cache=None):
+        """Logits [batch, seq, vocab]. `attention_mask` (1 = token, 0 = padding) or `segment_ids` (packing).
+
+        With a KV `cache` (from `init_cache`), the tokens are appended to it and (logits, new cache) is returned.
+        """
+        out = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
+                                 right_padded=right_padded, dropout_rng=dropout_rng, cache=cache)
+        if cache is None:
+            return self.logits(out)
+        h, cache = out
+        return self.logits(h), cache
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Final-logit soft-cap c (logits = c * tanh(logits / c); Gemma) for losses that compute logits themselves."""
+        return self.config.final_logit_softcap
 
     def logits(self, h: jax.Array) -> jax.Array:
-        return jnp.dot(h, self.output_kernel().astype(h.dtype))
+        logits = jnp.dot(h, self.output_kernel().astype(h.dtype))
+        cap = self.logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def output_kernel(self) -> jax.Array:
         """The lm_head as [hidden, vocab] (the tied embedding transposed when embeddings are tied)."""
@@ -73,12 +88,16 @@ class CausalLM(nnx.Module):
         return self.lm_head.kernel[...]
 
     @staticmethod
-    def _inputs(input_ids, attention_mask, positions, segment_ids):
-        """HF semantics: positions default to 0..T-1 (not shifted by left padding); the mask becomes segment ids."""
+    def _inputs(input_ids, attention_mask, positions, segment_ids, cache=None):
+        """HF semantics: positions default to 0..T-1 after the cached tokens (not shifted by left padding); the mask
+        becomes segment ids (all ones when a cache needs them and neither is given)."""
         if segment_ids is None and attention_mask is not None:
             segment_ids = attention_mask.astype(jnp.int32)
+        if segment_ids is None and cache is not None:
+            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+            offset = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(offset + jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         return positions, segment_ids
 
     def save_pretrained(self, out_dir, *, overwrite: bool = False, max_shard_size: int | str = "5GB") -> None:

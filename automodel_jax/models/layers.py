@@ -1,4 +1,5 @@
-"""Layers shared by every model family: Linear (with an optional LoRA adapter), Embedding, RMSNorm, rotary embedding.
+"""Layers shared by every model family: Linear (with an optional LoRA adapter), Embedding, RMSNorm, rotary embedding,
+the gated MLP.
 
 Parameter leaf names are the Flax ones (`kernel` [in, out], `bias`, `embedding` [vocab, hidden], `scale`); each layer
 records the logical axis names of its parameters in `axes`, which `automodel_jax.parallel.sharding` maps to mesh axes.
@@ -6,6 +7,7 @@ records the logical axis names of its parameters in `axes`, which `automodel_jax
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -87,6 +89,16 @@ class RMSNorm(nnx.Module):
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
+# HF `hidden_act` names and their JAX functions (gelu_new and gelu_pytorch_tanh are both the tanh approximation).
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
@@ -98,30 +110,52 @@ class RopeConfig:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
     max_position_embeddings: int = 2048
+    partial_rotary_factor: float = 1.0
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "RopeConfig":
+    def from_hf(cls, hf: dict, *, default_theta: float = 10000.0, partial_rotary: bool = False) -> "RopeConfig":
+        """The one rope of a family whose layers all share it: flat `rope_parameters` updated by `rope_scaling`."""
         params = dict(hf.get("rope_parameters") or {})
-        scaling = dict(hf.get("rope_scaling") or {})
-        params.update(scaling)
-        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        params.update(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", default_theta))
+        params.setdefault("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        return cls.parse(params, key=key, max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                         partial_rotary=partial_rotary)
+
+    @classmethod
+    def parse(cls, params: dict, *, key: str, max_position_embeddings: int, partial_rotary: bool = False
+              ) -> "RopeConfig":
+        """One HF rope parameter dict (`key` names where it came from in config.json, for errors)."""
         kind = params.get("rope_type", params.get("type", "default"))
         if kind not in ROPE_TYPES:
-            raise ValueError(f"config.json: rope scaling type {kind!r} is not supported; supported: {ROPE_TYPES}")
-        max_pos = hf.get("max_position_embeddings", 2048)
-        return cls(theta=float(theta), type=kind, factor=float(params.get("factor", 1.0)),
+            raise ValueError(f"config.json: {key}: rope type {kind!r} is not supported; supported: {ROPE_TYPES}")
+        partial = float(params.get("partial_rotary_factor") or 1.0)
+        if partial != 1.0 and not partial_rotary:
+            raise ValueError(f"config.json: partial_rotary_factor {partial} is not supported for this model type "
+                             f"(HF ignores it here too); remove it or set it to 1.0")
+        if kind == "llama3" and not params.get("original_max_position_embeddings"):
+            raise ValueError(f"config.json: {key}: rope type 'llama3' needs original_max_position_embeddings")
+        return cls(theta=float(params.get("rope_theta", 10000.0)), type=kind, factor=float(params.get("factor", 1.0)),
                    low_freq_factor=float(params.get("low_freq_factor", 1.0)),
                    high_freq_factor=float(params.get("high_freq_factor", 4.0)),
                    original_max_position_embeddings=params.get("original_max_position_embeddings"),
-                   max_position_embeddings=max_pos)
+                   max_position_embeddings=max_position_embeddings, partial_rotary_factor=partial)
 
-    def inv_freq(self, head_dim: int, seq_len: int) -> jax.Array:
-        """Inverse frequencies [head_dim/2] as HF computes them for this rope type (float32)."""
-        base = self.theta
-        if self.type == "dynamic" and seq_len > self.max_position_embeddings:
+    def inv_freq(self, head_dim: int, positions: jax.Array) -> jax.Array:
+        """Inverse frequencies [rotary_dim/2] as HF computes them for this rope type (float32).
+
+        `positions` [B, T] matter only to "dynamic", which HF rescales when max(positions) + 1 exceeds
+        max_position_embeddings (traced here, so one compile serves every length).
+        """
+        dim = int(head_dim * self.partial_rotary_factor)
+        exponents = jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32) / dim
+        base = jnp.float32(self.theta)
+        if self.type == "dynamic":
+            seq_len = (jnp.max(positions) + 1).astype(jnp.float32)
             ratio = self.factor * seq_len / self.max_position_embeddings - (self.factor - 1)
-            base = base * ratio ** (head_dim / (head_dim - 2))
-        inv = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim))
+            base = jnp.where(seq_len > self.max_position_embeddings, base * ratio ** (dim / (dim - 2)), base)
+        inv = 1.0 / (base ** exponents)
         if self.type == "linear":
             inv = inv / self.factor
         elif self.type == "llama3":
@@ -138,10 +172,36 @@ class RopeConfig:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """HF's non-interleaved rotary embedding. x [B, T, heads, D], positions [B, T]."""
+    """HF's non-interleaved rotary embedding on the first 2*len(inv_freq) features (partial rotary leaves the rest).
+
+    x [B, T, heads, D], positions [B, T]."""
+    rotary_dim = 2 * inv_freq.shape[0]
+    x, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     freqs = positions[..., None].astype(jnp.float32) * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
+    return jnp.concatenate([x * cos + rotated * sin, rest], axis=-1)
+
+
+class GatedMLP(nnx.Module):
+    """down_proj(act(gate) * up): gate_proj and up_proj, or one fused gate_up_proj [hidden, 2*inter] (Phi-3)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, activation: str, use_bias: bool, fused: bool,
+                 dtype, param_dtype, rngs: nnx.Rngs, init_std: float = 0.02):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=init_std)
+        self.activation, self.fused = activation, fused
+        if fused:
+            self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, axes=("embed", "mlp"), **kw)
+        else:
+            self.gate_proj = Linear(hidden_size, intermediate_size, axes=("embed", "mlp"), **kw)
+            self.up_proj = Linear(hidden_size, intermediate_size, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(intermediate_size, hidden_size, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x, dropout_rng), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x, dropout_rng), self.up_proj(x, dropout_rng)
+        return self.down_proj(ACTIVATIONS[self.activation](gate) * up, dropout_rng)

@@ -57,11 +57,11 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if wandb is not None and wandb.enabled:  # first: the likeliest to fail (not installed, bad mode)
+            self._wandb_run = _start_wandb(wandb, self.run_dir, run_config)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             self._tb = Writer(str(self.run_dir / "tensorboard"))
-        if wandb is not None and wandb.enabled:
-            self._wandb_run = _start_wandb(wandb, self.run_dir, run_config)
 
     def log(self, step: int, metrics: Mapping[str, Any], split: str) -> None:
         """Records ``metrics`` (numbers, including 0-d arrays) of ``split`` ("train", "val", ...) at ``step``."""
@@ -84,35 +84,29 @@ class MetricsLogger:
         """Moves the progress bar to ``step`` (1-based count of done steps) and shows the known metrics."""
         if not self.enabled:
             return
-        if self._bar is None:  # started at the first step shown, so a resumed run gets a true ETA
-            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True)
-        else:
-            self._bar.update(step - self._bar.n)
         shown = {
             label: format(float(metrics[name]), spec) for name, (label, spec) in _BAR_FIELDS.items() if name in metrics
         }
-        self._bar.set_postfix(shown, refresh=True)
+        if self._bar is None:  # started at the first step shown, so a resumed run gets a true ETA
+            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True, postfix=shown)
+        else:
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(step - self._bar.n)
 
     def plot_losses(self) -> Path | None:
         """Writes run_dir/loss.png with one loss curve per split; None when no loss was logged yet."""
         if not self.enabled:
             return None
-        curves: dict[str, tuple[list[int], list[float]]] = {}
-        path = self.run_dir / "metrics.jsonl"
-        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-            row = json.loads(line)
-            if "loss" in row:
-                steps, losses = curves.setdefault(row["split"], ([], []))
-                steps.append(row["step"])
-                losses.append(row["loss"])
+        curves = loss_curves(self.run_dir / "metrics.jsonl")
         if not curves:
             return None
         figure = Figure(figsize=(7, 4), layout="tight")
         FigureCanvasAgg(figure)
         axes = figure.add_subplot()
-        for split, (steps, losses) in curves.items():
-            axes.plot(steps, losses, marker="o" if len(steps) < 30 else None, label=split)
-        axes.set(xlabel="step", ylabel="loss", title="loss")
+        for split, by_step in curves.items():
+            steps = sorted(by_step)
+            axes.plot(steps, [by_step[s] for s in steps], marker="o" if len(steps) < 30 else None, label=split)
+        axes.set(xlabel="step", ylabel="loss", title=self.run_dir.name)
         axes.grid(alpha=0.3)
         axes.legend()
         out = self.run_dir / "loss.png"
@@ -130,6 +124,16 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.finish()
         self._bar = self._jsonl = self._tb = self._wandb_run = None
+
+
+def loss_curves(metrics_file: Path) -> dict[str, dict[int, float]]:
+    """Loss by step for each split in a metrics.jsonl; the latest line wins, so resumed runs stay clean."""
+    curves: dict[str, dict[int, float]] = {}
+    lines = metrics_file.read_text(encoding="utf-8").splitlines() if metrics_file.exists() else []
+    for row in map(json.loads, lines):
+        if "loss" in row:
+            curves.setdefault(row["split"], {})[row["step"]] = row["loss"]
+    return curves
 
 
 def _start_wandb(wandb_cfg: ConfigDict, run_dir: Path, run_config: Mapping[str, Any] | None) -> Any:

@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from automodel_jax.losses.cross_entropy import linear_cross_entropy
 from automodel_jax.models.layers import LoRAParam
 from automodel_jax.models.params import flatten, pure_dict, unflatten
-from automodel_jax.parallel.sharding import DEFAULT_RULES, activation_sharding, param_shardings
+from automodel_jax.parallel.sharding import (DEFAULT_RULES, activation_sharding, param_shardings,
+                                             shardings_like_params, with_sharding_rules)
 
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
 
@@ -50,13 +51,17 @@ def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, right_padd
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: Callable, *, loss_impl: str,
-                    right_padded: bool, chunk_size: int = 4096):
+                    right_padded: bool, chunk_size: int = 4096, grad_shardings=None):
     """step(state, frozen, batch) -> (state, metrics); batch arrays are [accum, micro_batch, seq].
 
     Gradients of the summed loss are accumulated over micro-batches with a scan, then divided by the global token
-    count. A non-finite loss or gradient leaves the state unchanged (the last good state) and sets metrics["finite"]
-    to False so the host can stop with a clear message.
+    count; `grad_shardings` (the trainable parameters' shardings) keeps the accumulators sharded like the parameters
+    (FSDP) instead of leaving the scan carry's layout to the compiler. A non-finite loss or gradient leaves the state
+    unchanged (the last good state) and sets metrics["finite"] to False so the host can stop with a clear message.
     """
+    def like_params(tree):
+        return tree if grad_shardings is None else jax.lax.with_sharding_constraint(tree, grad_shardings)
+
     def step(state, frozen, batch):
         rng, step_rng = jax.random.split(state["rng"])
 
@@ -68,10 +73,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
                                      right_padded=right_padded, dropout_rng=jax.random.fold_in(step_rng, i)),
                 has_aux=True)
             (loss_sum, count), grads = grad_fn(state["params"])
-            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            grads_acc = like_params(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads))
             return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+        zeros = like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"]))
         accum = batch["input_ids"].shape[0]
         (grads, loss_sum, count), _ = jax.lax.scan(
             micro, (zeros, jnp.float32(0), jnp.int32(0)), (batch, jnp.arange(accum)))
@@ -100,22 +105,24 @@ def make_eval_step(graphdef, *, loss_impl: str, right_padded: bool, chunk_size: 
 
 
 def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int, param_shardings_tree):
-    """Fresh train state; optimizer moments get their parameters' shardings (ZeRO-style when params are sharded)."""
-    opt_state = jax.jit(optimizer.init)(params)
+    """Fresh train state on the mesh; optimizer moments get their parameters' shardings (ZeRO-style when params are
+    sharded), created in place by a jitted init with those output shardings."""
     mesh = jax.tree.leaves(param_shardings_tree)[0].mesh
-
-    def like_param(x):
-        return x.sharding if hasattr(x, "sharding") else NamedSharding(mesh, PartitionSpec())
     replicated = NamedSharding(mesh, PartitionSpec())
-    state = dict(step=jnp.int32(0), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(seed))
-    shardings = dict(step=replicated, params=param_shardings_tree,
-                     opt_state=jax.tree.map(like_param, opt_state), rng=replicated)
-    state = jax.device_put(state, shardings)
+    params = jax.device_put(params, param_shardings_tree)
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = shardings_like_params(opt_shapes, flatten(params), flatten(param_shardings_tree), mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    shardings = dict(step=replicated, params=param_shardings_tree, opt_state=opt_shardings, rng=replicated)
+    scalars = jax.jit(lambda: (jnp.int32(0), jax.random.PRNGKey(seed)), out_shardings=(replicated, replicated))()
+    state = dict(step=scalars[0], params=params, opt_state=opt_state, rng=scalars[1])
     return state, shardings
 
 
 def compile_steps(train_step, eval_step, state_shardings, frozen_shardings, mesh, rules=DEFAULT_RULES):
-    """jit with declared shardings: state donated, batch sharded over (batch, seq) by the rule table."""
+    """jit with declared shardings: state donated, batch sharded over (batch, seq) by the rule table; the steps are
+    traced inside `sharding_rules(mesh, rules)` so the model's activation constraints apply."""
+    train_step, eval_step = with_sharding_rules(train_step, mesh, rules), with_sharding_rules(eval_step, mesh, rules)
     batch_3d = {k: activation_sharding(mesh, (None, "batch", "seq"), rules) for k in BATCH_KEYS}
     batch_2d = {k: activation_sharding(mesh, ("batch", "seq"), rules) for k in BATCH_KEYS}
     replicated = NamedSharding(mesh, PartitionSpec())

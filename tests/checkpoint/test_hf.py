@@ -13,13 +13,7 @@ import transformers
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.checkpoint.safetensors_io import CheckpointError
 from conftest import STORIES
-
-
-def _assert_same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+from conftest import assert_same_state as _assert_same_state
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -1,5 +1,6 @@
 """HellaSwag scored as lm-evaluation-harness defines it, checked against a direct torch computation on stories260K."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,15 +11,15 @@ from automodel_jax import AutoModelForCausalLM
 from automodel_jax.evaluation import evaluate, hellaswag
 from automodel_jax.evaluation.loglikelihood import score_requests
 
+ASSETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets"
+STORIES = ASSETS / "models" / "stories260K"
 ROWS = 3
 
 
 @pytest.fixture(scope="module")
-def stories(request):
-    from tests.conftest import STORIES, require_assets
-    require_assets()
-    rows = [json.loads(line) for line in (STORIES.parents[1] / "data" / "hellaswag" / "validation.jsonl")
-            .read_text().splitlines()[:ROWS]]
+def stories():
+    lines = (ASSETS / "data" / "hellaswag" / "validation.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines[:ROWS]]
     return (AutoModelForCausalLM.from_pretrained(STORIES), transformers.AutoTokenizer.from_pretrained(STORIES),
             transformers.AutoModelForCausalLM.from_pretrained(STORIES).eval(), rows)
 
@@ -34,7 +35,7 @@ def _torch_loglikelihood(hf, tokenizer, context: str, continuation: str) -> floa
 
 def test_loglikelihoods_match_torch_and_metrics_follow_them(stories):
     model, tokenizer, hf, rows = stories
-    scored = hellaswag.score(model, tokenizer, rows, batch_size=5)  # 12 requests: 3 batches, the last one padded
+    scored = hellaswag.score(model, tokenizer, rows, batch_size=8)  # 12 requests: 2 batches, the last one padded
     for s in scored:
         expected = [_torch_loglikelihood(hf, tokenizer, s.question.query, " " + c) for c in s.question.choices]
         np.testing.assert_allclose(s.loglikelihoods, expected, atol=1e-4, rtol=0)
@@ -43,7 +44,7 @@ def test_loglikelihoods_match_torch_and_metrics_follow_them(stories):
     acc = np.mean([np.argmax(x) == g for x, g in zip(lls, golds)])
     acc_norm = np.mean([np.argmax(x / np.array([len(c) for c in s.question.choices])) == g
                         for x, g, s in zip(lls, golds, scored)])
-    result = evaluate(model, tokenizer, "hellaswag", rows, limit=ROWS, batch_size=5)
+    result = evaluate(model, tokenizer, "hellaswag", rows, limit=ROWS, batch_size=8)
     assert result == {"task": "hellaswag", "samples": ROWS, "acc": pytest.approx(acc),
                       "acc_norm": pytest.approx(acc_norm)}
 

@@ -30,38 +30,30 @@ def rel_err(actual, expected):
     return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
 
 
-@pytest.mark.parametrize("n, h, v, cap", [(37, 40, 101, None), (48, 32, 96, 2.0)])
-def test_logit_stats_match_xla(n, h, v, cap):
+def test_logit_stats_match_xla():
+    n, h, v = 37, 40, 101  # ragged against every tile dimension
     hidden, kernel, labels = make_inputs(n, h, v)
     labels = labels.at[5].set(-100)  # a label outside the vocabulary has no target logit
-    lse, target = logit_stats(hidden, kernel, labels, cap=cap, config=SMALL, interpret=True)
-    logits = reference_logits(hidden, kernel, cap)
+    # interpret=None: interpreted on a CPU (it must not try Triton there), compiled through Triton on a GPU.
+    lse, target = logit_stats(hidden, kernel, labels, config=SMALL)
+    logits = reference_logits(hidden, kernel, None)
     expected_target = jnp.where(labels >= 0, logits[jnp.arange(n), jnp.maximum(labels, 0)], 0.0)
     assert rel_err(lse, jax.nn.logsumexp(logits, axis=1)) < 1e-6
     assert rel_err(target, expected_target) < 1e-6
 
 
-@pytest.mark.parametrize("cap", [None, 2.0])
-def test_logit_grads_of_a_ragged_vocabulary_slab(cap):
-    n, h, v, start, width = 37, 40, 101, 30, 45
+def test_logit_grads_of_a_ragged_vocabulary_slab():
+    n, h, v, start, width, cap = 37, 40, 101, 30, 45, 2.0
     hidden, kernel, labels = make_inputs(n, h, v, seed=1)
     scale = jnp.where(jnp.arange(n) % 7 == 0, 0.0, 0.5)  # zero-scaled rows contribute nothing
     logits = reference_logits(hidden, kernel, cap)
     lse = jax.nn.logsumexp(logits, axis=1)
     dlogits = logit_grads(hidden, kernel[:, start:start + width], labels - start, lse, scale, cap=cap, config=SMALL,
                           interpret=True)
-    expected = jax.nn.softmax(logits, axis=1) - jax.nn.one_hot(labels, v)
-    if cap is not None:
-        expected = expected * (1 - jnp.square(logits / cap))
+    expected = (jax.nn.softmax(logits, axis=1) - jax.nn.one_hot(labels, v)) * (1 - jnp.square(logits / cap))
     expected = (expected * scale[:, None])[:, start:start + width]
     assert dlogits.shape == (n, width) and dlogits.dtype == hidden.dtype
     assert rel_err(dlogits, expected) < 1e-6
-
-
-def test_interpret_is_chosen_off_gpu():
-    hidden, kernel, labels = make_inputs(16, 16, 32)
-    lse, _ = logit_stats(hidden, kernel, labels, config=SMALL)  # interpret=None: must not try Triton on a CPU
-    assert np.isfinite(np.asarray(lse)).all()
 
 
 @pytest.mark.parametrize("field, value", [("block_n", 48), ("block_v", 8), ("block_k", "64"), ("num_warps", 0),

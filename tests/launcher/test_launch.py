@@ -45,6 +45,13 @@ def test_dry_run_cpu_job_with_module_override(tmp_path, capsys):
     assert f"{sys.executable} -m tests.launcher.psum_program --config {REPO / CONFIG}" in script
 
 
+def test_override_forms_are_normalised(tmp_path, capsys):
+    extra = ["--config.optim.lr", "0.01", "--config.peft.enabled", "--config.data.seq_len=64", "--dry-run"]
+    assert main(cli(tmp_path, *extra)) == 0
+    assert (f"--config.run_dir={tmp_path / 'run'} --config.optim.lr=0.01 --config.peft.enabled "
+            "--config.data.seq_len=64\n") in capsys.readouterr().out
+
+
 def test_run_dir_from_config_override(tmp_path, capsys):
     extra = ["--config", str(REPO / CONFIG), "--nodes", "1", "--gpus-per-node", "0"]
     assert main(["slurm", *extra, f"--config.run_dir={tmp_path}/a", "--dry-run"]) == 0
@@ -65,7 +72,8 @@ def test_default_run_dir_is_under_runs(tmp_path, capsys, monkeypatch):
     [
         (["--tasks-per-node", "0"], "error: --tasks-per-node 0: need at least 1 task per node"),
         (["--lr", "3"], "error: unrecognised argument '--lr': config overrides look like --config.key=value"),
-        (["--config.lr"], "error: unrecognised argument '--config.lr'"),
+        (["stray"], "error: unrecognised argument 'stray'"),
+        (["--config.run_dir"], "error: --config.run_dir needs a value"),
         (["--config.run_dir=/elsewhere"], "differ: give one of them"),
         (["--program", "no_such_program.py"], "error: --program no_such_program.py: file not found"),
     ],

@@ -76,8 +76,8 @@ def test_bf16_compute_with_fp32_params(hf_llama_factory):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-    (dict(rope_scaling=dict(rope_type="su", factor=2.0)), "rope scaling type 'su' is not supported"),
+    (dict(hidden_act="xielu"), "hidden_act 'xielu' is not supported"),
+    (dict(rope_scaling=dict(rope_type="su", factor=2.0)), "rope_scaling: rope type 'su' is not supported"),
     (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
 ])
 def test_unsupported_config_values_are_clear_errors(bad, message):

@@ -1,15 +1,17 @@
 import json
 import sys
+import time
 
 import jax.numpy as jnp
+import matplotlib.colors
 import matplotlib.image
+import numpy as np
 import pytest
-from ml_collections import ConfigDict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
 from automodel_jax.config import ConfigError
-from automodel_jax.training.metrics import MetricsLogger, wandb_defaults
+from automodel_jax.training.metrics import MetricsLogger, loss_curves, wandb_defaults
 
 TRAIN = [(1, {"loss": 2.5, "learning_rate": 1e-4, "grad_norm": 1.5}), (2, {"loss": 2.0, "learning_rate": 2e-4})]
 VAL = [(2, {"loss": 2.25})]
@@ -72,8 +74,19 @@ def test_plot_losses_draws_train_and_val(tmp_path):
     path = logger.plot_losses()
     logger.close()
     assert path == tmp_path / "loss.png"
-    image = matplotlib.image.imread(path)
-    assert image.shape[0] > 200 and image.shape[1] > 400
+    rgb = matplotlib.image.imread(path)[..., :3]
+    for color in ("C0", "C1"):  # the train and the val line, in matplotlib's first two colors
+        near = np.abs(rgb - matplotlib.colors.to_rgb(color)).max(axis=-1) < 0.05
+        assert near.sum() > 100, f"no {color} curve in loss.png"
+
+
+def test_loss_curves_read_back_per_split_and_latest_wins(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=None, total_steps=2)
+    log_all(logger)
+    logger.log(1, {"grad_norm": 1.0}, "train")  # a line without a loss is not a point
+    logger.log(2, {"loss": 1.75}, "train")  # a resumed run logs step 2 again
+    logger.close()
+    assert loss_curves(tmp_path / "metrics.jsonl") == {"train": {1: 2.5, 2: 1.75}, "val": {2: 2.25}}
 
 
 def test_disabled_logger_writes_nothing(tmp_path, capsys):
@@ -122,12 +135,25 @@ def read_wandb_records(run_file):
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # still being written
+            break
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             records.append(wandb_internal_pb2.Record.FromString(pending))
             pending = b""
     return records
+
+
+def wait_for_finished_run(run_file, timeout_s=30.0):
+    """The run's records once its exit record is on disk: W&B's core process writes the file
+    asynchronously, and ``finish()`` can return a few milliseconds before it is flushed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_wandb_records(run_file)
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
 
 
 def history_rows(records):
@@ -139,25 +165,17 @@ def history_rows(records):
 
 
 def test_wandb_offline_run_holds_the_logged_values(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = MetricsLogger(
         tmp_path, enabled=True, tensorboard=False, wandb=enabled_wandb(), total_steps=2,
-        run_config=ConfigDict(dict(seed=3)).to_dict(),
+        run_config={"seed": 3},
     )
     log_all(logger)
     logger.close()
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    import time
-    t = time.time()
-    while time.time() - t < 30:
-        records = read_wandb_records(run_file)
-        if records and records[-1].WhichOneof("record_type") == "exit":
-            break
-        time.sleep(0.05)
-    open("/tmp/waited.txt", "a").write(f"{time.time() - t}\n")
+    records = wait_for_finished_run(run_file)
     rows = history_rows(records)
     assert [(row["_step"], row["train/loss"]) for row in rows] == [(1, 2.5), (2, 2.0)]
     assert rows[1]["val/loss"] == 2.25 and rows[0]["train/grad_norm"] == 1.5

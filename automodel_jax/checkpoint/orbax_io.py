@@ -1,0 +1,289 @@
+"""Orbax checkpoints of a run: asynchronous saves, keep the last K (and the best by validation loss), exact resume.
+
+A checkpoint is a step directory RUN_DIR/checkpoints/STEP holding the items
+  params  the trainable pytree (the LoRA adapters, or every parameter for full fine-tuning),
+  train   the rest of the train state: step, optimizer state, rng,
+  data    the data loader's position (JSON),
+  config  the run's resolved config (JSON),
+  meta    what the parameters belong to (JSON): the base model's HF config and tensor dtypes, its path, the LoRA
+          settings. Checked on restore, so a checkpoint of another model or LoRA shape fails with a clear message.
+The frozen base weights are never saved (they come from the HF checkpoint). Orbax writes STEP.orbax-checkpoint-tmp and
+renames it when complete, so an interrupted save is never taken for a step (and is deleted on the next start).
+Parameter checkpoints (converters/hf_to_orbax.py) hold only params and meta.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+from ml_collections import config_dict
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from automodel_jax import embedded
+from automodel_jax.checkpoint.hf import commit_output_dir, prepare_output_dir
+from automodel_jax.checkpoint.safetensors_io import CheckpointError
+from automodel_jax.config import ConfigError
+from automodel_jax.models.base import HFSource
+from automodel_jax.peft.lora import adapters, apply_lora, lora_settings
+from automodel_jax.training.step import split_model, tree_shardings
+
+log = logging.getLogger("automodel_jax.checkpoint")
+
+CHECKPOINT_DIR = "checkpoints"
+TREE_ITEMS, JSON_ITEMS = ("params", "train"), ("data", "config", "meta")
+FORMAT_VERSION = 1
+# HF config keys that name or describe a checkpoint file rather than the model's shape and maths.
+NON_IDENTITY_KEYS = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
+                               "architectures"})
+
+
+def checkpoint_defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        enabled=True,
+        every_steps=100,  # save every N steps (0 = only at the end); saves are asynchronous
+        keep=2,  # keep the last K checkpoints ...
+        keep_best=0,  # ... plus the best N by validation loss (checkpoints saved at validation steps)
+        async_save=True,
+        restore_from=config_dict.placeholder(str),  # a checkpoint to start a fresh run_dir from
+    ))
+
+
+def _manager(directory: Path, *, keep: int | None = None, keep_best: int = 0, async_save: bool = False,
+             create: bool = True) -> ocp.CheckpointManager:
+    policies = [preservation_policy.LatestN(keep)]
+    if keep_best:
+        policies.append(preservation_policy.BestN(get_metric_fn=lambda metrics: metrics["val_loss"], reverse=True,
+                                                  n=keep_best, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        create=create, enable_async_checkpointing=async_save, cleanup_tmp_directories=create,
+        preservation_policy=preservation_policy.AnyPreservationPolicy(policies))
+    handlers = {name: ocp.StandardCheckpointHandler() for name in TREE_ITEMS}
+    handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+
+
+def _steps(root: Path) -> list[int]:
+    """The complete steps under `root` (Orbax's view: interrupted saves are not steps)."""
+    if not root.is_dir():
+        return []
+    manager = _manager(root, create=False)
+    try:
+        return list(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def locate(path) -> tuple[Path, int]:
+    """(checkpoints root, step) for a step directory, RUN_DIR/STEP, a checkpoints directory or a run directory (its
+    latest complete step)."""
+    given = Path(path).expanduser().absolute()
+    if not given.exists() and given.name.isdigit() and (given.parent / CHECKPOINT_DIR / given.name).is_dir():
+        given = given.parent / CHECKPOINT_DIR / given.name
+    if not given.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a run directory, its {CHECKPOINT_DIR}/ "
+                                f"directory or a step directory such as RUN_DIR/{CHECKPOINT_DIR}/100")
+    if given.name.isdigit():
+        if int(given.name) not in _steps(given.parent):
+            raise CheckpointError(f"{given} is not a complete checkpoint (an interrupted save?); pass a complete "
+                                  f"step directory or the run directory to take its latest")
+        return given.parent, int(given.name)
+    for root in (given / CHECKPOINT_DIR, given):
+        steps = _steps(root)
+        if steps:
+            return root, max(steps)
+    raise FileNotFoundError(f"{path} holds no complete checkpoint (no step directories under it or under "
+                            f"{CHECKPOINT_DIR}/); pass the run directory of a run that saved checkpoints")
+
+
+def model_meta(model: nnx.Module, model_path: str, kind: str = "train") -> dict:
+    """The meta item: what the checkpoint's parameters belong to and how they were adapted."""
+    source = model.hf_source
+    peft = {"method": "lora", **lora_settings(model)} if adapters(model) else {"method": "none"}
+    param_dtype = jnp.dtype(jax.tree.leaves(split_model(model, bool(adapters(model)))[1])[0].dtype).name
+    return dict(format=FORMAT_VERSION, kind=kind, model_path=model_path, hf_config=json.loads(source.config_json),
+                hf_dtypes=dict(source.dtypes), param_dtype=param_dtype, peft=peft)
+
+
+def _differences(saved: dict, current: dict):
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            yield key, saved.get(key), current.get(key)
+
+
+def check_compatible(saved: dict, current: dict, where) -> None:
+    """CheckpointError naming the first difference between a checkpoint's meta and the model it is restored into."""
+    if saved.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {where} has format {saved.get('format')}, this version reads "
+                              f"{FORMAT_VERSION}; export it with the version that wrote it")
+    ignore = lambda config: {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}  # noqa: E731
+    for key, was, now in _differences(ignore(saved["hf_config"]), ignore(current["hf_config"])):
+        raise CheckpointError(f"checkpoint {where} was trained on a model with {key}={was!r}, but the model at "
+                              f"{current['model_path']} has {key}={now!r}; use the checkpoint's base model "
+                              f"({saved['model_path']}) or a fresh run_dir")
+    was, now = saved["peft"], current["peft"]
+    if was["method"] != now["method"]:
+        raise CheckpointError(f"checkpoint {where} was trained with peft.method={was['method']!r} but the config "
+                              f"says peft.method={now['method']!r}")
+    for key, name in (("r", "r"), ("alpha", "alpha"), ("targets", "target_modules")):
+        if key in was and was[key] != now[key]:
+            shown = (lambda v: f"{len(v)} modules ({', '.join(v[:2])}, ...)") if key == "targets" else repr
+            raise CheckpointError(f"checkpoint {where} was trained with LoRA {key}={shown(was[key])} but the config "
+                                  f"says {key}={shown(now[key])} (peft.{name}); use the checkpoint's settings or a "
+                                  f"fresh run_dir")
+
+
+def _read_json(manager: ocp.CheckpointManager, step: int, names) -> dict:
+    return dict(manager.restore(step, args=ocp.args.Composite(**{n: ocp.args.JsonRestore() for n in names})))
+
+
+def _abstract(tree, shardings):
+    """Restore targets: shape, dtype and the sharding each array must land on (any mesh, any device count)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class TrainCheckpoints:
+    """The run's checkpoints: finds the one to resume when built (and checks that it fits the model, before anything
+    is compiled), restores it into the train state and the loader, saves every N steps and at the end.
+
+    Resumes the run_dir's latest complete checkpoint, else checkpoint.restore_from; restore_from only seeds a run_dir
+    without checkpoints of its own, so rerunning the same command continues where the run stopped.
+    """
+
+    def __init__(self, cfg, model: nnx.Module, total_steps: int):
+        ck = cfg.checkpoint
+        for key, low in (("every_steps", 0), ("keep", 1), ("keep_best", 0)):
+            if ck[key] < low:
+                raise ConfigError(f"checkpoint.{key} must be >= {low}, got {ck[key]}")
+        self.every, self.total_steps, self.config = ck.every_steps, total_steps, cfg.to_dict()
+        self.directory = Path(cfg.run_dir).absolute() / CHECKPOINT_DIR
+        self.meta = model_meta(model, cfg.model.path)
+        self.manager = _manager(self.directory, keep=ck.keep, keep_best=ck.keep_best,
+                                async_save=ck.async_save) if ck.enabled else None
+        self._pending = None
+        self.source = None  # (manager, step) to restore
+        own = self.manager.latest_step() if self.manager else None
+        if own is not None:
+            self.source = (self.manager, own)
+            if ck.restore_from:
+                log.info("%s has checkpoints of its own: resuming step %d, not checkpoint.restore_from", self.directory,
+                         own)
+        elif ck.restore_from:
+            root, step = locate(ck.restore_from)
+            self.source = (_manager(root, create=False), step)
+        if self.source is not None:
+            manager, step = self.source
+            meta = _read_json(manager, step, ["meta"])["meta"]
+            where = Path(manager.directory) / str(step)
+            check_compatible(meta, self.meta, where)
+            if meta.get("kind") != "train":
+                raise CheckpointError(f"checkpoint {where} holds parameters only (no optimizer or data state); "
+                                      f"it cannot resume training")
+
+    def restore(self, state: dict, shardings: dict, loader) -> dict:
+        """The state (and loader position) of the checkpoint found at construction, else `state` unchanged."""
+        if self.source is None:
+            return state
+        manager, step = self.source
+        rest = lambda tree: {k: v for k, v in tree.items() if k != "params"}  # noqa: E731
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(state["params"], shardings["params"])),
+            train=ocp.args.StandardRestore(_abstract(rest(state), rest(shardings))),
+            data=ocp.args.JsonRestore()))
+        loader.set_state(restored["data"])
+        log.info("resumed from checkpoint %s (step %d)", Path(manager.directory) / str(step), step)
+        return {**restored["train"], "params": restored["params"]}
+
+    def save(self, step: int, state: dict, loader, val_loss: float | None = None, *, final: bool = False) -> None:
+        """Start an asynchronous save at every checkpoint.every_steps-th step (the last step only with final=True)."""
+        if self.manager is None or (not final and (not self.every or step % self.every or step >= self.total_steps)):
+            return
+        self.wait()
+        if step in self.manager.all_steps():  # the final save of a run that had already finished
+            return
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            train=ocp.args.StandardSave({k: v for k, v in state.items() if k != "params"}),
+            data=ocp.args.JsonSave(loader.get_state()), config=ocp.args.JsonSave(self.config),
+            meta=ocp.args.JsonSave(self.meta))
+        self._pending = step
+        with self._errors():
+            self.manager.save(step, args=args, metrics=None if val_loss is None else {"val_loss": float(val_loss)})
+
+    def wait(self) -> None:
+        """Block until the save in flight is complete (its failure is raised here)."""
+        if self.manager is not None and self._pending is not None:
+            with self._errors():
+                self.manager.wait_until_finished()
+            self._pending = None
+
+    def close(self) -> None:
+        self.wait()
+        if self.manager is not None:
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _errors(self):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types; one clear line for all
+            raise CheckpointError(
+                f"saving checkpoint step {self._pending} under {self.directory} failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); earlier checkpoints are intact (steps "
+                f"{_steps(self.directory)}); check free disk space and write permission"
+            ) from e
+
+
+def save_params_checkpoint(model: nnx.Module, out_dir, *, model_path: str, overwrite: bool = False) -> Path:
+    """Write the model's parameters as an Orbax checkpoint (step 0, items params and meta), atomically: into a
+    temporary sibling renamed when complete; a non-empty out_dir is refused unless overwrite. One process."""
+    tmp = prepare_output_dir(out_dir, overwrite)
+    try:
+        params = split_model(model, bool(adapters(model)))[1]
+        manager = _manager(tmp)
+        manager.save(0, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            meta=ocp.args.JsonSave(model_meta(model, model_path, kind="params"))))
+        manager.close()
+        commit_output_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out_dir)
+
+
+def load_checkpoint_model(checkpoint, *, mesh=None) -> tuple[nnx.Module, dict]:
+    """(model, meta item) of a checkpoint, on `mesh` (one device if None): the base from its model path with the
+    saved adapters (LoRA), or the saved parameters in a model built from the saved HF config (full)."""
+    from automodel_jax.models import AutoModelForCausalLM
+    from automodel_jax.parallel.sharding import make_mesh
+    root, step = locate(checkpoint)
+    manager, where, mesh = _manager(root, create=False), root / str(step), mesh or make_mesh()
+    meta = _read_json(manager, step, ["meta"])["meta"]
+    base = embedded.resolve(meta["model_path"])
+    lora = meta["peft"]["method"] == "lora"
+    if lora:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=meta["param_dtype"], mesh=mesh)
+        check_compatible(meta, {**model_meta(model, base), "peft": meta["peft"]}, where)
+        peft = meta["peft"]
+        apply_lora(model, r=peft["r"], alpha=peft["alpha"], dropout=peft["dropout"], target_modules=peft["targets"])
+    else:
+        model = nnx.eval_shape(lambda: AutoModelForCausalLM.from_config(meta["hf_config"], dtype=meta["param_dtype"]))
+    graphdef, params, frozen = split_model(model, lora)
+    target = _abstract(params, tree_shardings(model, params, mesh))
+    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    manager.close()
+    model = nnx.merge(graphdef, restored, frozen)
+    if not lora:
+        if not Path(base).is_dir():
+            log.warning("base model directory %s is gone: the export gets no tokenizer or generation config", base)
+        model.hf_source = HFSource(base if Path(base).is_dir() else None, json.dumps(meta["hf_config"]),
+                                   tuple(sorted(meta["hf_dtypes"].items())))
+    return model, meta

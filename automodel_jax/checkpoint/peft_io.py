@@ -1,0 +1,132 @@
+"""LoRA adapters in Hugging Face PEFT's format, the one `peft.PeftModel.from_pretrained(base, dir)` reads.
+
+adapter_model.safetensors holds `base_model.model.<module path>.lora_A.weight` [r, in] and `...lora_B.weight`
+[out, r] (torch layout: our lora_a [in, r] and lora_b [r, out] transposed); adapter_config.json holds r, lora_alpha
+and the targets as full module paths, so PEFT adapts exactly the layers we did.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from automodel_jax.checkpoint.hf import TOKENIZER_FILES, _host_array, commit_output_dir, prepare_output_dir
+from automodel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_file
+from automodel_jax.models.layers import LoRAParam
+from automodel_jax.peft.lora import adapters, apply_lora, linear_modules, lora_settings
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.default)?\.weight")
+# PEFT options that change the adapter's maths beyond plain LoRA, with the value that keeps it plain.
+PLAIN_LORA = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
+
+
+def peft_key(module: str, factor: str) -> str:
+    return f"base_model.model.{module}.lora_{factor}.weight"
+
+
+def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, *, overwrite: bool = False) -> Path:
+    """Write the model's LoRA adapters as a PEFT adapter directory (with the base model's tokenizer files).
+
+    Atomic (a temporary sibling renamed when complete); a non-empty out_dir is refused unless overwrite. Every
+    process must call it (adapters are gathered); process 0 writes.
+    """
+    adapted = adapters(model)
+    if not adapted:
+        raise ValueError("the model has no LoRA adapters; export the full model with save_pretrained instead")
+    settings = lora_settings(model)
+    primary = jax.process_index() == 0
+    host = {peft_key(m, "A"): _host_array(a).T for m, (a, _) in adapted.items()}
+    host.update({peft_key(m, "B"): _host_array(b).T for m, (_, b) in adapted.items()})
+    if not primary:
+        return Path(out_dir)
+    tmp = prepare_output_dir(out_dir, overwrite)
+    try:
+        names = sorted(host)
+        write_file(tmp / WEIGHTS_FILE, [(n, host[n].shape, host[n].dtype) for n in names], host.__getitem__)
+        config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base_model_name_or_path),
+                      r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                      target_modules=settings["targets"], bias="none", use_dora=False, use_rslora=False,
+                      fan_in_fan_out=False, modules_to_save=None, inference_mode=True, init_lora_weights=True)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        source = Path(model.hf_source.directory) if model.hf_source.directory else None
+        for name in TOKENIZER_FILES:
+            if source is not None and (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+        commit_output_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out_dir)
+
+
+def _read_factors(weights: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{module path: {"A": [r, in], "B": [out, r]}} of a PEFT weights file."""
+    file, factors = SafetensorsFile(weights), {}
+    for key in file.keys():
+        match = PEFT_KEY.fullmatch(key)
+        if match is None:
+            raise CheckpointError(f"{weights}: tensor {key} is not a LoRA weight (base_model.model.<module>.lora_A"
+                                  f".weight or .lora_B.weight); only plain LoRA adapters can be loaded")
+        factors.setdefault(match["module"], {})[match["factor"]] = np.asarray(file.get(key))
+    return factors
+
+
+def load_peft_adapter(model: nnx.Module, adapter_dir) -> list[str]:
+    """Attach the PEFT LoRA adapter in `adapter_dir` to the model's Linear layers (in place); returns their paths.
+
+    lora_a = A.T, lora_b = B.T, scale lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), dropout lora_dropout.
+    """
+    directory = Path(adapter_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: missing {name}; a PEFT adapter directory has {CONFIG_FILE} and "
+                                    f"{WEIGHTS_FILE} (save it with safe_serialization)")
+    config_path = directory / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: invalid JSON ({e})")
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported; only LORA is")
+    for key, plain in PLAIN_LORA.items():
+        if config.get(key, plain) not in (plain, None):
+            raise CheckpointError(f"{config_path}: {key}={config[key]!r} is not supported; only plain LoRA "
+                                  f"({key}={plain!r}) can be loaded")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        if config.get(key):
+            raise CheckpointError(f"{config_path}: {key} is not supported; only adapters with one r and alpha "
+                                  f"for every module and no fully trained modules can be loaded")
+    if adapters(model):
+        raise ValueError("the model already has LoRA adapters; load the PEFT adapter into a model without them")
+    weights = directory / WEIGHTS_FILE
+    factors = _read_factors(weights)
+    if not factors:
+        raise CheckpointError(f"{weights}: holds no LoRA weights")
+    linears, r = linear_modules(model), int(config["r"])
+    for module, pair in sorted(factors.items()):
+        if module not in linears:
+            raise CheckpointError(f"{weights}: module {module} is not a Linear layer of this "
+                                  f"{type(model).__name__}; was the adapter trained for another model?")
+        layer = linears[module]
+        if set(pair) != {"A", "B"}:
+            raise CheckpointError(f"{weights}: module {module} lacks lora_{({'A', 'B'} - set(pair)).pop()}")
+        if pair["A"].shape != (r, layer.in_features) or pair["B"].shape != (layer.out_features, r):
+            raise CheckpointError(f"{weights}: module {module} has lora_A {list(pair['A'].shape)} and lora_B "
+                                  f"{list(pair['B'].shape)}; r={r} and the layer need [{r}, {layer.in_features}] "
+                                  f"and [{layer.out_features}, {r}]")
+    targets = apply_lora(model, r=r, alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
+                         target_modules=sorted(factors))
+    for module in targets:
+        layer = linears[module]
+        layer.lora_a = LoRAParam(jnp.asarray(factors[module]["A"].T, layer.lora_a[...].dtype))
+        layer.lora_b = LoRAParam(jnp.asarray(factors[module]["B"].T, layer.lora_b[...].dtype))
+        if config.get("use_rslora"):
+            layer.lora_scale = float(config["lora_alpha"]) / r ** 0.5
+    return targets

@@ -1,0 +1,96 @@
+"""Export a trained checkpoint for Hugging Face users:
+`python -m automodel_jax.export --checkpoint RUN_DIR[/STEP] --out DIR [--merge-lora] [--overwrite]`.
+
+A LoRA run exports a PEFT adapter directory (for `peft.PeftModel.from_pretrained`), or with --merge-lora the base model
+with the adapters folded in; a full fine-tuning run exports the whole model. Full models are HF checkpoints (sharded
+safetensors, index, config, generation config, tokenizer files) for `transformers.AutoModelForCausalLM`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import ml_collections
+from flax import nnx
+from ml_collections import config_dict
+
+from automodel_jax import embedded
+from automodel_jax.checkpoint.hf import save_pretrained
+from automodel_jax.checkpoint.orbax_io import load_checkpoint_model
+from automodel_jax.checkpoint.peft_io import save_peft_adapter
+from automodel_jax.config import validate_choice
+from automodel_jax.models.params import flatten, pure_dict
+from automodel_jax.peft.lora import adapters, merged_kernels
+
+log = logging.getLogger("automodel_jax.export")
+
+
+def export_defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        when="final",  # "final": export when training ends; "never"
+        merge_lora=False,  # LoRA: a merged full model instead of a PEFT adapter
+        dir=config_dict.placeholder(str),  # default run_dir/export
+        overwrite=False,
+    ))
+
+
+def export_dir(cfg) -> Path | None:
+    """Where the recipe exports (None: it does not); a non-empty directory is refused now, before training, unless
+    export.overwrite."""
+    if validate_choice(cfg, "export.when", ("final", "never")) == "never":
+        return None
+    out = Path(cfg.export.dir or Path(cfg.run_dir) / "export")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.export.overwrite:
+        raise FileExistsError(f"export directory {out} is not empty; set export.dir to another directory, "
+                              f"export.overwrite=true to replace it, or export.when=never")
+    return out
+
+
+def export_model(model: nnx.Module, out_dir, *, base_model_name_or_path: str, merge_lora: bool = False,
+                 overwrite: bool = False, max_shard_size: int | str = "5GB") -> Path:
+    """A PEFT adapter (LoRA, unmerged) or an HF checkpoint (full model, or LoRA merged into the base)."""
+    if adapters(model) and not merge_lora:
+        return save_peft_adapter(model, out_dir, base_model_name_or_path, overwrite=overwrite)
+    params = flatten(pure_dict(model, nnx.Param))
+    params.update(merged_kernels(model))
+    save_pretrained(model, out_dir, overwrite=overwrite, max_shard_size=max_shard_size, params=params)
+    return Path(out_dir)
+
+
+def export_checkpoint(checkpoint, out_dir, *, merge_lora: bool = False, overwrite: bool = False,
+                      max_shard_size: int | str = "5GB", mesh=None) -> Path:
+    """Export an Orbax checkpoint (a run directory's latest, or a step directory) as `export_model` does."""
+    model, meta = load_checkpoint_model(checkpoint, mesh=mesh)
+    return export_model(model, out_dir, base_model_name_or_path=embedded.resolve(meta["model_path"]),
+                        merge_lora=merge_lora, overwrite=overwrite, max_shard_size=max_shard_size)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m automodel_jax.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory (its latest checkpoint), RUN_DIR/STEP or a checkpoint step directory")
+    parser.add_argument("--out", required=True, help="output directory (must be empty unless --overwrite)")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="LoRA: write the base model with the adapters merged instead of a PEFT adapter")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file of a full model (5GB)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite,
+                                max_shard_size=args.max_shard_size)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The decoder-only transformer every family is an instance of, with HF-identical module names.
+
+A family is a `DecoderConfig` subclass whose `from_hf` reads its HF config.json (validating every value it cannot
+honour), plus a registered `DecoderLM` subclass. `model.layers.3.self_attn.q_proj.kernel` here is HF's
+`model.layers.3.self_attn.q_proj.weight` (transposed).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from automodel_jax.models.attention import DecoderAttention
+from automodel_jax.models.base import CausalLM, remat_policy
+from automodel_jax.models.kvcache import KVCache, LayerCache
+from automodel_jax.models.layers import ACTIVATIONS, Embedding, GatedMLP, Linear, RMSNorm, RopeConfig
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+LAYER_TYPES = (FULL, SLIDING)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture of a decoder LM; the defaults are Llama's. Families set the knobs their HF modeling code has."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    local_rope: RopeConfig | None = None  # rope of sliding-window layers where it differs (Gemma 3)
+    layer_types: tuple[str, ...] = ()  # FULL / SLIDING per layer; () = every layer FULL
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k before rope (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # 1.0: Gemma's RMSNorm scales by (1 + weight)
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = False  # Gemma: norms after attention and MLP too (pre/post_feedforward_layernorm)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (default head_dim ** -0.5)
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    fused_qkv: bool = False  # Phi-3: one qkv_proj
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj
+    initializer_range: float = 0.02
+    remat: str = "none"
+    attention_impl: str = "auto"
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i] if self.layer_types else FULL
+
+
+def hf_base_fields(hf: dict, model_type: str, *, act_key: str = "hidden_act", default_act: str = "silu",
+                   tie_default: bool = False, rope: RopeConfig | None = None) -> dict:
+    """The DecoderConfig fields every family reads alike from HF config.json, validated with one-line errors."""
+    act = hf.get(act_key) or default_act
+    if act not in ACTIVATIONS:
+        raise ValueError(f"config.json: {act_key} {act!r} is not supported for {model_type}; supported: "
+                         f"{tuple(ACTIVATIONS)}")
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ValueError(f"config.json: num_attention_heads {heads} is not a multiple of "
+                         f"num_key_value_heads {kv_heads}")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"config.json: use_bidirectional_attention is not supported for {model_type} (causal LMs "
+                         f"only); set it to false")
+    return dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope=rope or RopeConfig.from_hf(hf), hidden_act=act,
+                tie_word_embeddings=hf.get("tie_word_embeddings", tie_default),
+                initializer_range=hf.get("initializer_range", 0.02))
+
+
+def hf_layer_types(hf: dict, default: list[str], sliding_window: int | None) -> tuple[str, ...]:
+    """config.json's `layer_types` (or the family's default pattern), checked against the sliding window."""
+    types = hf.get("layer_types") or default
+    if len(types) != hf["num_hidden_layers"]:
+        raise ValueError(f"config.json: layer_types has {len(types)} entries but num_hidden_layers is "
+                         f"{hf['num_hidden_layers']}")
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"config.json: layer_types entry {unknown[0]!r} is not supported; supported: {LAYER_TYPES}")
+    if SLIDING in types and not sliding_window:
+        raise ValueError("config.json: layer_types has sliding_attention layers but sliding_window is not set")
+    return tuple(types)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, layer_type: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, offset=cfg.norm_offset)
+        self.self_attn = DecoderAttention(cfg, sliding=layer_type == SLIDING, dtype=dtype, param_dtype=param_dtype,
+                                          rngs=rngs)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act, use_bias=cfg.mlp_bias,
+                            fused=cfg.fused_gate_up, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                            init_std=cfg.initializer_range)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.sandwich_norms = cfg.sandwich_norms
+        if self.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
+
+    def __call__(self, x, positions, segment_ids, right_padded=False, dropout_rng=None,
+                 cache: LayerCache | None = None):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, right_padded, dropout_rng, cache)
+        if self.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention output
+            x = x + self.post_attention_layernorm(h)
+            h = self.mlp(self.pre_feedforward_layernorm(x), dropout_rng)
+            return x + self.post_feedforward_layernorm(h), cache
+        x = x + h  # Llama: post_attention_layernorm is the pre-MLP norm
+        return x + self.mlp(self.post_attention_layernorm(x), dropout_rng), cache
+
+
+class DecoderModel(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      rngs=rngs, init_std=cfg.initializer_range)
+        self.layers = nnx.List([DecoderLayer(cfg, cfg.layer_type(i), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                            offset=cfg.norm_offset)
+
+    def __call__(self, input_ids, positions, segment_ids, right_padded=False, dropout_rng=None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        x = self.embed_tokens(input_ids)
+        if self.cfg.scale_embeddings:  # in the compute dtype, as HF multiplies in the embedding's dtype
+            x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
+        if cache is not None:
+            layer_caches = []
+            for layer, layer_cache in zip(self.layers, cache.for_tokens(segment_ids, positions)):
+                x, layer_cache = layer(x, positions, segment_ids, cache=layer_cache)
+                layer_caches.append(layer_cache)
+            return self.norm(x), KVCache.from_layers(layer_caches, input_ids.shape[1])
+
+        def run_layer(layer, x, positions, segment_ids, dropout_rng):
+            return layer(x, positions, segment_ids, right_padded, dropout_rng)[0]
+
+        if self.cfg.remat != "none":
+            run_layer = nnx.remat(run_layer, policy=remat_policy(self.cfg.remat))
+        for layer in self.layers:
+            x = run_layer(layer, x, positions, segment_ids, dropout_rng)
+        return self.norm(x), None
+
+
+class DecoderLM(CausalLM):
+    """A decoder family's CausalLM: `model` (embed_tokens, layers, norm) and `lm_head` unless embeddings are tied."""
+    config_class = DecoderConfig
+
+    def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.model = DecoderModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False, axes=("embed", "vocab"),
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=config.initializer_range)
+
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
+                      right_padded=False, dropout_rng=None, cache: KVCache | None = None):
+        """Final hidden states [B, T, hidden]; with `cache`, (hidden states, cache with these tokens appended)."""
+        positions, segment_ids = self._inputs(input_ids, attention_mask, positions, segment_ids, cache)
+        h, cache = self.model(input_ids, positions, segment_ids, right_padded, dropout_rng, cache)
+        return h if cache is None else (h, cache)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (dtype default: the compute dtype)."""
+        cfg = self.config
+        return KVCache.create(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim,
+                              self.model.embed_tokens.dtype if dtype is None else dtype)

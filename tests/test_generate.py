@@ -1,0 +1,109 @@
+"""`python -m automodel_jax.generate` on stories260K: a real streamed run, --chat, --adapter, and its bad-input errors."""
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+
+from automodel_jax.generate import TerminalStream, main
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO / ".." / "shared" / "assets" / "models" / "stories260K"
+CHAT_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(STORIES)
+
+
+def _hf_continuation(hf, tokenizer, ids: list[int], max_new_tokens: int) -> str:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    whole = tokenizer.decode(out[0], skip_special_tokens=True)
+    return whole[len(tokenizer.decode(ids, skip_special_tokens=True)):]
+
+
+@pytest.mark.slow
+def test_cli_prints_the_greedy_continuation(tokenizer):
+    prompt = "Once upon a time"
+    run = subprocess.run([sys.executable, "-m", "automodel_jax.generate", "--model", str(STORIES), "--prompt", prompt,
+                          "--max-new-tokens", "30"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    expected = _hf_continuation(hf, tokenizer, tokenizer(prompt)["input_ids"], 30)
+    assert len(expected) > 40
+    assert run.stdout == prompt + expected + "\n"
+
+
+def test_stream_writes_whole_characters_as_they_complete(tokenizer):
+    ids = tokenizer("The snowman ☃ smiled at the café.")["input_ids"]
+    assert len(ids) > len(tokenizer.tokenize("The snowman smiled at the cafe.")) + 2  # ☃ and é are byte pieces
+    writes = []
+    out = type("Out", (), {"write": lambda self, text: writes.append(text), "flush": lambda self: None})()
+    stream = TerminalStream(tokenizer, ids[:3], out)
+    for token in ids[3:]:
+        stream(0, token)
+    assert "".join(writes) == tokenizer.decode(ids, skip_special_tokens=True)[len(tokenizer.decode(ids[:3],
+                                                                                  skip_special_tokens=True)):]
+    assert len(writes) > 5 and not any("\ufffd" in w for w in writes)
+
+
+def test_chat_wraps_the_prompt_in_the_chat_template(tmp_path, tokenizer, capsys):
+    for f in STORIES.iterdir():
+        if f.is_file() and f.name != "tokenizer_config.json":
+            (tmp_path / f.name).symlink_to(f)
+    config = json.loads((STORIES / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    assert main(["--model", str(tmp_path), "--prompt", "Tell me a story", "--chat", "--max-new-tokens", "12"]) == 0
+    rendered = "[user] Tell me a story\n[assistant]"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    expected = tokenizer.decode(hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                            pad_token_id=0)[0, len(ids):], skip_special_tokens=True)
+    assert capsys.readouterr().out == f"[user] Tell me a story\n[assistant] {expected}\n"
+
+
+def _stories_adapter(directory: Path, **config) -> Path:
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    adapted = peft.get_peft_model(base, peft.LoraConfig(**config)).eval()
+    adapted.save_pretrained(directory)
+    return adapted
+
+
+def test_adapter_is_applied(tmp_path, tokenizer, capsys):
+    adapted = _stories_adapter(tmp_path, r=4, lora_alpha=16, target_modules=["q_proj", "up_proj"],
+                               init_lora_weights=False)
+    prompt = "The dog"
+    assert main(["--model", str(STORIES), "--adapter", str(tmp_path), "--prompt", prompt,
+                 "--max-new-tokens", "15"]) == 0
+    expected = _hf_continuation(adapted, tokenizer, tokenizer(prompt)["input_ids"], 15)
+    assert capsys.readouterr().out == prompt + expected + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model", "--prompt", "hi"], "model path '/nonexistent/model' is not a checkpoint"),
+    (["--model", str(STORIES), "--prompt", "hi", "--prompt", "  "], "--prompt number 2 is empty"),
+    (["--model", str(STORIES), "--prompt", "hi", "--chat"], "has no chat template; drop --chat"),
+    (["--model", str(STORIES), "--prompt", "hi", "--top-p", "1.5"], r"top_p 1.5 must be in \(0, 1\]"),
+])
+def test_bad_input_is_one_clear_error(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.search(message, err)
+
+
+def test_adapter_for_missing_modules_is_a_clear_error(tmp_path, capsys):
+    _stories_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn"]}))
+    assert main(["--model", str(STORIES), "--adapter", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "target module(s) ['c_attn'] do not exist in this" in capsys.readouterr().err

@@ -1,9 +1,11 @@
-"""The embedded default: a small Llama, its tokenizer and a task, all made by the project itself (no network).
+"""The embedded default: a small Llama, its tokenizer and tasks, all made by the project itself (no network).
 
-`embedded:tiny-llama` names a character-level tokenizer and a small randomly initialised Llama written in HF format
-with our own exporter; `embedded:word-tasks/{train,validation}` names a synthetic instruction set (reverse, upper-case
-or sort a made-up word) written as jsonl. The words of the validation split never occur in training, so its loss and
-the generations on held-out prompts measure what fine-tuning really learned.
+`embedded:tiny-llama` is a character-level tokenizer plus a small Llama that the project pre-trains itself (full SFT
+with this recipe, from a random init written in HF format by our own exporter) on three word skills: copy, reverse
+and upper-case a made-up word. `embedded:word-tasks/{train,validation}` is the fine-tuning task: new instruction words
+("flip" = reverse, "caps" = upper-case) that the base model has never seen, so LoRA must learn to route them to skills
+the base already has. Validation words never occur in any training split, so its loss and the generations on
+held-out prompts measure what fine-tuning really learned.
 """
 from __future__ import annotations
 
@@ -11,20 +13,27 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import string
 from pathlib import Path
 
 SCHEME = "embedded:"
 MODEL_NAME = "tiny-llama"
-TASKS = {"reverse": lambda w: w[::-1], "upper": str.upper, "sort": lambda w: "".join(sorted(w))}
-PRETRAIN_TASKS = {"copy": lambda w: w}
+def _reverse(word: str) -> str:
+    return word[::-1]
+
+
+# The base model is pre-trained on these skills; fine-tuning teaches new instruction words that reuse them.
+PRETRAIN_TASKS = {"copy": lambda w: w, "reverse": _reverse, "upper": str.upper}
+TASKS = {"flip": _reverse, "caps": str.upper}
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 TINY_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=128,
                   intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                   hidden_act="silu", initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=3,
                   torch_dtype="float32")
-SPLIT_SIZES = {"train": 4000, "validation": 256, "pretrain": 4000}
+SPLIT_SIZES = {"train": 4000, "validation": 256, "pretrain": 6000, "pretrain-validation": 256}
+PRETRAIN = dict(steps=1000, learning_rate=5e-3, warmup_steps=50, global_batch_size=32)
 
 
 def cache_dir() -> Path:
@@ -44,9 +53,11 @@ def _words(seed: int, count: int, exclude: set[str] = frozenset()) -> list[str]:
 def task_rows(split: str) -> list[dict]:
     """{instruction, input, output} rows; validation words are disjoint from training words."""
     held_out = _words(seed=1, count=SPLIT_SIZES["validation"])
-    words = held_out if split == "validation" else _words(seed=0 if split == "train" else 2,
-                                                          count=SPLIT_SIZES[split], exclude=set(held_out))
-    tasks = PRETRAIN_TASKS if split == "pretrain" else TASKS
+    if split.endswith("validation"):
+        words = held_out
+    else:
+        words = _words(seed=0 if split == "train" else 2, count=SPLIT_SIZES[split], exclude=set(held_out))
+    tasks = PRETRAIN_TASKS if split.startswith("pretrain") else TASKS
     names = sorted(tasks)
     return [dict(instruction=f"{names[i % len(names)]} {w}", input="", output=tasks[names[i % len(names)]](w))
             for i, w in enumerate(words)]
@@ -70,8 +81,46 @@ def build_tokenizer():
 
 
 def _fingerprint() -> str:
-    blob = json.dumps([TINY_LLAMA, SPLIT_SIZES, sorted(TASKS), PROMPT_TEMPLATE], sort_keys=True)
+    blob = json.dumps([TINY_LLAMA, SPLIT_SIZES, sorted(TASKS), sorted(PRETRAIN_TASKS), PRETRAIN, PROMPT_TEMPLATE],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def pretrain_config(init_dir: Path, run_dir: Path):
+    """Full-parameter SFT of the random init on the pre-training skills (this recipe, float32 on the CPU)."""
+    from automodel_jax.finetune import default_config
+    cfg = default_config()
+    cfg.run_dir = str(run_dir)
+    cfg.model.update(path=str(init_dir), dtype="float32", param_dtype="float32")
+    cfg.peft.method = "none"
+    for split, name in (("train", "pretrain"), ("validation", "pretrain-validation")):
+        cfg.data[split].update(kind="instruction", path=f"{SCHEME}word-tasks/{name}", prompt_template=PROMPT_TEMPLATE)
+        cfg.data[split].columns = dict(instruction="instruction", answer="output")
+    cfg.data.seq_len = 32
+    cfg.train.update(global_batch_size=PRETRAIN["global_batch_size"], micro_batch_size=PRETRAIN["global_batch_size"],
+                     max_steps=PRETRAIN["steps"], val_every=0, log_every=50)
+    cfg.optim.update(name="adamw", learning_rate=PRETRAIN["learning_rate"], weight_decay=0.0)
+    cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"],
+                              min_learning_rate=PRETRAIN["learning_rate"] / 10)
+    cfg.mesh.fsdp = 1
+    cfg.checkpoint.enabled = False
+    cfg.export.when = "never"
+    cfg.logging.tensorboard = False
+    return cfg
+
+
+def _build_base_model(root: Path, target: Path) -> None:
+    """Random init + tokenizer in HF format, pre-trained with this recipe, exported with our exporter."""
+    from automodel_jax import AutoModelForCausalLM
+    from automodel_jax.finetune import run
+    init_dir = root / "tiny-llama-init"
+    AutoModelForCausalLM.from_config(TINY_LLAMA, seed=0).save_pretrained(init_dir, overwrite=True)
+    build_tokenizer().save_pretrained(init_dir)
+    print(f"building the embedded base model: pre-training {init_dir} on {sorted(PRETRAIN_TASKS)} "
+          f"({PRETRAIN['steps']} steps, once; cached in {root})", flush=True)
+    result = run(pretrain_config(init_dir, root / "pretrain-run"))
+    result["model"].save_pretrained(target, overwrite=True)
+    shutil.rmtree(init_dir)
 
 
 def materialize(name: str) -> str:
@@ -81,14 +130,7 @@ def materialize(name: str) -> str:
     if what == MODEL_NAME:
         target = root / MODEL_NAME
         if not (target / "config.json").is_file():
-            from automodel_jax import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_config(TINY_LLAMA, seed=0)
-            model.save_pretrained(target, overwrite=True)
-            tmp = root / f".tok-{os.getpid()}"
-            build_tokenizer().save_pretrained(tmp)
-            for f in tmp.iterdir():
-                os.replace(f, target / f.name)
-            tmp.rmdir()
+            _build_base_model(root, target)
         return str(target)
     if what.startswith("word-tasks/") and what.split("/", 1)[1] in SPLIT_SIZES:
         split = what.split("/", 1)[1]
@@ -99,8 +141,8 @@ def materialize(name: str) -> str:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in task_rows(split)))
             os.replace(tmp, target)
         return str(target)
-    raise ValueError(f"unknown embedded asset {name!r}; known: {SCHEME}{MODEL_NAME}, "
-                     f"{SCHEME}word-tasks/train, {SCHEME}word-tasks/validation")
+    known = [f"{SCHEME}{MODEL_NAME}"] + [f"{SCHEME}word-tasks/{s}" for s in SPLIT_SIZES]
+    raise ValueError(f"unknown embedded asset {name!r}; known: {', '.join(known)}")
 
 
 def resolve(path: str) -> str:

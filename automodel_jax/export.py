@@ -8,7 +8,6 @@ safetensors, index, config, generation config, tokenizer files) for `transformer
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from automodel_jax.config import validate_choice
 from automodel_jax.models.params import flatten, pure_dict
 from automodel_jax.peft.lora import adapters, merged_kernels
 
-log = logging.getLogger("automodel_jax.export")
-
 
 def export_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
@@ -36,16 +33,20 @@ def export_defaults() -> ml_collections.ConfigDict:
     ))
 
 
+def refuse_non_empty(out_dir, overwrite: bool, fix: str) -> Path:
+    """Fail before any work when the export would be refused at the end (a non-empty directory, no overwrite)."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"export directory {out} is not empty; {fix}")
+    return out
+
+
 def export_dir(cfg) -> Path | None:
-    """Where the recipe exports (None: it does not); a non-empty directory is refused now, before training, unless
-    export.overwrite."""
+    """Where the recipe exports (None: it does not); checked now, before training."""
     if validate_choice(cfg, "export.when", ("final", "never")) == "never":
         return None
-    out = Path(cfg.export.dir or Path(cfg.run_dir) / "export")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.export.overwrite:
-        raise FileExistsError(f"export directory {out} is not empty; set export.dir to another directory, "
-                              f"export.overwrite=true to replace it, or export.when=never")
-    return out
+    return refuse_non_empty(cfg.export.dir or Path(cfg.run_dir) / "export", cfg.export.overwrite,
+                            "set export.dir to another directory, export.overwrite=true or export.when=never")
 
 
 def export_model(model: nnx.Module, out_dir, *, base_model_name_or_path: str, merge_lora: bool = False,
@@ -62,6 +63,7 @@ def export_model(model: nnx.Module, out_dir, *, base_model_name_or_path: str, me
 def export_checkpoint(checkpoint, out_dir, *, merge_lora: bool = False, overwrite: bool = False,
                       max_shard_size: int | str = "5GB", mesh=None) -> Path:
     """Export an Orbax checkpoint (a run directory's latest, or a step directory) as `export_model` does."""
+    refuse_non_empty(out_dir, overwrite, "choose another directory or pass --overwrite to replace it")
     model, meta = load_checkpoint_model(checkpoint, mesh=mesh)
     return export_model(model, out_dir, base_model_name_or_path=embedded.resolve(meta["model_path"]),
                         merge_lora=merge_lora, overwrite=overwrite, max_shard_size=max_shard_size)
@@ -80,7 +82,6 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite,

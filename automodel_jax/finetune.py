@@ -7,22 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from automodel_jax import embedded
 from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
 from automodel_jax.checkpoint.orbax_io import TrainCheckpoints, checkpoint_defaults
 from automodel_jax.config import ConfigError, parse_config, save_config, validate_choice
-from automodel_jax.data import build_dataset, data_defaults, make_loader, resolve_pad_id
+from automodel_jax.data import build_dataset, data_defaults, load_rows, make_loader, resolve_pad_id
 from automodel_jax.export import export_defaults, export_dir, export_model
 from automodel_jax.launcher.distributed import DistributedInitError, describe_topology, initialize_distributed
 from automodel_jax.models import AutoModelForCausalLM
@@ -57,12 +56,14 @@ def default_config() -> ml_collections.ConfigDict:
                      num_epochs=1, log_every=10, val_every=100, val_max_samples=config_dict.placeholder(int),
                      sample_prompts=(), sample_max_new_tokens=32)
     cfg.optim = optim_defaults()
-    cfg.loss = dict(impl="chunked", chunk_size=4096)
+    cfg.loss = dict(impl="chunked", chunk_size=config_dict.placeholder(int))  # None: per-impl default
     cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1, zero3_over_data=False)
     cfg.logging = dict(tensorboard=True, wandb=wandb_defaults())
     cfg.checkpoint = checkpoint_defaults()
     cfg.export = export_defaults()
     cfg.distributed = dict(timeout_s=300)
+    # Evaluation at the end of training: "none", "hellaswag" (acc, acc_norm) or "squad" (exact match, F1).
+    cfg.evaluation = dict(task="none", data="", split="validation", limit=200, batch_size=8)
     return cfg
 
 
@@ -93,6 +94,9 @@ def run(cfg) -> dict:
     """Train as `cfg` says; returns validation loss before/after, steps done and the trained model."""
     validate_choice(cfg, "peft.method", ("lora", "none"))
     validate_choice(cfg, "loss.impl", ("naive", "chunked", "pallas"))
+    if validate_choice(cfg, "evaluation.task", ("none", "hellaswag", "squad")) != "none" and not cfg.evaluation.data:
+        raise ConfigError("evaluation.data is empty; point it at the task's rows (a local file, saved dataset or "
+                          "Hub name), or set evaluation.task=none")
     export_to = export_dir(cfg)
     initialize_distributed(cfg.distributed.timeout_s)
     primary = jax.process_index() == 0
@@ -171,7 +175,12 @@ def run(cfg) -> dict:
         batch = loop.global_batch(next(loader), accum, batch_3d)
         state, metrics = train_step(state, frozen, batch)
         if pending is not None:  # read step k-1's metrics while step k runs: no host sync in the loop
-            done = loop.check_metrics(pending, step)
+            try:
+                done = loop.check_metrics(pending, step)
+            except TrainingError:  # the step left the state as it was: keep that last good state on disk
+                checkpoints.save(int(state["step"]), state, loader, final=True)
+                checkpoints.close()
+                raise
             tokens_since += done["tokens"]
             if step % cfg.train.log_every == 0:
                 now = time.perf_counter()
@@ -199,12 +208,25 @@ def run(cfg) -> dict:
     if export_to is not None:
         export_model(nnx.merge(graphdef, state["params"], frozen), export_to, base_model_name_or_path=model_path,
                      merge_lora=cfg.export.merge_lora, overwrite=cfg.export.overwrite)
-    return dict(val_loss_before=first_val, val_loss_after=final_val, steps=total_steps,
-                model=nnx.merge(graphdef, state["params"], frozen))
+    trained = nnx.merge(graphdef, state["params"], frozen)
+    scores = {}
+    if cfg.evaluation.task != "none":
+        from automodel_jax.evaluation import evaluate
+        rows = load_rows(cfg.evaluation.data, cfg.evaluation.split, cfg.evaluation.limit)
+        scores = evaluate(trained, tokenizer, cfg.evaluation.task, rows, cfg.evaluation.limit,
+                          cfg.evaluation.batch_size)
+        if primary:
+            print(f"evaluation {cfg.evaluation.task}: {scores}", flush=True)
+            with open(run_dir / "evaluation.json", "w") as f:
+                json.dump(scores, f, indent=2)
+    return dict(val_loss_before=first_val, val_loss_after=final_val, steps=total_steps, model=trained,
+                evaluation=scores)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: grain/orbax import absl, which installs a root handler at WARNING before we get here.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         run(cfg)

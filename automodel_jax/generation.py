@@ -10,22 +10,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 from flax import nnx
 
-from automodel_jax.models.layers import LoRAParam
-from automodel_jax.peft.lora import linear_modules
+from automodel_jax.checkpoint.peft_io import load_peft_adapter
+from automodel_jax.models import AutoModelForCausalLM
 
-PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
-# PEFT settings that change the adapter's math beyond plain LoRA; load_peft_adapter refuses them.
-PEFT_UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-                    "bias": "none", "lora_bias": False}
 
 
 def bucket_length(n: int) -> int:
@@ -169,60 +165,6 @@ def generate(model, tokenizer, prompts: list[list[int]] | list[str], *, max_new_
     return outputs
 
 
-def load_peft_adapter(model, adapter_dir) -> None:
-    """Put an HF PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into the model's Linear layers.
-
-    lora_a = A.T [in, r], lora_b = B.T [r, out], lora_scale = lora_alpha / r (/ sqrt(r) with use_rslora). A minimal
-    loader for generation; the LoRA component's own importer is the canonical one.
-    """
-    from safetensors.numpy import load_file
-    directory = Path(adapter_dir)
-    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter {directory}: missing {path.name}; an HF PEFT adapter directory has "
-                                    "adapter_config.json and adapter_model.safetensors")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{config_path}: peft_type {config['peft_type']!r} is not supported; only LORA adapters are")
-    for name, plain in PEFT_UNSUPPORTED.items():
-        if config.get(name) and config[name] != plain:
-            raise ValueError(f"{config_path}: {name}={config[name]!r} is not supported by this loader; export a plain "
-                             f"LoRA adapter ({name}={plain!r})")
-    linears = linear_modules(model)
-    targets = config.get("target_modules") or []
-    if isinstance(targets, list):
-        absent = [t for t in targets if not any(p == t or p.endswith("." + t) for p in linears)]
-        if absent:
-            raise ValueError(f"{config_path}: target module(s) {absent} do not exist in this "
-                             f"{type(model).__name__}; its Linear layers are named like {sorted(linears)[:3]}")
-    rank, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
-    factors: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in load_file(str(weights_path)).items():
-        match = PEFT_KEY.fullmatch(key)
-        if match is None:
-            raise ValueError(f"{weights_path}: tensor {key} is not a LoRA A/B weight "
-                             "(base_model.model.<module>.lora_A.weight / lora_B.weight)")
-        factors.setdefault(match["module"], {})[match["factor"]] = value
-    for module, pair in sorted(factors.items()):
-        linear = linears.get(module)
-        if linear is None:
-            raise ValueError(f"{weights_path}: adapter module {module} does not exist in this "
-                             f"{type(model).__name__}; was the adapter trained on another architecture?")
-        a, b = pair.get("A"), pair.get("B")
-        if a is None or b is None:
-            raise ValueError(f"{weights_path}: module {module} has lora_{'A' if a is None else 'B'} missing")
-        if a.shape != (rank, linear.in_features) or b.shape != (linear.out_features, rank):
-            raise ValueError(f"{weights_path}: module {module} has lora_A {list(a.shape)} and lora_B "
-                             f"{list(b.shape)}, expected [{rank}, {linear.in_features}] and "
-                             f"[{linear.out_features}, {rank}]")
-        dtype = linear.kernel[...].dtype
-        linear.lora_a = LoRAParam(jnp.asarray(a.T, dtype))
-        linear.lora_b = LoRAParam(jnp.asarray(b.T, dtype))
-        linear.lora_scale = scale
-
-
 def _is_hf_checkpoint(directory: Path) -> bool:
     config = directory / "config.json"
     if not config.is_file() or not any((directory / f).is_file()
@@ -251,9 +193,6 @@ def find_checkpoint_dir(path) -> Path | str:
 
 def load_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
     """(model, tokenizer) from an HF checkpoint or run directory, with an optional PEFT adapter put into it."""
-    import transformers
-
-    from automodel_jax.models import AutoModelForCausalLM
     directory = find_checkpoint_dir(model_path)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     try:

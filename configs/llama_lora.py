@@ -21,11 +21,11 @@ def get_config(preset: str = ""):
                                    prompt_template="{instruction} = ")
             cfg.data[split].columns = dict(instruction="instruction", answer="output")
         cfg.data.seq_len = 32
-        cfg.train.update(global_batch_size=32, micro_batch_size=32, max_steps=300, val_every=50, log_every=10,
-                         sample_prompts=("reverse planet = ", "upper jazzy = ", "sort zebra = "),
+        cfg.train.update(global_batch_size=32, micro_batch_size=32, max_steps=400, val_every=100, log_every=20,
+                         sample_prompts=("flip planet = ", "caps jazzy = ", "flip zebra = "),
                          sample_max_new_tokens=10)
-        cfg.optim.update(name="adamw", learning_rate=3e-3, weight_decay=0.0)
-        cfg.optim.schedule.update(name="cosine", warmup_steps=20, min_learning_rate=3e-4)
+        cfg.optim.update(name="adamw", learning_rate=5e-3, weight_decay=0.0)
+        cfg.optim.schedule.update(name="cosine", warmup_steps=20, min_learning_rate=5e-4)
         cfg.mesh.fsdp = 1
         return cfg
     cfg.data.train.update(kind="squad", path="rajpurkar/squad", split="train")

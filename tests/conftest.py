@@ -48,6 +48,11 @@ FAMILIES = {
                     final_logit_softcapping=1.5)),
     "phi3_sliding_partial_rope": ("Phi3ForCausalLM", "Phi3Config",
                                   dict(sliding_window=4, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=2)),
+    "phi3_longrope": ("Phi3ForCausalLM", "Phi3Config",
+                      dict(pad_token_id=0, eos_token_id=2, max_position_embeddings=32,
+                           original_max_position_embeddings=8,
+                           rope_scaling=dict(rope_type="longrope", short_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0],
+                                             long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 40.0]))),
 }
 
 

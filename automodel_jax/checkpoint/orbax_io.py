@@ -104,7 +104,8 @@ def locate(path) -> tuple[Path, int]:
 
 
 def model_meta(model: nnx.Module, model_path: str, kind: str = "train") -> dict:
-    """The meta item: what the checkpoint's parameters belong to and how they were adapted."""
+    """The meta item: what the checkpoint's parameters belong to and how they were adapted (param_dtype: the dtype
+    of the saved parameters; kind: "train" for a run's checkpoint, "params" for parameters only)."""
     source = model.hf_source
     peft = {"method": "lora", **lora_settings(model)} if adapters(model) else {"method": "none"}
     param_dtype = jnp.dtype(jax.tree.leaves(split_model(model, bool(adapters(model)))[1])[0].dtype).name
@@ -112,10 +113,10 @@ def model_meta(model: nnx.Module, model_path: str, kind: str = "train") -> dict:
                 hf_dtypes=dict(source.dtypes), param_dtype=param_dtype, peft=peft)
 
 
-def _differences(saved: dict, current: dict):
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            yield key, saved.get(key), current.get(key)
+def _identity_differences(saved: dict, current: dict):
+    """(key, saved value, current value) where two HF configs describe different models."""
+    keys = (set(saved) | set(current)) - NON_IDENTITY_KEYS
+    return [(key, saved.get(key), current.get(key)) for key in sorted(keys) if saved.get(key) != current.get(key)]
 
 
 def check_compatible(saved: dict, current: dict, where) -> None:
@@ -123,8 +124,7 @@ def check_compatible(saved: dict, current: dict, where) -> None:
     if saved.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {where} has format {saved.get('format')}, this version reads "
                               f"{FORMAT_VERSION}; export it with the version that wrote it")
-    ignore = lambda config: {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}  # noqa: E731
-    for key, was, now in _differences(ignore(saved["hf_config"]), ignore(current["hf_config"])):
+    for key, was, now in _identity_differences(saved["hf_config"], current["hf_config"])[:1]:
         raise CheckpointError(f"checkpoint {where} was trained on a model with {key}={was!r}, but the model at "
                               f"{current['model_path']} has {key}={now!r}; use the checkpoint's base model "
                               f"({saved['model_path']}) or a fresh run_dir")
@@ -172,9 +172,9 @@ class TrainCheckpoints:
         own = self.manager.latest_step() if self.manager else None
         if own is not None:
             self.source = (self.manager, own)
-            if ck.restore_from:
-                log.info("%s has checkpoints of its own: resuming step %d, not checkpoint.restore_from", self.directory,
-                         own)
+            if ck.restore_from and jax.process_index() == 0:
+                print(f"checkpoint.restore_from is not used: {self.directory} has checkpoints of its own (the run "
+                      f"resumes its step {own})", flush=True)
         elif ck.restore_from:
             root, step = locate(ck.restore_from)
             self.source = (_manager(root, create=False), step)
@@ -186,6 +186,9 @@ class TrainCheckpoints:
             if meta.get("kind") != "train":
                 raise CheckpointError(f"checkpoint {where} holds parameters only (no optimizer or data state); "
                                       f"it cannot resume training")
+            if step > total_steps:
+                raise ConfigError(f"checkpoint {where} is past the {total_steps} steps this config trains for; "
+                                  f"raise train.max_steps or use a fresh run_dir")
 
     def restore(self, state: dict, shardings: dict, loader) -> dict:
         """The state (and loader position) of the checkpoint found at construction, else `state` unchanged."""
@@ -198,7 +201,10 @@ class TrainCheckpoints:
             train=ocp.args.StandardRestore(_abstract(rest(state), rest(shardings))),
             data=ocp.args.JsonRestore()))
         loader.set_state(restored["data"])
-        log.info("resumed from checkpoint %s (step %d)", Path(manager.directory) / str(step), step)
+        if manager is not self.manager:
+            manager.close()
+        if jax.process_index() == 0:
+            print(f"resumed from checkpoint {Path(manager.directory) / str(step)} (step {step})", flush=True)
         return {**restored["train"], "params": restored["params"]}
 
     def save(self, step: int, state: dict, loader, val_loss: float | None = None, *, final: bool = False) -> None:
@@ -269,8 +275,8 @@ def load_checkpoint_model(checkpoint, *, mesh=None) -> tuple[nnx.Module, dict]:
     meta = _read_json(manager, step, ["meta"])["meta"]
     base = embedded.resolve(meta["model_path"])
     lora = meta["peft"]["method"] == "lora"
-    if lora:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=meta["param_dtype"], mesh=mesh)
+    if lora:  # the base in float32: merged kernels are then rounded once, to the checkpoint's dtypes on export
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="float32", mesh=mesh)
         check_compatible(meta, {**model_meta(model, base), "peft": meta["peft"]}, where)
         peft = meta["peft"]
         apply_lora(model, r=peft["r"], alpha=peft["alpha"], dropout=peft["dropout"], target_modules=peft["targets"])

@@ -31,7 +31,7 @@ def peft_key(module: str, factor: str) -> str:
     return f"base_model.model.{module}.lora_{factor}.weight"
 
 
-def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, *, overwrite: bool = False) -> Path:
+def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, overwrite: bool = False) -> Path:
     """Write the model's LoRA adapters as a PEFT adapter directory (with the base model's tokenizer files).
 
     Atomic (a temporary sibling renamed when complete); a non-empty out_dir is refused unless overwrite. Every

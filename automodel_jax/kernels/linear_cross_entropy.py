@@ -6,6 +6,7 @@ reaches device memory. `logit_stats` reduces each tile to a per-row partial logs
 XLA, a [V / block_v, N] array); `logit_grads` turns a tile into dlogits = (softmax - onehot) * scale for the backward.
 Tiles are visited in groups of `group_n` token blocks so that the kernel columns a wave of programs reads stay in L2.
 Ragged N, V and H are handled by masked loads and stores. On a non-GPU backend the kernels run in interpret mode.
+jax 0.11 warns that the Pallas Triton backend is deprecated (Mosaic GPU is its successor); it still compiles and runs.
 """
 
 from __future__ import annotations

@@ -141,7 +141,8 @@ class DecoderAttention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = self.rope.inv_freq(self.head_dim, positions)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, positions, inv_freq, self.rope.attention_factor)
+        k = apply_rope(k, positions, inv_freq, self.rope.attention_factor)
         if cache is not None:
             cache = cache.update(k, v)
             k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)

@@ -25,8 +25,9 @@ def _gemma3_ropes(hf: dict) -> tuple[RopeConfig, RopeConfig]:
         full.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
         local = {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
         keys = ("rope_scaling", "rope_local_base_freq")
-    return (RopeConfig.parse(full, key=keys[0], max_position_embeddings=max_pos),
-            RopeConfig.parse(local, key=keys[1], max_position_embeddings=max_pos))
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    return tuple(RopeConfig.parse(p, key=k, max_position_embeddings=max_pos, head_dim=head_dim)
+                 for p, k in ((full, keys[0]), (local, keys[1])))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,9 +42,9 @@ class KVCache(NamedTuple):
     def create(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
         if batch < 1 or max_len < 1:
             raise ValueError(f"KV cache needs batch >= 1 and max_len >= 1 (got batch {batch}, max_len {max_len})")
-        zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
-        slots = jnp.zeros((batch, max_len), jnp.int32)
-        return cls(tuple(zeros for _ in range(num_layers)), tuple(zeros for _ in range(num_layers)), slots, slots,
+        def buffers():  # distinct arrays, so that a jitted step may donate the cache
+            return tuple(jnp.zeros((batch, max_len, kv_heads, head_dim), dtype) for _ in range(num_layers))
+        return cls(buffers(), buffers(), jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), jnp.int32),
                    jnp.zeros((), jnp.int32))
 
     @property

@@ -87,7 +87,7 @@ class RMSNorm(nnx.Module):
         return (self.scale[...] * normed.astype(in_dtype)).astype(self.dtype)
 
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 
 # HF `hidden_act` names and their JAX functions (gelu_new and gelu_pytorch_tanh are both the tanh approximation).
 ACTIVATIONS = {
@@ -111,21 +111,27 @@ class RopeConfig:
     original_max_position_embeddings: int | None = None
     max_position_embeddings: int = 2048
     partial_rotary_factor: float = 1.0
+    short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors up to the original length
+    long_factor: tuple[float, ...] | None = None  # longrope: ... beyond it
+    attention_factor: float = 1.0  # longrope: multiplies cos and sin
 
     @classmethod
-    def from_hf(cls, hf: dict, *, default_theta: float = 10000.0, partial_rotary: bool = False) -> "RopeConfig":
+    def from_hf(cls, hf: dict, *, partial_rotary: bool = False) -> "RopeConfig":
         """The one rope of a family whose layers all share it: flat `rope_parameters` updated by `rope_scaling`."""
         params = dict(hf.get("rope_parameters") or {})
         params.update(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", hf.get("rope_theta", default_theta))
+        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
         params.setdefault("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if hf.get("original_max_position_embeddings"):  # Phi-3 keeps it outside the rope dict, and HF prefers it
+            params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
         key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         return cls.parse(params, key=key, max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                         partial_rotary=partial_rotary)
+                         head_dim=head_dim, partial_rotary=partial_rotary)
 
     @classmethod
-    def parse(cls, params: dict, *, key: str, max_position_embeddings: int, partial_rotary: bool = False
-              ) -> "RopeConfig":
+    def parse(cls, params: dict, *, key: str, max_position_embeddings: int, head_dim: int,
+              partial_rotary: bool = False) -> "RopeConfig":
         """One HF rope parameter dict (`key` names where it came from in config.json, for errors)."""
         kind = params.get("rope_type", params.get("type", "default"))
         if kind not in ROPE_TYPES:
@@ -134,19 +140,30 @@ class RopeConfig:
         if partial != 1.0 and not partial_rotary:
             raise ValueError(f"config.json: partial_rotary_factor {partial} is not supported for this model type "
                              f"(HF ignores it here too); remove it or set it to 1.0")
-        if kind == "llama3" and not params.get("original_max_position_embeddings"):
-            raise ValueError(f"config.json: {key}: rope type 'llama3' needs original_max_position_embeddings")
-        return cls(theta=float(params.get("rope_theta", 10000.0)), type=kind, factor=float(params.get("factor", 1.0)),
+        original = params.get("original_max_position_embeddings") or max_position_embeddings
+        factor = float(params.get("factor") or 1.0)
+        extra = {}
+        if kind == "longrope":
+            half = int(head_dim * partial) // 2
+            for name in ("short_factor", "long_factor"):
+                if len(params.get(name) or ()) != half:
+                    raise ValueError(f"config.json: {key}: longrope needs {name} with {half} numbers (rotary dim / 2)")
+            factor = float(params.get("factor") or max_position_embeddings / original)
+            default_attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+            extra = dict(short_factor=tuple(map(float, params["short_factor"])),
+                         long_factor=tuple(map(float, params["long_factor"])),
+                         attention_factor=float(params.get("attention_factor") or default_attention))
+        return cls(theta=float(params.get("rope_theta", 10000.0)), type=kind, factor=factor,
                    low_freq_factor=float(params.get("low_freq_factor", 1.0)),
                    high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-                   original_max_position_embeddings=params.get("original_max_position_embeddings"),
-                   max_position_embeddings=max_position_embeddings, partial_rotary_factor=partial)
+                   original_max_position_embeddings=original, max_position_embeddings=max_position_embeddings,
+                   partial_rotary_factor=partial, **extra)
 
     def inv_freq(self, head_dim: int, positions: jax.Array) -> jax.Array:
         """Inverse frequencies [rotary_dim/2] as HF computes them for this rope type (float32).
 
-        `positions` [B, T] matter only to "dynamic", which HF rescales when max(positions) + 1 exceeds
-        max_position_embeddings (traced here, so one compile serves every length).
+        `positions` [B, T] matter only to "dynamic" and "longrope", which HF switches when max(positions) + 1 exceeds
+        (original_)max_position_embeddings (traced here, so one compile serves every length).
         """
         dim = int(head_dim * self.partial_rotary_factor)
         exponents = jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32) / dim
@@ -156,7 +173,11 @@ class RopeConfig:
             ratio = self.factor * seq_len / self.max_position_embeddings - (self.factor - 1)
             base = jnp.where(seq_len > self.max_position_embeddings, base * ratio ** (dim / (dim - 2)), base)
         inv = 1.0 / (base ** exponents)
-        if self.type == "linear":
+        if self.type == "longrope":
+            beyond = jnp.max(positions) + 1 > self.original_max_position_embeddings
+            inv = 1.0 / (jnp.where(beyond, jnp.asarray(self.long_factor), jnp.asarray(self.short_factor))
+                         * base ** exponents)
+        elif self.type == "linear":
             inv = inv / self.factor
         elif self.type == "llama3":
             old_len = self.original_max_position_embeddings
@@ -171,15 +192,15 @@ class RopeConfig:
         return inv
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, attention_factor: float = 1.0) -> jax.Array:
     """HF's non-interleaved rotary embedding on the first 2*len(inv_freq) features (partial rotary leaves the rest).
 
-    x [B, T, heads, D], positions [B, T]."""
+    x [B, T, heads, D], positions [B, T]; cos and sin are scaled by `attention_factor` (longrope)."""
     rotary_dim = 2 * inv_freq.shape[0]
     x, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     freqs = positions[..., None].astype(jnp.float32) * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    cos, sin = (jnp.cos(emb) * attention_factor).astype(x.dtype), (jnp.sin(emb) * attention_factor).astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return jnp.concatenate([x * cos + rotated * sin, rest], axis=-1)

@@ -1,5 +1,5 @@
-"""Phi-3 family: Llama with HF's fused `qkv_proj` and `gate_up_proj` kept as they are, partial rotary embeddings, and
-an optional sliding window on every layer. `longrope` scaling (Phi-3 128k, Phi-3.5) is refused at load time."""
+"""Phi-3 family (Phi-3, Phi-3.5 and Phi-4-mini text models): Llama with HF's fused `qkv_proj` and `gate_up_proj` kept
+as they are, partial rotary embeddings, longrope scaling, and an optional sliding window on every layer."""
 from __future__ import annotations
 
 import dataclasses

@@ -204,7 +204,11 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping] | None] = contextvars.Conte
 
 @contextlib.contextmanager
 def sharding_rules(mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> Iterator[None]:
-    """Within this context, `constrain` pins activations to `mesh` by `rules`; outside it, it does nothing."""
+    """Within this context, `constrain` pins activations to `mesh` by `rules`; outside it, it does nothing.
+
+    Enter it inside the function that jit traces (`with_sharding_rules` does): jit caches a trace per function and
+    arguments, not per context, so a function already traced outside the context would keep its unconstrained trace.
+    """
     token = _ACTIVE.set((mesh, rules))
     try:
         yield

@@ -40,7 +40,7 @@ def tree_shardings(model: nnx.Module, tree: dict, mesh, rules=DEFAULT_RULES):
 
 
 def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, right_padded: bool, dropout_rng=None,
-               chunk_size: int = 4096):
+               chunk_size: int | None = None):
     """(sum of token losses, number of label tokens) of one micro-batch."""
     model = nnx.merge(graphdef, trainable, frozen)
     h = model.hidden_states(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
@@ -51,7 +51,7 @@ def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, right_padd
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: Callable, *, loss_impl: str,
-                    right_padded: bool, chunk_size: int = 4096, grad_shardings=None):
+                    right_padded: bool, chunk_size: int | None = None, grad_shardings=None):
     """step(state, frozen, batch) -> (state, metrics); batch arrays are [accum, micro_batch, seq].
 
     Gradients of the summed loss are accumulated over micro-batches with a scan, then divided by the global token
@@ -96,7 +96,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     return step
 
 
-def make_eval_step(graphdef, *, loss_impl: str, right_padded: bool, chunk_size: int = 4096):
+def make_eval_step(graphdef, *, loss_impl: str, right_padded: bool, chunk_size: int | None = None):
     """eval(trainable, frozen, batch [batch, seq]) -> (loss sum, token count)."""
     def evaluate(trainable, frozen, batch):
         return token_loss(graphdef, trainable, frozen, batch, loss_impl=loss_impl, right_padded=right_padded,

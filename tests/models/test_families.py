@@ -2,6 +2,7 @@
 rows), HF module names for every Linear, legacy config.json layouts, and unsupported config values as clear errors."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,15 +48,26 @@ def test_logits_match_hf_and_linears_have_hf_names(hf_model_factory, name):
     ours = {".".join(map(str, p)) for p, node in nnx.iter_graph(model) if isinstance(node, Linear)}
     theirs = {n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)}
     assert ours == theirs - ({"lm_head"} if hf.config.tie_word_embeddings else set())
+    assert model.logit_softcap == getattr(hf.config, "final_logit_softcapping", None)
 
 
-def test_softcaps_and_logit_softcap_property(hf_model_factory):
+def test_final_logit_softcap_binds(hf_model_factory):
     _, path = hf_model_factory(*FAMILIES["gemma2"][:2], **FAMILIES["gemma2"][2])
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.logit_softcap == 1.0
     logits = _logits(model, _batch(101)[0])
     assert np.abs(logits).max() <= 1.0 and np.abs(logits).max() > 0.9  # the cap binds on these weights
-    assert AutoModelForCausalLM.from_config({**TINY, "model_type": "qwen2"}).logit_softcap is None
+
+
+def test_longrope_switches_factors_at_the_original_length(hf_model_factory):
+    hf, path = hf_model_factory(*FAMILIES["phi3_longrope"][:2], **FAMILIES["phi3_longrope"][2])
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.rope.attention_factor == pytest.approx((1 + np.log(4) / np.log(8)) ** 0.5)
+    for length in (8, 9):  # max position 7: short factors; 8: long factors
+        ids = np.random.RandomState(length).randint(0, 101, (1, length))
+        with torch.no_grad():
+            ref = hf(torch.tensor(ids)).logits.numpy()
+        np.testing.assert_allclose(_logits(model, ids), ref, atol=1e-4, rtol=0)
 
 
 def test_gemma3_legacy_config_layout(hf_model_factory):
@@ -77,8 +89,10 @@ def test_every_family_is_registered():
 
 
 @pytest.mark.parametrize("model_type, bad, message", [
-    ("phi3", dict(rope_scaling=dict(rope_type="longrope", short_factor=[1.0] * 6, long_factor=[1.0] * 6)),
-     r"rope_scaling: rope type 'longrope' is not supported"),
+    ("phi3", dict(rope_scaling=dict(rope_type="su", short_factor=[1.0] * 6, long_factor=[1.0] * 6)),
+     r"rope_scaling: rope type 'su' is not supported"),
+    ("phi3", dict(rope_scaling=dict(rope_type="longrope", short_factor=[1.0] * 5, long_factor=[1.0] * 6)),
+     r"rope_scaling: longrope needs short_factor with 6 numbers"),
     ("llama", dict(partial_rotary_factor=0.5), r"partial_rotary_factor 0\.5 is not supported"),
     ("qwen2", dict(hidden_act="relu2"), r"hidden_act 'relu2' is not supported for qwen2"),
     ("gemma2", dict(hidden_activation="gelu_10"), r"hidden_activation 'gelu_10' is not supported for gemma2"),
@@ -93,3 +107,17 @@ def test_every_family_is_registered():
 def test_unsupported_config_values_are_clear_errors(model_type, bad, message):
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_config({**TINY, "model_type": model_type, **bad})
+
+
+def test_remat_keeps_logits_and_gradients(hf_model_factory):
+    _, path = hf_model_factory(*FAMILIES["gemma2"][:2], **FAMILIES["gemma2"][2])
+    ids, mask = (jnp.asarray(a) for a in _batch(101))
+
+    def loss_and_grads(remat):
+        model = AutoModelForCausalLM.from_pretrained(path, remat=remat)
+        return nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(m(ids, mask) ** 2)))(model)
+
+    (loss, grads), (loss_remat, grads_remat) = loss_and_grads("none"), loss_and_grads("full")
+    np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4), nnx.to_pure_dict(grads),
+                 nnx.to_pure_dict(grads_remat))

@@ -1,0 +1,137 @@
+"""The real fine-tuning CLI across processes on localhost (no Slurm): two processes x 2 CPU devices with gloo
+collectives train exactly like one process with 4 devices; bad meshes and an unreachable coordinator fail early with
+one line."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_distributed import clean_env, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = "configs/llama_lora.py"
+# A few steps of the embedded default on an fsdp=4 mesh: 8 rows a step in micro-batches of 1 per data rank (2
+# accumulation steps), 8 validation samples, no sample generations.
+OVERRIDES = ("--config.mesh.fsdp=4", "--config.train.max_steps=3", "--config.train.global_batch_size=8",
+             "--config.train.micro_batch_size=1", "--config.train.log_every=1", "--config.train.val_max_samples=8",
+             "--config.train.sample_prompts=()", "--config.optim.schedule.warmup_steps=1",
+             "--config.logging.tensorboard=false")
+TOLERANCE = 1e-5
+
+
+def build_embedded_assets() -> None:
+    """Build the embedded model and data here first, so that the concurrent processes only read them."""
+    from automodel_jax import embedded
+    for name in ("embedded:tiny-llama", "embedded:word-tasks/train", "embedded:word-tasks/validation"):
+        embedded.materialize(name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_assets():
+    build_embedded_assets()
+
+
+def finetune_command(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "automodel_jax.finetune", "--config", CONFIG, f"--config.run_dir={run_dir}",
+            *OVERRIDES, *extra]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(run_dir: Path, reference_dir: Path) -> None:
+    """Same records (split, step) in the same order, losses and gradient norms equal within TOLERANCE."""
+    ours, reference = metrics(run_dir), metrics(reference_dir)
+    assert [(r["split"], r["step"]) for r in ours] == [(r["split"], r["step"]) for r in reference]
+    assert [r["step"] for r in ours if r["split"] == "train"] == [1, 2, 3]
+    for mine, theirs in zip(ours, reference):
+        for key in ("loss", "grad_norm"):
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], rel=TOLERANCE, abs=TOLERANCE), (mine, theirs)
+
+
+def start(command: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(procs: list[subprocess.Popen], timeout: int = 400) -> list[str]:
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+    return outputs
+
+
+def one_process_four_devices() -> dict:
+    env = clean_env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    return env
+
+
+def two_process_envs() -> list[dict]:
+    address = f"127.0.0.1:{free_port()}"
+    return [clean_env(COORDINATOR_ADDRESS=address, NUM_PROCESSES="2", PROCESS_ID=str(i)) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
+    procs = [start(finetune_command(single_dir), one_process_four_devices())]
+    procs += [start(finetune_command(multi_dir), env) for env in two_process_envs()]
+    outputs = finish(procs)
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    single, rank0, rank1 = outputs
+    for rank, output in enumerate((rank0, rank1)):
+        assert f"[topology] process {rank}/2 " in output and "devices per process [2, 2]" in output
+        assert "mesh data=1 x fsdp=4 x tensor=1 x context=1" in output
+    assert_same_training(multi_dir, single_dir)
+    # Only process 0 writes: one copy of each record (both processes share the run dir here) and one summary line.
+    assert len(metrics(multi_dir)) == len(metrics(single_dir))
+    assert "validation loss:" in rank0 and "validation loss:" not in rank1
+    assert (multi_dir / "loss.png").is_file() and (multi_dir / "config.json").is_file()
+
+
+def test_mesh_that_does_not_fit_the_model_fails_before_compiling(tmp_path):
+    """The embedded model has 2 key/value heads: tensor=4 cannot split them."""
+    result = subprocess.run(finetune_command(tmp_path / "run", "--config.mesh.fsdp=1", "--config.mesh.tensor=4"),
+                            cwd=REPO, env=one_process_four_devices(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: num_key_value_heads 2 is not divisible by mesh tensor = 4; choose mesh sizes that divide it (or "
+        "change num_key_value_heads)")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_model_parallel_group_spanning_processes_is_refused(tmp_path):
+    """tensor=2 x context=2 needs 4 devices per model replica, but each process has 2: both would feed the same rows."""
+    procs = [start(finetune_command(tmp_path / "run", "--config.mesh.fsdp=1", "--config.mesh.tensor=2",
+                                    "--config.mesh.context=2"), env) for env in two_process_envs()]
+    outputs = finish(procs, timeout=120)
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 2, output[-3000:]
+        assert ("error: processes [0, 1] would hold the same batch rows: the model-parallel axes (tensor x context "
+                "= 4 devices) must fit within one process's 2 devices; make tensor x context divide it") in output
+
+
+def test_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    env = clean_env(COORDINATOR_ADDRESS=address, NUM_PROCESSES="2", PROCESS_ID="1")
+    began = time.monotonic()
+    result = subprocess.run(finetune_command(tmp_path / "run", "--config.distributed.timeout_s=2"), cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: process 1/2: JAX coordinator {address} unreachable after 2s (is process 0 running there, and the "
+        "port open?)")
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - began < 60

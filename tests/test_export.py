@@ -1,0 +1,102 @@
+"""Export of a real (short) LoRA run: the recipe's final PEFT export, and `python -m automodel_jax.export` of its
+checkpoints as a PEFT adapter or a merged model that transformers and peft load with the trained model's logits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from automodel_jax import embedded
+from automodel_jax.checkpoint.safetensors_io import CheckpointError
+from automodel_jax.config import ConfigError, load_config_file
+from automodel_jax.export import main as export_main
+from automodel_jax.finetune import run
+
+REPO = Path(__file__).resolve().parents[1]
+IDS = np.random.default_rng(0).integers(4, 100, size=(2, 10))
+
+
+def lora_config(run_dir: Path, **export):
+    cfg = load_config_file(str(REPO / "configs" / "llama_lora.py"))
+    cfg.run_dir = str(run_dir)
+    cfg.train.update(max_steps=3, sample_prompts=(), val_max_samples=32, val_every=0)
+    cfg.optim.schedule.warmup_steps = 1
+    cfg.logging.tensorboard = False
+    cfg.checkpoint.every_steps = 2
+    cfg.export.update(export)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(run dir, result of the recipe) of a 3-step LoRA run of the embedded default, checkpoints at steps 2 and 3."""
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    return run_dir, run(lora_config(run_dir))
+
+
+def torch_logits(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(IDS)).logits.float().numpy()
+
+
+def our_logits(model) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(IDS)), np.float32)
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_the_recipe_exports_a_peft_adapter_that_peft_loads(trained):
+    import transformers
+    from peft import PeftModel
+    run_dir, result = trained
+    export = run_dir / "export"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(files(export))
+    base = transformers.AutoModelForCausalLM.from_pretrained(embedded.resolve("embedded:tiny-llama"),
+                                                             dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, export).eval()
+    np.testing.assert_allclose(torch_logits(peft_model), our_logits(result["model"]), atol=1e-4, rtol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(export)("abc")["input_ids"]
+
+
+def test_the_cli_exports_checkpoints_as_adapters_or_merged_models(trained, tmp_path, capsys):
+    import transformers
+    run_dir, result = trained
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "latest")]) == 0
+    assert files(tmp_path / "latest") == files(run_dir / "export")
+    assert export_main(["--checkpoint", str(run_dir / "2"), "--out", str(tmp_path / "step2")]) == 0
+    step2 = files(tmp_path / "step2")
+    assert step2["adapter_config.json"] == files(run_dir / "export")["adapter_config.json"]
+    assert step2["adapter_model.safetensors"] != files(run_dir / "export")["adapter_model.safetensors"]
+
+    merged = tmp_path / "merged"
+    assert export_main(["--checkpoint", str(run_dir / "checkpoints" / "3"), "--out", str(merged),
+                        "--merge-lora"]) == 0
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(files(merged))
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    np.testing.assert_allclose(torch_logits(model), our_logits(result["model"]), atol=1e-4, rtol=1e-4)
+
+    capsys.readouterr()
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(merged), "--merge-lora"]) == 2
+    assert f"export directory {merged} is not empty; choose another directory or pass --overwrite" in \
+        capsys.readouterr().err
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(merged), "--overwrite"]) == 0
+    assert files(merged) == files(run_dir / "export")
+    assert export_main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "checkpoint " + str(tmp_path / "nowhere") + " does not exist" in capsys.readouterr().err
+
+
+def test_the_recipe_checks_export_and_checkpoint_settings_before_training(trained, tmp_path):
+    run_dir, _ = trained
+    with pytest.raises(FileExistsError, match="export directory .*export is not empty; set export.dir"):
+        run(lora_config(run_dir))
+    with pytest.raises(ConfigError, match="export.when must be one of 'final', 'never'; got 'last'"):
+        run(lora_config(tmp_path, when="last"))
+    cfg = lora_config(run_dir, when="never")
+    cfg.peft.r = 8
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 was trained with LoRA r=16 but the config says r=8"):
+        run(cfg)

@@ -1,9 +1,9 @@
 """The embedded default: a small Llama, its tokenizer and tasks, all made by the project itself (no network).
 
 `embedded:tiny-llama` is a character-level tokenizer plus a small Llama that the project pre-trains itself (full SFT
-with this recipe, from a random init written in HF format by our own exporter) on three word skills: copy, reverse
-and upper-case a made-up word. `embedded:word-tasks/{train,validation}` is the fine-tuning task: new instruction words
-("flip" = reverse, "caps" = upper-case) that the base model has never seen, so LoRA must learn to route them to skills
+with this recipe, from a random init written in HF format by our own exporter) on two word skills: upper-case and
+Caesar-shift a made-up word. `embedded:word-tasks/{train,validation}` is the fine-tuning task: new instruction words
+("caps" = upper-case, "next" = shift) that the base model has never seen, so LoRA must learn to route them to skills
 the base already has. Validation words never occur in any training split, so its loss and the generations on
 held-out prompts measure what fine-tuning really learned.
 """
@@ -19,13 +19,14 @@ from pathlib import Path
 
 SCHEME = "embedded:"
 MODEL_NAME = "tiny-llama"
-def _reverse(word: str) -> str:
-    return word[::-1]
+def _shift(word: str) -> str:
+    """Caesar shift by one letter (a -> b, z -> a)."""
+    return "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)
 
 
 # The base model is pre-trained on these skills; fine-tuning teaches new instruction words that reuse them.
-PRETRAIN_TASKS = {"copy": lambda w: w, "reverse": _reverse, "upper": str.upper}
-TASKS = {"flip": _reverse, "caps": str.upper}
+PRETRAIN_TASKS = {"upper": str.upper, "shift": _shift}
+TASKS = {"caps": str.upper, "next": _shift}
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 TINY_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=128,
                   intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -33,7 +34,7 @@ TINY_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_
                   hidden_act="silu", initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=3,
                   torch_dtype="float32")
 SPLIT_SIZES = {"train": 4000, "validation": 256, "pretrain": 6000, "pretrain-validation": 256}
-PRETRAIN = dict(steps=1000, learning_rate=5e-3, warmup_steps=50, global_batch_size=32)
+PRETRAIN = dict(steps=800, learning_rate=3e-3, warmup_steps=30, global_batch_size=32)
 
 
 def cache_dir() -> Path:

@@ -170,17 +170,28 @@ def run(cfg) -> dict:
     start_step = int(state["step"])
     first_val = validate(start_step)
     generations("before fine-tuning")
-    pending, t_last, tokens_since = None, time.perf_counter(), 0
+
+    def checked(metrics, step: int) -> dict[str, float]:
+        """Host values of a step's metrics; a non-finite step left the state as it was: keep that on disk, stop."""
+        try:
+            return loop.check_metrics(metrics, step)
+        except TrainingError:
+            checkpoints.save(int(state["step"]), state, loader, final=True)
+            checkpoints.close()
+            logger.close()  # ends the progress bar's line, so the error starts a line of its own
+            raise
+
+    pending, tokens_since = None, 0
     for step in range(start_step, total_steps):
         batch = loop.global_batch(next(loader), accum, batch_3d)
+        if step == start_step:  # compile ahead of time once, so the compile time is logged apart from training
+            t_compile = time.perf_counter()
+            train_step = train_step.lower(state, frozen, batch).compile()
+            log.info("compiled the train step in %.1f s", time.perf_counter() - t_compile)
+            t_last = time.perf_counter()
         state, metrics = train_step(state, frozen, batch)
         if pending is not None:  # read step k-1's metrics while step k runs: no host sync in the loop
-            try:
-                done = loop.check_metrics(pending, step)
-            except TrainingError:  # the step left the state as it was: keep that last good state on disk
-                checkpoints.save(int(state["step"]), state, loader, final=True)
-                checkpoints.close()
-                raise
+            done = checked(pending, step)
             tokens_since += done["tokens"]
             if step % cfg.train.log_every == 0:
                 now = time.perf_counter()
@@ -194,7 +205,7 @@ def run(cfg) -> dict:
             val_loss = validate(step + 1)
         checkpoints.save(step + 1, state, loader, val_loss)  # asynchronous, every checkpoint.every_steps
     if pending is not None:
-        done = loop.check_metrics(pending, total_steps)
+        done = checked(pending, total_steps)
         logger.log(total_steps, done, "train")
         logger.progress(total_steps, done)
     final_val = validate(total_steps)

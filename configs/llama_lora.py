@@ -22,7 +22,7 @@ def get_config(preset: str = ""):
             cfg.data[split].columns = dict(instruction="instruction", answer="output")
         cfg.data.seq_len = 32
         cfg.train.update(global_batch_size=32, micro_batch_size=32, max_steps=400, val_every=100, log_every=20,
-                         sample_prompts=("flip planet = ", "caps jazzy = ", "flip zebra = "),
+                         sample_prompts=("caps planet = ", "next jazzy = ", "caps zebra = ", "next hello = "),
                          sample_max_new_tokens=10)
         cfg.optim.update(name="adamw", learning_rate=5e-3, weight_decay=0.0)
         cfg.optim.schedule.update(name="cosine", warmup_steps=20, min_learning_rate=5e-4)

@@ -8,6 +8,7 @@ no-op when disabled. Metric names the progress bar knows: ``loss``, ``learning_r
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,8 @@ class MetricsLogger:
             label: format(float(metrics[name]), spec) for name, (label, spec) in _BAR_FIELDS.items() if name in metrics
         }
         if self._bar is None:  # started at the first step shown, so a resumed run gets a true ETA
-            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True, postfix=shown)
+            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True, postfix=shown,
+                             mininterval=0.5 if sys.stderr.isatty() else 5.0)  # sparse lines in log files
         else:
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(step - self._bar.n)

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from automodel_jax import AutoModelForCausalLM
-from conftest import FAMILIES, assert_same_state
+from reference import FAMILIES, assert_same_state
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -12,8 +12,8 @@ import transformers
 
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.checkpoint.safetensors_io import CheckpointError
-from conftest import STORIES
-from conftest import assert_same_state as _assert_same_state
+from reference import STORIES
+from reference import assert_same_state as _assert_same_state
 
 
 @pytest.mark.parametrize("tied", [False, True])

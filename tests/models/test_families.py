@@ -12,7 +12,7 @@ from flax import nnx
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.models import supported_model_types
 from automodel_jax.models.layers import Linear
-from conftest import FAMILIES, TINY
+from reference import FAMILIES, TINY
 
 
 def _batch(vocab):

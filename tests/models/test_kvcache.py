@@ -8,7 +8,7 @@ from flax import nnx
 
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.models import KVCache
-from conftest import FAMILIES as ALL_FAMILIES
+from reference import FAMILIES as ALL_FAMILIES
 
 # Llama; a window on every layer; Gemma 3's alternating windows, per-layer rope, q/k norms and soft-capped logits.
 FAMILIES = {"llama": ("LlamaForCausalLM", "LlamaConfig", {}), "mistral_sliding": ALL_FAMILIES["mistral_sliding"],

@@ -1,0 +1,58 @@
+"""The `automodel-jax` command: one entry point for the recipe and its tools.
+
+`automodel-jax COMMAND ARGS...` runs `python -m automodel_jax.COMMAND ARGS...`: every argument after the command goes
+to that module's main() untouched, so each command keeps its own options, help and errors. Commands are imported only
+when chosen, so a typo fails fast.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from collections.abc import Sequence
+
+PROG = "automodel-jax"
+# command -> (module whose main(argv) it runs, one-line summary)
+COMMANDS = {
+    "finetune": ("automodel_jax.finetune", "fine-tune a model (LoRA or full SFT): --config FILE[:PRESET] "
+                                           "--config.KEY=VALUE ..."),
+    "export": ("automodel_jax.export", "export a run's checkpoint as an HF model or PEFT adapter"),
+    "generate": ("automodel_jax.generate", "stream a model's continuation of prompts to the terminal"),
+    "evaluate": ("automodel_jax.evaluate", "score a model on HellaSwag or SQuAD"),
+    "launch": ("automodel_jax.launch", "write and submit a multi-node Slurm job for a fine-tuning run"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: {PROG} COMMAND [ARGS...]", "", "Fine-tune Hugging Face LLMs with LoRA or full SFT in JAX/Flax.",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", f"A command's options: {PROG} COMMAND --help (finetune's are the keys of its config file, set "
+                  "with --config.KEY=VALUE)."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch to the command's main(); returns its exit code (2 for a missing or unknown command)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not args or args[0].startswith("-"):
+        given = f"unknown option '{args[0]}'" if args else "missing command"
+        print(f"{usage()}\n\nerror: {given}; give one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        print(f"error: unknown command '{command}'; {hint}commands: {', '.join(COMMANDS)} (see {PROG} --help)",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

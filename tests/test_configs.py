@@ -1,0 +1,138 @@
+"""The shipped config files (configs/*.py): every preset loads through the command-line parser with the intended model
+and method, LoRA targets fit each family's real layer names, and mistakes on the command line are one-line errors."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import transformers
+
+from automodel_jax import finetune
+from automodel_jax.config import load_config_file, parse_config
+from automodel_jax.models import AutoModelForCausalLM
+from automodel_jax.peft.lora import find_targets
+from reference import FAMILIES, TINY
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SEPARATE = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+FUSED = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+# (file, preset) -> (model.path, peft.method); "" is each file's default.
+EXPECTED = {
+    ("llama_lora.py", ""): ("embedded:tiny-llama", "lora"),
+    ("llama_lora.py", "llama3.2-1b"): ("meta-llama/Llama-3.2-1B", "lora"),
+    ("llama_lora.py", "llama3.1-8b"): ("meta-llama/Llama-3.1-8B", "lora"),
+    ("llama_sft.py", ""): ("embedded:tiny-llama", "none"),
+    ("llama_sft.py", "llama3.2-1b"): ("meta-llama/Llama-3.2-1B", "none"),
+    ("llama_sft.py", "llama3.1-8b"): ("meta-llama/Llama-3.1-8B", "none"),
+    ("qwen2_lora.py", ""): ("Qwen/Qwen2.5-0.5B-Instruct", "lora"),
+    ("qwen2_lora.py", "qwen2.5-0.5b"): ("Qwen/Qwen2.5-0.5B-Instruct", "lora"),
+    ("qwen3_lora.py", ""): ("Qwen/Qwen3-0.6B", "lora"),
+    ("qwen3_lora.py", "qwen3-0.6b"): ("Qwen/Qwen3-0.6B", "lora"),
+    ("mistral_lora.py", ""): ("mistralai/Mistral-7B-Instruct-v0.3", "lora"),
+    ("mistral_lora.py", "mistral-7b"): ("mistralai/Mistral-7B-Instruct-v0.3", "lora"),
+    ("gemma2_lora.py", ""): ("google/gemma-2-2b-it", "lora"),
+    ("gemma2_lora.py", "gemma2-2b"): ("google/gemma-2-2b-it", "lora"),
+    ("gemma3_lora.py", ""): ("google/gemma-3-1b-it", "lora"),
+    ("gemma3_lora.py", "gemma3-1b"): ("google/gemma-3-1b-it", "lora"),
+    ("phi3_lora.py", ""): ("microsoft/Phi-3-mini-4k-instruct", "lora"),
+    ("phi3_lora.py", "phi3-mini-4k"): ("microsoft/Phi-3-mini-4k-instruct", "lora"),
+}
+# family config -> (tiny HF config of that family: config class and overrides, layer names LoRA must adapt)
+FAMILY_MODELS = {
+    "llama_lora.py": ("LlamaConfig", {}, SEPARATE),
+    "qwen2_lora.py": FAMILIES["qwen2_tied"][1:] + (SEPARATE,),
+    "qwen3_lora.py": FAMILIES["qwen3"][1:] + (SEPARATE,),
+    "mistral_lora.py": FAMILIES["mistral_sliding"][1:] + (SEPARATE,),
+    "gemma2_lora.py": FAMILIES["gemma2"][1:] + (SEPARATE,),
+    "gemma3_lora.py": FAMILIES["gemma3"][1:] + (SEPARATE,),
+    "phi3_lora.py": FAMILIES["phi3_sliding_partial_rope"][1:] + (FUSED,),
+}
+
+
+def spec(file: str, preset: str = "") -> str:
+    return str(CONFIGS / file) + (f":{preset}" if preset else "")
+
+
+def presets_of(file: str) -> list[str]:
+    return [preset for f, preset in EXPECTED if f == file]
+
+
+def declared_presets(file: str) -> tuple[str, ...]:
+    module_spec = importlib.util.spec_from_file_location(file.removesuffix(".py"), CONFIGS / file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.PRESETS
+
+
+def test_every_config_file_and_preset_is_covered():
+    on_disk = {path.name for path in CONFIGS.glob("*.py")}
+    assert on_disk == {file for file, _ in EXPECTED}
+    for file in on_disk:
+        assert set(presets_of(file)) == set(declared_presets(file)), file
+
+
+@pytest.mark.parametrize(("file", "preset"), sorted(EXPECTED))
+def test_preset_loads_with_its_model_and_method(file, preset):
+    cfg = parse_config(["--config", spec(file, preset)])
+    path, method = EXPECTED[(file, preset)]
+    assert (cfg.model.path, cfg.peft.method) == (path, method)
+    assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+    assert cfg.train.max_steps > 0 and cfg.data.seq_len > 0
+    if path.startswith("embedded:"):  # the CPU default: float32, the project's word tasks
+        assert (cfg.model.dtype, cfg.model.param_dtype) == ("float32", "float32")
+        assert cfg.data.train.path == "embedded:word-tasks/train"
+    else:  # real models: bfloat16 compute over float32 weights, SQuAD from the Hub
+        assert (cfg.model.dtype, cfg.model.param_dtype) == ("bfloat16", "float32")
+        assert (cfg.data.train.kind, cfg.data.train.split, cfg.data.validation.split) == ("squad", "train",
+                                                                                           "validation")
+        assert cfg.optim.learning_rate == 1e-5 and cfg.optim.schedule.min_learning_rate == 1e-6
+
+
+def test_every_preset_of_a_file_gets_its_own_run_dir():
+    for file in {file for file, _ in EXPECTED}:
+        named = [preset for preset in presets_of(file) if preset]
+        run_dirs = [parse_config(["--config", spec(file, preset)]).run_dir for preset in named]
+        assert len(set(run_dirs)) == len(run_dirs), file
+
+
+def test_sft_presets_train_every_weight_with_adamw():
+    for preset in ("llama3.2-1b", "llama3.1-8b"):
+        cfg = parse_config(["--config", spec("llama_sft.py", preset)])
+        assert cfg.optim.name == "adamw" and cfg.optim.schedule.name == "cosine"
+    big = parse_config(["--config", spec("llama_sft.py", "llama3.2-1b")])
+    assert (big.train.global_batch_size, big.train.micro_batch_size) == (64, 8)  # NeMo's llama3_2_1b_squad
+
+
+@pytest.mark.parametrize("file", sorted(FAMILY_MODELS))
+def test_lora_targets_adapt_every_projection_of_the_family(file):
+    config_class, overrides, layer_names = FAMILY_MODELS[file]
+    hf_config = getattr(transformers, config_class)(**{**TINY, **overrides}).to_dict()
+    model = AutoModelForCausalLM.from_config(hf_config)
+    for preset in presets_of(file):
+        cfg = load_config_file(spec(file, preset))
+        targets = find_targets(model, cfg.peft.target_modules, cfg.peft.exclude_modules)
+        assert {name.rsplit(".", 1)[-1] for name in targets} == layer_names, preset
+        assert len(targets) == len(layer_names) * hf_config["num_hidden_layers"], preset
+
+
+def test_overrides_apply_on_top_of_a_preset():
+    cfg = parse_config(["--config", spec("qwen2_lora.py", "qwen2.5-0.5b"), "--config.peft.r=16",
+                        "--config.model.path", "/models/qwen", "--config.train.max_steps=5"])
+    assert (cfg.peft.r, cfg.model.path, cfg.train.max_steps) == (16, "/models/qwen", 5)
+    assert cfg.peft.alpha == 32.0  # untouched keys keep the preset's values
+
+
+@pytest.mark.parametrize(("argv", "fragments"), [
+    (["--config", spec("llama_lora.py"), "--config.optim.learning_rat=1e-4"],
+     ["unknown config key 'optim.learning_rat'", "did you mean 'optim.learning_rate'?"]),
+    (["--config", spec("llama_sft.py"), "--config.train.max_steps=ten"],
+     ["config key 'train.max_steps' expects int", "got 'ten'"]),
+    (["--config", spec("qwen2_lora.py", "qwen9")], ["unknown preset 'qwen9'", "qwen2_lora.py", "qwen2.5-0.5b"]),
+    (["--config", "nonexistent.py"], ["config file 'nonexistent.py' not found"]),
+])
+def test_command_line_mistakes_exit_2_with_one_error_line(argv, fragments, capsys):
+    assert finetune.main(argv) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert all(fragment in line for fragment in fragments), line

@@ -1,0 +1,228 @@
+"""End-to-end runs of the real recipe on the real stories260K model and HellaSwag rows: the CLI lowers validation loss
+and leaves every artifact a user looks for; full SFT exports a whole model; samples longer than seq_len are truncated
+or dropped and counted; bad input is one `error:` line naming the bad thing (exit code 2) and never touches an export
+directory; a non-finite loss stops training and keeps the last good state as a checkpoint."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from automodel_jax import finetune
+from automodel_jax.checkpoint.orbax_io import load_checkpoint_model
+from automodel_jax.config import parse_config
+from automodel_jax.peft.lora import adapters
+from reference import ASSETS, REPO, STORIES
+
+HELLASWAG = ASSETS / "data" / "hellaswag" / "validation.jsonl"
+ALPACA = ASSETS / "data" / "alpaca" / "alpaca_en_demo.json"
+TRAIN_ROWS, VALIDATION_ROWS = slice(0, 400), slice(400, 464)
+SUMMARY = re.compile(r"validation loss: (\S+) before -> (\S+) after (\d+) steps")
+FIT = re.compile(r"dataset (\S+): (\d+) of (\d+) rows kept at seq_len (\d+) \((\d+) truncated, (\d+) dropped as too "
+                 r"long, (\d+) dropped with no loss tokens\)")
+
+
+@pytest.fixture(scope="module")
+def hellaswag(tmp_path_factory) -> tuple[Path, Path]:
+    """HellaSwag has one (validation) file: its rows 0-399 train, rows 400-463 validate (no row in both)."""
+    lines = HELLASWAG.read_text(encoding="utf-8").splitlines(keepends=True)
+    folder = tmp_path_factory.mktemp("hellaswag")
+    paths = folder / "train.jsonl", folder / "validation.jsonl"
+    for path, rows in zip(paths, (TRAIN_ROWS, VALIDATION_ROWS)):
+        path.write_text("".join(lines[rows]), encoding="utf-8")
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path_factory, monkeypatch):
+    """No run may build the embedded model into the user's cache, and main()'s logging setup is undone after each
+    test (it installs a root handler on the test's captured stderr)."""
+    monkeypatch.setenv("AUTOMODEL_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "automodel_jax_cache"))
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
+
+
+def stories_argv(run_dir: Path, train: Path, validation: Path, *overrides: str) -> list[str]:
+    """The recipe's command line for a short float32 LoRA run of stories260K on HellaSwag rows."""
+    return ["--config", str(REPO / "configs" / "llama_lora.py"), f"--config.run_dir={run_dir}",
+            f"--config.model.path={STORIES}", "--config.model.dtype=float32",
+            "--config.data.train.kind=hellaswag", f"--config.data.train.path={train}",
+            "--config.data.validation.kind=hellaswag", f"--config.data.validation.path={validation}",
+            "--config.data.seq_len=64", "--config.train.max_steps=2", "--config.train.global_batch_size=8",
+            "--config.train.micro_batch_size=8", "--config.train.sample_prompts=()", "--config.train.val_every=0",
+            "--config.train.log_every=1", "--config.train.val_max_samples=16", "--config.logging.tensorboard=false",
+            "--config.optim.schedule.warmup_steps=0", *overrides]
+
+
+def kept_export(tmp_path: Path) -> tuple[list[str], Path]:
+    """Overrides that point the export at a directory holding a user's file, with overwrite on: a failed run must
+    leave it alone even so."""
+    export = tmp_path / "precious_export"
+    export.mkdir()
+    (export / "keep.txt").write_text("the user's model")
+    return [f"--config.export.dir={export}", "--config.export.overwrite=true"], export
+
+
+def error_line(capsys) -> str:
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return line
+
+
+def fit_logs(caplog) -> dict[str, tuple[int, ...]]:
+    """{dataset path: (kept, rows, seq_len, truncated, dropped too long, dropped no loss)} from the builders' log."""
+    found = {}
+    for record in caplog.records:
+        match = FIT.fullmatch(record.getMessage())
+        if match:
+            found[match[1]] = tuple(map(int, match.groups()[1:]))
+    return found
+
+
+def fit_counts(path: Path, seq_len: int) -> tuple[int, int]:
+    """(rows too long for seq_len, rows whose gold ending would be cut off entirely), counted directly: a HellaSwag
+    sample is BOS + context + gold ending, shifted by one token, with loss on the ending only."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    too_long = cut_off = 0
+    for row in map(json.loads, path.read_text(encoding="utf-8").splitlines()):
+        context, ending = (tokenizer(text, add_special_tokens=False)["input_ids"]
+                           for text in (row["ctx"], row["endings"][int(row["label"])]))
+        too_long += len(context) + len(ending) > seq_len  # 1 (BOS) + tokens - 1 (the shift)
+        cut_off += 1 + len(context) > seq_len  # the first ending token is predicted at position len(context)
+    return too_long, cut_off
+
+
+@pytest.mark.slow
+def test_cli_lora_run_on_hellaswag_lowers_validation_loss(hellaswag, tmp_path):
+    train, validation = hellaswag
+    run_dir = tmp_path / "run"
+    argv = stories_argv(run_dir, train, validation, "--config.data.seq_len=256", "--config.train.max_steps=40",
+                        "--config.train.val_every=20", "--config.train.val_max_samples=64",
+                        "--config.train.log_every=5", "--config.logging.tensorboard=true",
+                        "--config.optim.learning_rate=5e-3", "--config.optim.schedule.warmup_steps=2",
+                        "--config.checkpoint.every_steps=20")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "automodel_jax.finetune", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    before, after, steps = SUMMARY.search(done.stdout).groups()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["loss"] for r in records if r["split"] == "val"}
+    assert sorted(val) == [0, 20, 40] and int(steps) == 40
+    assert (f"{val[0]:.4f}", f"{val[40]:.4f}") == (before, after)
+    assert val[40] < val[20] < val[0] and val[40] < 0.9 * val[0], val
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(5, 41, 5))
+
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
+    assert (run_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["model"]["path"], saved["data"]["seq_len"], saved["peft"]["method"]) == (str(STORIES), 256, "lora")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["20", "40"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run_dir / "export").iterdir()}
+
+
+def test_full_sft_truncates_long_samples_counts_them_and_exports_a_whole_model(hellaswag, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="automodel_jax.data.builders")
+    train, validation = hellaswag
+    run_dir = tmp_path / "run"
+    result = finetune.run(parse_config(stories_argv(run_dir, train, validation, "--config.peft.method=none",
+                                                    "--config.train.max_steps=3",
+                                                    "--config.optim.learning_rate=1e-3")))
+    assert result["steps"] == 3 and np.isfinite([result["val_loss_before"], result["val_loss_after"]]).all()
+
+    truncated, no_loss = fit_counts(train, 64)
+    assert 0 < no_loss < truncated < 400
+    assert fit_logs(caplog)[str(train)] == (400 - no_loss, 400, 64, truncated, 0, no_loss)
+
+    exported, base = load_file(run_dir / "export" / "model.safetensors"), load_file(STORIES / "model.safetensors")
+    assert exported.keys() == base.keys()
+    changed = [name for name in base if not np.array_equal(exported[name], base[name])]
+    assert len(changed) == len(base), "full SFT must train (and export) every weight"
+    assert (run_dir / "export" / "config.json").is_file() and (run_dir / "export" / "tokenizer.json").is_file()
+
+
+def test_drop_mode_drops_long_samples_and_counts_them(hellaswag, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="automodel_jax.data.builders")
+    train, validation = hellaswag
+    finetune.run(parse_config(stories_argv(tmp_path / "run", train, validation, "--config.data.truncation=drop",
+                                           "--config.train.max_steps=1", "--config.export.when=never")))
+    logged = fit_logs(caplog)
+    (dropped_train, _), (dropped_validation, _) = fit_counts(train, 64), fit_counts(validation, 64)
+    assert dropped_train > 0
+    assert logged[str(train)] == (400 - dropped_train, 400, 64, 0, dropped_train, 0)
+    assert logged[str(validation)] == (64 - dropped_validation, 64, 64, 0, dropped_validation, 0)
+
+
+@pytest.mark.parametrize("max_steps", [2, 5], ids=["on_the_last_step", "mid_run"])
+def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_last_good_state(hellaswag, tmp_path, capsys,
+                                                                                max_steps):
+    """An absurd learning rate: step 1 is finite and moves the adapters to ~1e30, step 2 overflows float32."""
+    train, validation = hellaswag
+    run_dir = tmp_path / "run"
+    keep, export = kept_export(tmp_path)
+    argv = stories_argv(run_dir, train, validation, f"--config.train.max_steps={max_steps}",
+                        "--config.optim.learning_rate=1e30", "--config.optim.grad_clip=0",
+                        "--config.checkpoint.every_steps=0", *keep)
+    assert finetune.main(argv) == 2
+    line = error_line(capsys)
+    assert "step 2:" in line and "is not finite" in line and "optim.learning_rate" in line, line
+
+    train_steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                   if r["split"] == "train"]
+    assert train_steps == [1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1"]
+    model, meta = load_checkpoint_model(run_dir)
+    trained = [x for pair in adapters(model).values() for x in pair]
+    assert meta["peft"]["method"] == "lora" and trained
+    assert all(bool(jax.numpy.isfinite(x).all()) for x in trained)
+    assert max(float(abs(x).max()) for x in trained) > 1e20, "the checkpoint is not the state after step 1"
+    assert [p.name for p in export.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize(("overrides", "fragments"), [
+    (["--config.model.path=/nonexistent/stories"], ["model path '/nonexistent/stories' is not a checkpoint"]),
+    (["--config.peft.method=lorra"], ["peft.method must be one of 'lora', 'none'", "did you mean 'lora'?"]),
+    (["--config.data.train.kind=instruction", f"--config.data.train.path={ALPACA}",
+      "--config.data.train.columns.answer=response"],  # the preset maps instruction; Alpaca's answers are `output`
+     [str(ALPACA), "lacks column(s) ['response']", "found ['instruction', 'input', 'output']", "`columns`"]),
+    (["--config.data.train.path={empty}"], ["{empty}", "no rows"]),
+    (["--config.data.seq_len=8", "--config.data.truncation=drop"],
+     ["{train}: no sample is left after fitting to seq_len 8", "'dropped_too_long': 400", "data.seq_len"]),
+    (["--config.data.pad_with_eos=false"], ["has no pad token", "data.pad_token_id", "data.pad_with_eos=True"]),
+], ids=["missing_model", "unknown_method", "missing_column", "empty_dataset", "all_too_long", "no_pad_token"])
+def test_bad_input_is_one_error_line_and_leaves_the_export_alone(hellaswag, tmp_path, capsys, overrides, fragments):
+    train, validation = hellaswag
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    names = dict(empty=empty, train=train)
+    keep, export = kept_export(tmp_path)
+    argv = stories_argv(tmp_path / "run", train, validation, *keep, *(o.format(**names) for o in overrides))
+    assert finetune.main(argv) == 2
+    line = error_line(capsys)
+    assert all(fragment.format(**names) in line for fragment in fragments), line
+    assert [p.name for p in export.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_non_empty_export_dir_is_refused_before_anything_runs(hellaswag, tmp_path, capsys):
+    train, validation = hellaswag
+    run_dir = tmp_path / "run"
+    (run_dir / "export").mkdir(parents=True)
+    (run_dir / "export" / "adapter_model.safetensors").write_bytes(b"an earlier run's adapter")
+    assert finetune.main(stories_argv(run_dir, train, validation)) == 2
+    line = error_line(capsys)
+    assert f"export directory {run_dir / 'export'} is not empty" in line and "export.overwrite=true" in line
+    assert [p.name for p in run_dir.iterdir()] == ["export"]
+    assert (run_dir / "export" / "adapter_model.safetensors").read_bytes() == b"an earlier run's adapter"

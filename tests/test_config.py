@@ -126,7 +126,7 @@ def test_bad_command_lines(config_file, tmp_path):
         (["--config", config_file, "--config", config_file], "--config given twice"),
         (["--config", config_file, "--steps=3"], "unexpected argument '--steps=3'"),
         (["--config", str(tmp_path / "nope.py")], f"config file '{tmp_path / 'nope.py'}' not found"),
-        (["--config", f"{config_file}:huge"], f"unknown preset 'huge' for '{config_file}'; known presets: tiny, big"),
+        (["--config", f"{config_file}:huge"], f"unknown preset 'huge' for '{config_file}'; known presets: 'tiny', 'big'"),
     ]
     for argv, message in cases:
         with pytest.raises(ConfigError, match="^" + re.escape(message)):

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 
 from automodel_jax.data.encoding import (IGNORE, bos_ids, encode_chat, encode_prompt_answer, normalize_messages, shift,
@@ -185,9 +186,11 @@ def resolve_pad_id(tokenizer, pad_token_id: int | None = None, pad_with_eos: boo
 
 def dataset_defaults(kind: str, path: str, split: str) -> dict:
     """Every key any builder reads, so configs can override any of them from the command line."""
-    return dict(kind=kind, path=path, split=split, limit=None,
-                columns=dict(context="context", question="question", answer="answer"), prompt_template=None,
-                messages_column="messages", chat_template=None, num_samples=1024, seed=0, vocab_size=None)
+    optional = config_dict.placeholder  # None by default, but typed so `--config.data.train.limit=400` works
+    return dict(kind=kind, path=path, split=split, limit=optional(int),
+                columns=dict(context="context", question="question", answer="answer"), prompt_template=optional(str),
+                messages_column="messages", chat_template=optional(str), num_samples=1024, seed=0,
+                vocab_size=optional(int))
 
 
 def data_defaults() -> ml_collections.ConfigDict:
@@ -195,5 +198,5 @@ def data_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         train=dataset_defaults("squad", "rajpurkar/squad", "train"),
         validation=dataset_defaults("squad", "rajpurkar/squad", "validation"),
-        seq_len=512, truncation="truncate", packing=False, pad_token_id=None, pad_with_eos=True,
+        seq_len=512, truncation="truncate", packing=False, pad_token_id=config_dict.placeholder(int), pad_with_eos=True,
     ))

@@ -226,3 +226,25 @@ def test_a_non_empty_export_dir_is_refused_before_anything_runs(hellaswag, tmp_p
     assert f"export directory {run_dir / 'export'} is not empty" in line and "export.overwrite=true" in line
     assert [p.name for p in run_dir.iterdir()] == ["export"]
     assert (run_dir / "export" / "adapter_model.safetensors").read_bytes() == b"an earlier run's adapter"
+
+
+def test_evaluation_at_the_end_of_training_writes_hellaswag_scores(hellaswag, tmp_path):
+    """evaluation.task=hellaswag scores the trained model (acc, acc_norm over `limit` rows) and saves them."""
+    train, validation = hellaswag
+    run_dir = tmp_path / "run"
+    argv = stories_argv(run_dir, train, validation, "--config.evaluation.task=hellaswag",
+                        f"--config.evaluation.data={validation}", "--config.evaluation.split=train",
+                        "--config.evaluation.limit=8", "--config.export.when=never")
+    result = finetune.run(parse_config(argv))
+    scores = json.loads((run_dir / "evaluation.json").read_text())
+    assert scores == result["evaluation"]
+    assert set(scores) == {"acc", "acc_norm"}
+    for value in scores.values():  # a mean over 8 rows of 0/1 outcomes
+        assert 0.0 <= value <= 1.0 and (value * 8) == round(value * 8)
+
+
+def test_evaluation_without_data_is_a_clear_error(hellaswag, tmp_path, capsys):
+    train, validation = hellaswag
+    argv = stories_argv(tmp_path / "run", train, validation, "--config.evaluation.task=hellaswag")
+    assert finetune.main(argv) == 2
+    assert "evaluation.data is empty" in error_line(capsys)

@@ -237,7 +237,8 @@ def run(cfg) -> dict:
 def main(argv: list[str] | None = None) -> int:
     # force: grain/orbax import absl, which installs a root handler at WARNING before we get here.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    for noisy in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         run(cfg)

@@ -98,12 +98,18 @@ def pretrain_config(init_dir: Path, run_dir: Path):
         cfg.data[split].update(kind="instruction", path=f"{SCHEME}word-tasks/{name}", prompt_template=PROMPT_TEMPLATE)
         cfg.data[split].columns = dict(instruction="instruction", answer="output")
     cfg.data.seq_len = 32
-    cfg.train.update(global_batch_size=PRETRAIN["global_batch_size"], micro_batch_size=PRETRAIN["global_batch_size"],
+    import jax
+    devices = jax.device_count()  # data-parallel over every local device: micro batch = global batch / devices
+    if PRETRAIN["global_batch_size"] % devices:
+        raise ValueError(f"the embedded base model is pre-trained with batch {PRETRAIN['global_batch_size']}, which "
+                         f"{devices} devices do not divide; build it once on one device (JAX_PLATFORMS=cpu)")
+    cfg.train.update(global_batch_size=PRETRAIN["global_batch_size"],
+                     micro_batch_size=PRETRAIN["global_batch_size"] // devices,
                      max_steps=PRETRAIN["steps"], val_every=0, log_every=50)
     cfg.optim.update(name="adamw", learning_rate=PRETRAIN["learning_rate"], weight_decay=0.0)
     cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"],
                               min_learning_rate=PRETRAIN["learning_rate"] / 10)
-    cfg.mesh.fsdp = 1
+    cfg.mesh.update(data=-1, fsdp=1)
     cfg.checkpoint.enabled = False
     cfg.export.when = "never"
     cfg.logging.tensorboard = False
@@ -112,8 +118,13 @@ def pretrain_config(init_dir: Path, run_dir: Path):
 
 def _build_base_model(root: Path, target: Path) -> None:
     """Random init + tokenizer in HF format, pre-trained with this recipe, exported with our exporter."""
+    import jax
+
     from automodel_jax import AutoModelForCausalLM
     from automodel_jax.finetune import run
+    if jax.process_count() > 1:
+        raise ValueError("the embedded base model is built by a single process; run the command once without "
+                         "multiple processes first (it is cached), or set model.path to a real checkpoint")
     init_dir = root / "tiny-llama-init"
     AutoModelForCausalLM.from_config(TINY_LLAMA, seed=0).save_pretrained(init_dir, overwrite=True)
     build_tokenizer().save_pretrained(init_dir)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from automodel_jax.models.kvcache import LayerCache
 from automodel_jax.models.layers import Linear, RMSNorm, apply_rope
+from automodel_jax.parallel.sharding import context_parallel, gather_kv
 
 if TYPE_CHECKING:
     from automodel_jax.models.decoder import DecoderConfig
@@ -78,7 +79,14 @@ def attention(q, k, v, segment_ids=None, positions=None, *, right_padded: bool =
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if cache is None and _use_cudnn(impl, q, softcap) and (segment_ids is None or right_padded):
+    if cache is None and context_parallel():
+        # The sequence is sharded over `context`: queries stay sharded, keys/values are all-gathered (exact), and the
+        # XLA path takes the global causal mask (cuDNN's kernel refuses sequence-sharded queries).
+        if impl == "cudnn":
+            raise ValueError("attention implementation 'cudnn' cannot run with context parallelism (mesh.context > 1);"
+                             " use attention 'auto' or 'xla'")
+        k, v = gather_kv(k, v)
+    elif cache is None and _use_cudnn(impl, q, softcap) and (segment_ids is None or right_padded):
         lengths = None if segment_ids is None else jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,

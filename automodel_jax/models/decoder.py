@@ -16,9 +16,13 @@ from automodel_jax.models.attention import DecoderAttention
 from automodel_jax.models.base import CausalLM, remat_policy
 from automodel_jax.models.kvcache import KVCache, LayerCache
 from automodel_jax.models.layers import ACTIVATIONS, Embedding, GatedMLP, Linear, RMSNorm, RopeConfig
+from automodel_jax.parallel.sharding import constrain
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 LAYER_TYPES = (FULL, SLIDING)
+
+# The residual stream [batch, seq, hidden]: batch over data/fsdp, sequence over context (the rule table).
+RESIDUAL_AXES = ("batch", "seq", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +137,7 @@ class DecoderModel(nnx.Module):
 
     def __call__(self, input_ids, positions, segment_ids, right_padded=False, dropout_rng=None,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        x = self.embed_tokens(input_ids)
+        x = constrain(self.embed_tokens(input_ids), RESIDUAL_AXES)
         if self.cfg.scale_embeddings:  # in the compute dtype, as HF multiplies in the embedding's dtype
             x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
         if cache is not None:
@@ -144,7 +148,7 @@ class DecoderModel(nnx.Module):
             return self.norm(x), KVCache.from_layers(layer_caches, input_ids.shape[1])
 
         def run_layer(layer, x, positions, segment_ids, dropout_rng):
-            return layer(x, positions, segment_ids, right_padded, dropout_rng)[0]
+            return constrain(layer(x, positions, segment_ids, right_padded, dropout_rng)[0], RESIDUAL_AXES)
 
         if self.cfg.remat != "none":
             run_layer = nnx.remat(run_layer, policy=remat_policy(self.cfg.remat))

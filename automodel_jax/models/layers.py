@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from automodel_jax.parallel.sharding import constrain
+
 
 # Marks an attribute as pytree data even while it holds None (flax >= 0.12 needs it; older flax has no such marker).
 as_data = getattr(nnx, "data", lambda value: value)
@@ -225,4 +227,5 @@ class GatedMLP(nnx.Module):
             gate, up = jnp.split(self.gate_up_proj(x, dropout_rng), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x, dropout_rng), self.up_proj(x, dropout_rng)
-        return self.down_proj(ACTIVATIONS[self.activation](gate) * up, dropout_rng)
+        hidden = constrain(ACTIVATIONS[self.activation](gate) * up, ("batch", "seq", "mlp"))
+        return self.down_proj(hidden, dropout_rng)

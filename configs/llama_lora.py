@@ -4,44 +4,16 @@ Presets: "" (default) = the embedded default (a small Llama the project builds i
 on a laptop CPU in a few minutes, no network); "llama3.2-1b" = NeMo Automodel's llama3_2_1b_squad_peft (LoRA r=8,
 alpha=32 on all *_proj, Adam lr 1e-5 cosine to 1e-6, global batch 64, local batch 8, SQuAD); "llama3.1-8b".
 """
-from automodel_jax.finetune import default_config
+from automodel_jax.presets import embedded_default, squad
 
 PRESETS = ("", "llama3.2-1b", "llama3.1-8b")
 
 
 def get_config(preset: str = ""):
-    cfg = default_config()
-    cfg.peft.method = "lora"
-    if preset == "":
-        cfg.run_dir = "runs/llama_lora"
-        cfg.model.update(path="embedded:tiny-llama", dtype="float32", param_dtype="float32")
-        cfg.peft.update(r=16, alpha=32.0, target_modules=("*_proj",))
-        for split in ("train", "validation"):
-            cfg.data[split].update(kind="instruction", path=f"embedded:word-tasks/{split}",
-                                   prompt_template="{instruction} = ")
-            cfg.data[split].columns = dict(instruction="instruction", answer="output")
-        cfg.data.seq_len = 32
-        cfg.train.update(global_batch_size=32, micro_batch_size=32, max_steps=400, val_every=100, log_every=20,
-                         sample_prompts=("caps planet = ", "next jazzy = ", "caps zebra = ", "next hello = "),
-                         sample_max_new_tokens=10)
-        cfg.optim.update(name="adamw", learning_rate=5e-3, weight_decay=0.0)
-        cfg.optim.schedule.update(name="cosine", warmup_steps=20, min_learning_rate=5e-4)
-        cfg.mesh.fsdp = 1
-        return cfg
-    cfg.data.train.update(kind="squad", path="rajpurkar/squad", split="train")
-    cfg.data.validation.update(kind="squad", path="rajpurkar/squad", split="validation")
-    cfg.train.update(val_every=100, val_max_samples=512)
-    cfg.optim.update(name="adam", learning_rate=1e-5, weight_decay=0.0)
-    cfg.optim.schedule.update(name="cosine", warmup_steps=0, min_learning_rate=1e-6)
-    cfg.peft.update(r=8, alpha=32.0, dropout=0.0, target_modules=("*_proj",))
     if preset == "llama3.2-1b":
-        cfg.run_dir = "runs/llama3.2-1b_squad_lora"
-        cfg.model.path = "meta-llama/Llama-3.2-1B"
-        cfg.train.update(global_batch_size=64, micro_batch_size=8, max_steps=1000)
-        cfg.data.seq_len = 512
-    elif preset == "llama3.1-8b":
-        cfg.run_dir = "runs/llama3.1-8b_squad_lora"
-        cfg.model.path = "meta-llama/Llama-3.1-8B"
-        cfg.train.update(global_batch_size=32, micro_batch_size=4, max_steps=1000)
-        cfg.data.seq_len = 1024
-    return cfg
+        return squad("runs/llama3.2-1b_squad_lora", "meta-llama/Llama-3.2-1B", global_batch=64, micro_batch=8,
+                     seq_len=512)
+    if preset == "llama3.1-8b":
+        return squad("runs/llama3.1-8b_squad_lora", "meta-llama/Llama-3.1-8B", global_batch=32, micro_batch=4,
+                     seq_len=1024)
+    return embedded_default("runs/llama_lora", lora=True, learning_rate=5e-3)

@@ -4,7 +4,7 @@ all *_proj layers; Adam lr 1e-5 cosine to 1e-6).
 Presets: "" (default) = "qwen3-0.6b" = Qwen/Qwen3-0.6B: 28 layers, hidden 1024, 16 query / 8 KV heads of dim 128,
 q/k RMSNorm, vocab 151,936, tied embeddings.
 """
-from automodel_jax.finetune import default_config
+from automodel_jax.presets import squad
 
 MODELS = {"qwen3-0.6b": "Qwen/Qwen3-0.6B"}
 PRESETS = ("", *MODELS)
@@ -12,12 +12,4 @@ PRESETS = ("", *MODELS)
 
 def get_config(preset: str = ""):
     name = preset or "qwen3-0.6b"
-    cfg = default_config()  # its data: SQuAD train / validation from the Hub
-    cfg.run_dir = f"runs/{name}_squad_lora"
-    cfg.model.path = MODELS[name]
-    cfg.peft.update(method="lora", r=8, alpha=32.0, dropout=0.0, target_modules=("*_proj",))
-    cfg.data.seq_len = 512
-    cfg.train.update(global_batch_size=64, micro_batch_size=8, max_steps=1000, val_every=100, val_max_samples=512)
-    cfg.optim.update(name="adam", learning_rate=1e-5, weight_decay=0.0)
-    cfg.optim.schedule.update(name="cosine", warmup_steps=0, min_learning_rate=1e-6)
-    return cfg
+    return squad(f"runs/{name}_squad_lora", MODELS[name], global_batch=64, micro_batch=8, seq_len=512)

@@ -216,10 +216,10 @@ def run(cfg) -> dict:
     logger.plot_losses()
     logger.close()
     checkpoints.close()
-    if export_to is not None:
-        export_model(nnx.merge(graphdef, state["params"], frozen), export_to, base_model_name_or_path=model_path,
-                     merge_lora=cfg.export.merge_lora, overwrite=cfg.export.overwrite)
     trained = nnx.merge(graphdef, state["params"], frozen)
+    if export_to is not None:
+        export_model(trained, export_to, base_model_name_or_path=model_path, merge_lora=cfg.export.merge_lora,
+                     overwrite=cfg.export.overwrite)
     scores = {}
     if cfg.evaluation.task != "none":
         from automodel_jax.evaluation import evaluate

@@ -2,7 +2,6 @@
 collectives train exactly like one process with 4 devices; bad meshes and an unreachable coordinator fail early with
 one line."""
 import json
-import os
 import subprocess
 import sys
 import time

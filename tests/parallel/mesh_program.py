@@ -21,7 +21,6 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from ml_collections import ConfigDict  # noqa: E402
 
 from automodel_jax.models import AutoModelForCausalLM  # noqa: E402
 from automodel_jax.models.params import flatten, path_str  # noqa: E402

@@ -3,7 +3,6 @@ segment ids and restarting positions) equal those of the same samples run one pe
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.data import make_loader

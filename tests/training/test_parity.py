@@ -4,9 +4,7 @@ relative at every step. Two micro-batches per step with different label counts c
 (sum over the global batch's label tokens / their number)."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import pytest
 import torch
 
 from automodel_jax import AutoModelForCausalLM

@@ -95,6 +95,9 @@ class CheckpointTensors:
         f = self.where[name]
         return f.get(name), f.path
 
+    def release(self, name: str) -> None:
+        self.where[name].release(name)
+
 
 def _abstract_model(cls, cfg, dtype, param_dtype):
     abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
@@ -135,7 +138,12 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
     if unexpected:
         raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all) that this "
                               f"{cls.__name__} does not have; does config.json match the weights?")
-    params, source_dtypes = {}, []
+    def settle(entry):
+        if entry is not None:
+            entry[1].block_until_ready()
+            tensors.release(entry[0])
+
+    params, source_dtypes, in_flight = {}, [], None
     for name, path_ in expected.items():
         view, file = tensors.get(name)
         shape, target_dtype = shapes[path_]
@@ -151,6 +159,11 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
                                            lambda idx, v=view: np.asarray(v[idx]))
         params[path_] = _to_param(raw, transpose=transpose, dtype=target_dtype, sharding=shardings[path_])
         source_dtypes.append((name, dtype_name(view.dtype)))
+        # Once the devices hold the previous tensor its host pages can go; waiting one tensor behind keeps reading
+        # this one overlapped with that one's transfer, with at most two tensors resident on the host.
+        settle(in_flight)
+        in_flight = (name, params[path_])
+    settle(in_flight)
     model = nnx.merge(graphdef, unflatten(params))
     model.hf_source = HFSource(str(directory), json.dumps(hf_config), tuple(sorted(source_dtypes)))
     return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -78,6 +79,17 @@ class SafetensorsFile:
         count = math.prod(shape)
         start = self._data_start + begin
         return self._mmap[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s pages from this process's resident memory once it is on the devices, so a load's
+        host footprint stays near one tensor (the pages are file-backed: reading again would fault them back in)."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        dtype, shape, begin = self.entries[name]
+        page = mmap.PAGESIZE
+        start = (self._data_start + begin) // page * page
+        end = self._data_start + begin + math.prod(shape) * dtype.itemsize
+        self._mmap._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def write_file(path: str | os.PathLike, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],

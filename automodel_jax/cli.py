@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 PROG = "automodel-jax"
 # command -> (module whose main(argv) it runs, one-line summary)
@@ -21,6 +21,20 @@ COMMANDS = {
     "evaluate": ("automodel_jax.evaluate", "score a model on HellaSwag or SQuAD"),
     "launch": ("automodel_jax.launch", "write and submit a multi-node Slurm job for a fine-tuning run"),
 }
+
+
+# What a command reports as bad input (one `error:` line, exit code 2) rather than as a crash with a traceback.
+BAD_INPUT = (FileNotFoundError, FileExistsError, ValueError)
+
+
+def exit_code(action: Callable[[], object], errors: tuple[type[BaseException], ...] = BAD_INPUT) -> int:
+    """Run a command's `action`: 0 when it succeeds; one of `errors` becomes one `error:` line on stderr and 2."""
+    try:
+        action()
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def usage() -> str:

@@ -64,7 +64,8 @@ def load_config_file(spec: str) -> ConfigDict:
         raise ConfigError(f"config file '{path_text}' defines no get_config(preset: str = '') function")
     presets = getattr(module, "PRESETS", None)
     if preset and presets is not None and preset not in presets:
-        raise ConfigError(f"unknown preset '{preset}' for '{path_text}'; known presets: {', '.join(repr(p) for p in presets)}")
+        known = ", ".join(repr(p) for p in presets)
+        raise ConfigError(f"unknown preset '{preset}' for '{path_text}'; known presets: {known}")
     if inspect.signature(get_config).parameters:
         cfg = get_config(preset)
     elif preset:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from automodel_jax.cli import exit_code
 from automodel_jax.data.sources import load_rows
 from automodel_jax.evaluation import DEFAULT_DATA, TASKS, evaluate
 from automodel_jax.generation import load_for_inference
@@ -34,21 +35,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input)."""
     args = _parser().parse_args(argv)
-    try:
+
+    def run():
         hub_name, split = DEFAULT_DATA[args.task]
         rows = load_rows(args.data or hub_name, split, args.limit)
         model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype)
         result = evaluate(model, tokenizer, args.task, rows, args.limit, args.batch_size,
                           max_new_tokens=args.max_new_tokens)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
-    return 0
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.output is not None:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text + "\n")
+    return exit_code(run)
 
 
 if __name__ == "__main__":

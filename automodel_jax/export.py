@@ -16,9 +16,10 @@ from flax import nnx
 from ml_collections import config_dict
 
 from automodel_jax import embedded
-from automodel_jax.checkpoint.hf import save_pretrained
+from automodel_jax.checkpoint.hf import refuse_non_empty, save_pretrained
 from automodel_jax.checkpoint.orbax_io import load_checkpoint_model
 from automodel_jax.checkpoint.peft_io import save_peft_adapter
+from automodel_jax.cli import exit_code
 from automodel_jax.config import validate_choice
 from automodel_jax.models.params import flatten, pure_dict
 from automodel_jax.peft.lora import adapters, merged_kernels
@@ -33,20 +34,13 @@ def export_defaults() -> ml_collections.ConfigDict:
     ))
 
 
-def refuse_non_empty(out_dir, overwrite: bool, fix: str) -> Path:
-    """Fail before any work when the export would be refused at the end (a non-empty directory, no overwrite)."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"export directory {out} is not empty; {fix}")
-    return out
-
-
 def export_dir(cfg) -> Path | None:
     """Where the recipe exports (None: it does not); checked now, before training."""
     if validate_choice(cfg, "export.when", ("final", "never")) == "never":
         return None
     return refuse_non_empty(cfg.export.dir or Path(cfg.run_dir) / "export", cfg.export.overwrite,
-                            "set export.dir to another directory, export.overwrite=true or export.when=never")
+                            "set export.dir to another directory, export.overwrite=true or export.when=never",
+                            what="export directory")
 
 
 def export_model(model: nnx.Module, out_dir, *, base_model_name_or_path: str, merge_lora: bool = False,
@@ -63,7 +57,8 @@ def export_model(model: nnx.Module, out_dir, *, base_model_name_or_path: str, me
 def export_checkpoint(checkpoint, out_dir, *, merge_lora: bool = False, overwrite: bool = False,
                       max_shard_size: int | str = "5GB", mesh=None) -> Path:
     """Export an Orbax checkpoint (a run directory's latest, or a step directory) as `export_model` does."""
-    refuse_non_empty(out_dir, overwrite, "choose another directory or pass --overwrite to replace it")
+    refuse_non_empty(out_dir, overwrite, "choose another directory or pass --overwrite to replace it",
+                     what="export directory")
     model, meta = load_checkpoint_model(checkpoint, mesh=mesh)
     return export_model(model, out_dir, base_model_name_or_path=embedded.resolve(meta["model_path"]),
                         merge_lora=merge_lora, overwrite=overwrite, max_shard_size=max_shard_size)
@@ -83,14 +78,12 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def run():
         out = export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite,
                                 max_shard_size=args.max_shard_size)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {args.checkpoint} to {out}", flush=True)
-    return 0
+        print(f"exported {args.checkpoint} to {out}", flush=True)
+    return exit_code(run)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from flax import nnx
 from automodel_jax import embedded
 from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
 from automodel_jax.checkpoint.orbax_io import TrainCheckpoints, checkpoint_defaults
+from automodel_jax.cli import BAD_INPUT, exit_code
 from automodel_jax.config import ConfigError, parse_config, save_config, validate_choice
 from automodel_jax.data import build_dataset, data_defaults, load_rows, make_loader, resolve_pad_id
 from automodel_jax.export import export_defaults, export_dir, export_model
@@ -239,13 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        run(cfg)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TrainingError, DistributedInitError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run(parse_config(sys.argv[1:] if argv is None else argv)),
+                     BAD_INPUT + (TrainingError, DistributedInitError))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from automodel_jax.cli import exit_code
 from automodel_jax.generation import generate, load_for_inference
 
 
@@ -63,7 +64,8 @@ class TerminalStream:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input)."""
     args = _parser().parse_args(argv)
-    try:
+
+    def run():
         empty = [i for i, p in enumerate(args.prompt) if not p.strip()]
         if empty:
             raise ValueError(f"--prompt number {empty[0] + 1} is empty; give some text to continue")
@@ -75,10 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                      stream=TerminalStream(tokenizer, [] if args.chat else ids, sys.stdout))
             sys.stdout.write("\n")
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(run)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import sys
 
 import jax.numpy as jnp
 
-from automodel_jax.checkpoint.hf import CheckpointTensors, resolve_checkpoint_dir
+from automodel_jax.checkpoint.hf import CheckpointTensors, refuse_non_empty, resolve_checkpoint_dir
 from automodel_jax.checkpoint.orbax_io import save_params_checkpoint
-from automodel_jax.export import refuse_non_empty
+from automodel_jax.cli import BAD_INPUT, exit_code
 from automodel_jax.models import AutoModelForCausalLM
 from automodel_jax.parallel.sharding import make_mesh
 
@@ -49,17 +49,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype to store the parameters in; auto = the checkpoint's (float32 if it mixes dtypes)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def run():
         refuse_non_empty(args.out_dir, args.overwrite, "choose another directory or pass --overwrite to replace it")
         directory = resolve_checkpoint_dir(args.hf_dir)
         dtype = source_dtype(directory) if args.param_dtype == "auto" else args.param_dtype
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, mesh=make_mesh(args.mesh))
         save_params_checkpoint(model, args.out_dir, model_path=str(directory), overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"converted {directory} to {args.out_dir}", flush=True)
-    return 0
+        print(f"converted {directory} to {args.out_dir}", flush=True)
+    return exit_code(run, BAD_INPUT + (TypeError,))  # TypeError: a --param-dtype that is not a dtype
 
 
 if __name__ == "__main__":

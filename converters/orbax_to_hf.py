@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_to_orbax import add_mesh_argument  # noqa: E402 - the converters are scripts side by side
 
+from automodel_jax.cli import exit_code  # noqa: E402
 from automodel_jax.export import export_checkpoint  # noqa: E402
 from automodel_jax.parallel.sharding import make_mesh  # noqa: E402
 
@@ -27,14 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def run():
         export_checkpoint(args.orbax_dir, args.out_dir, merge_lora=True, overwrite=args.overwrite,
                           max_shard_size=args.max_shard_size, mesh=make_mesh(args.mesh))
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"converted {args.orbax_dir} to {args.out_dir}", flush=True)
-    return 0
+        print(f"converted {args.orbax_dir} to {args.out_dir}", flush=True)
+    return exit_code(run)
 
 
 if __name__ == "__main__":

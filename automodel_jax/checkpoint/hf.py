@@ -180,19 +180,26 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
+def host_array(x: jax.Array) -> np.ndarray:
     """All of `x` on this host (a collective when it spans processes: every process must call it)."""
     if x.is_fully_addressable:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def prepare_output_dir(out_dir, overwrite: bool) -> Path:
-    """Refuse a non-empty directory unless overwrite; return a fresh temporary sibling to write into."""
+def refuse_non_empty(out_dir, overwrite: bool,
+                     fix: str = "choose another directory or pass overwrite=True (--overwrite) to replace it",
+                     what: str = "output directory") -> Path:
+    """The one check that nothing is overwritten: a non-empty `out_dir` is an error unless `overwrite`."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output directory {out} is not empty; choose another directory or pass "
-                              f"overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{what} {out} is not empty; {fix}")
+    return out
+
+
+def prepare_output_dir(out_dir, overwrite: bool) -> Path:
+    """Refuse a non-empty directory unless overwrite; return a fresh temporary sibling to write into."""
+    out = refuse_non_empty(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
@@ -238,7 +245,7 @@ def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_sh
         def fetch(name):
             _, _, dtype, path, transpose = by_name[name]
             x = flat[path]
-            return _host_array((x.T if transpose else x).astype(dtype))
+            return host_array((x.T if transpose else x).astype(dtype))
 
         weight_map, total = {}, 0
         for k, shard in enumerate(shards, 1):

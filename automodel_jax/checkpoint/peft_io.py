@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from automodel_jax.checkpoint.hf import TOKENIZER_FILES, _host_array, commit_output_dir, prepare_output_dir
+from automodel_jax.checkpoint.hf import TOKENIZER_FILES, host_array, commit_output_dir, prepare_output_dir
 from automodel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_file
 from automodel_jax.models.layers import LoRAParam
 from automodel_jax.peft.lora import adapters, apply_lora, linear_modules, lora_settings
@@ -42,8 +42,8 @@ def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, 
         raise ValueError("the model has no LoRA adapters; export the full model with save_pretrained instead")
     settings = lora_settings(model)
     primary = jax.process_index() == 0
-    host = {peft_key(m, "A"): _host_array(a).T for m, (a, _) in adapted.items()}
-    host.update({peft_key(m, "B"): _host_array(b).T for m, (_, b) in adapted.items()})
+    host = {peft_key(m, "A"): host_array(a).T for m, (a, _) in adapted.items()}
+    host.update({peft_key(m, "B"): host_array(b).T for m, (_, b) in adapted.items()})
     if not primary:
         return Path(out_dir)
     tmp = prepare_output_dir(out_dir, overwrite)

@@ -134,13 +134,18 @@ def _tile_logits(h_ref, w_ref, row0, col0, grid: _Grid) -> jax.Array:
     return lax.fori_loop(0, pl.cdiv(grid.h, cfg.block_k), step, init)
 
 
-def _stats_kernel(h_ref, w_ref, labels_ref, lse_ref, target_ref, *, grid: _Grid, cap):
+def _tile_origin(grid: _Grid):
+    """This program's tile: vocabulary block j, first row and column, the rows' in-bounds mask, the column ids."""
     cfg = grid.cfg
     i, j = grid.tile()
     row0 = pl.multiple_of(i * cfg.block_n, cfg.block_n)
     col0 = pl.multiple_of(j * cfg.block_v, cfg.block_v)
-    row_mask = grid.row_mask(row0 + jnp.arange(cfg.block_n))
-    cols = col0 + jnp.arange(cfg.block_v)
+    return j, row0, col0, grid.row_mask(row0 + jnp.arange(cfg.block_n)), col0 + jnp.arange(cfg.block_v)
+
+
+def _stats_kernel(h_ref, w_ref, labels_ref, lse_ref, target_ref, *, grid: _Grid, cap):
+    cfg = grid.cfg
+    j, row0, col0, row_mask, cols = _tile_origin(grid)
     logits = softcap(_tile_logits(h_ref, w_ref, row0, col0, grid), cap)
     col_mask = grid.col_mask(cols)
     if col_mask is not None:
@@ -156,11 +161,7 @@ def _stats_kernel(h_ref, w_ref, labels_ref, lse_ref, target_ref, *, grid: _Grid,
 
 def _grads_kernel(h_ref, w_ref, labels_ref, lse_ref, scale_ref, out_ref, *, grid: _Grid, cap):
     cfg = grid.cfg
-    i, j = grid.tile()
-    row0 = pl.multiple_of(i * cfg.block_n, cfg.block_n)
-    col0 = pl.multiple_of(j * cfg.block_v, cfg.block_v)
-    row_mask = grid.row_mask(row0 + jnp.arange(cfg.block_n))
-    cols = col0 + jnp.arange(cfg.block_v)
+    _, row0, col0, row_mask, cols = _tile_origin(grid)
     rows = pl.ds(row0, cfg.block_n)
     capped = softcap(_tile_logits(h_ref, w_ref, row0, col0, grid), cap)
     labels = _load(labels_ref.at[rows], row_mask, other=-1)

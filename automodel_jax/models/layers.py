@@ -67,10 +67,6 @@ class Embedding(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Tied output projection: x @ embedding.T."""
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
-
 
 class RMSNorm(nnx.Module):
     """HF RMSNorm: normalise in float32. offset=1 is Gemma's (1 + weight) form, which multiplies before the cast."""

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from automodel_jax.checkpoint.safetensors_io import (DTYPES, CheckpointError, SafetensorsFile, dtype_name,
                                                      write_file)
 from automodel_jax.models.params import flatten, path_str, pure_dict, unflatten
-from automodel_jax.models.base import CausalLM, HFSource, model_class_for
+from automodel_jax.models.base import CausalLM, HFSource, family_config
 from automodel_jax.parallel.sharding import DEFAULT_RULES, make_mesh, param_shardings
 
 LEAF_TO_HF = {"kernel": ("weight", True), "embedding": ("weight", False), "scale": ("weight", False),
@@ -120,10 +120,7 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
     """
     directory = resolve_checkpoint_dir(path)
     hf_config = read_hf_config(directory)
-    cls = model_class_for(hf_config, str(directory / "config.json"))
-    cfg = cls.config_class.from_hf(hf_config)
-    if model_overrides:
-        cfg = cfg.__class__(**{**cfg.__dict__, **model_overrides})
+    cls, cfg = family_config(hf_config, str(directory / "config.json"), model_overrides)
     tensors = CheckpointTensors(directory)
     mesh = mesh or make_mesh()
     abstract, graphdef, shapes = _abstract_model(cls, cfg, dtype, param_dtype)

@@ -6,7 +6,7 @@ import json
 import jax.numpy as jnp
 from flax import nnx
 
-from automodel_jax.models.base import CausalLM, HFSource, model_class_for
+from automodel_jax.models.base import CausalLM, HFSource, family_config
 
 
 def _dtype(x):
@@ -28,10 +28,7 @@ class AutoModelForCausalLM:
     def from_config(hf_config: dict, *, dtype=jnp.float32, param_dtype=None, seed: int = 0,
                     **model_overrides) -> CausalLM:
         """A randomly initialised model for an HF config dict (for pre-training from scratch and benchmarks)."""
-        cls = model_class_for(hf_config, "hf_config")
-        cfg = cls.config_class.from_hf(hf_config)
-        if model_overrides:
-            cfg = cfg.__class__(**{**cfg.__dict__, **model_overrides})
+        cls, cfg = family_config(hf_config, "hf_config", model_overrides)
         dtype = _dtype(dtype)
         model = cls(cfg, dtype=dtype, param_dtype=_dtype(param_dtype) or dtype, rngs=nnx.Rngs(seed))
         model.hf_source = HFSource(None, json.dumps(hf_config))

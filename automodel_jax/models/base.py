@@ -32,6 +32,12 @@ def model_class_for(hf_config: dict, where: str = "config.json") -> type["Causal
     return _REGISTRY[model_type]
 
 
+def family_config(hf_config: dict, where: str = "config.json", overrides: dict | None = None):
+    """(model class, its config) for an HF config dict; `overrides` (e.g. remat="full") replace config fields."""
+    cls = model_class_for(hf_config, where)
+    return cls, dataclasses.replace(cls.config_class.from_hf(hf_config), **(overrides or {}))
+
+
 @dataclasses.dataclass(frozen=True)
 class HFSource:
     """Where a model came from: its directory (for tokenizer/config files on export) and per-tensor HF dtypes."""

@@ -8,20 +8,51 @@ positions) if one is set.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from automodel_jax.models.kvcache import LayerCache
-from automodel_jax.models.layers import Linear, RMSNorm, apply_rope
 from automodel_jax.parallel.sharding import context_parallel, gather_kv
 
-if TYPE_CHECKING:
-    from automodel_jax.models.decoder import DecoderConfig
-
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+    """Everything attention needs besides the hidden states, built once per call and passed down every layer.
+
+    segment_ids [B, T] int32: 0 = padding, 1..n = the sample a token belongs to (packing; one sample = all ones).
+    positions [B, T] int32: rope positions (HF semantics: 0..T-1 unless given, e.g. restarting per packed sample).
+    dropout_rng: PRNG key for LoRA dropout (None = no dropout: evaluation, generation).
+    bidirectional_ids [B, T] int32 or None: tokens with the same non-zero id also see each other's later slots
+        (Gemma 3's image tokens attend bidirectionally within their image).
+    right_padded (static): every row is one sample followed by padding, so cuDNN can take valid lengths.
+    """
+    segment_ids: jax.Array
+    positions: jax.Array
+    dropout_rng: jax.Array | None = None
+    bidirectional_ids: jax.Array | None = None
+    right_padded: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @classmethod
+    def build(cls, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+              positions: jax.Array | None = None, segment_ids: jax.Array | None = None, right_padded: bool = False,
+              dropout_rng: jax.Array | None = None, cache_index: jax.Array | int | None = None) -> "AttentionInputs":
+        """From HF-style arguments: positions default to 0..T-1 after the `cache_index` cached tokens (not shifted by
+        left padding); `attention_mask` (1 = token, 0 = padding) becomes segment ids; all ones when neither is given.
+        """
+        # No mask and no segments: one unpadded sample per row, which the fused kernel takes as it is.
+        right_padded = right_padded or (segment_ids is None and attention_mask is None)
+        if segment_ids is None:
+            segment_ids = (jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
+                           else jnp.asarray(attention_mask).astype(jnp.int32))
+        if positions is None:
+            offset = 0 if cache_index is None else cache_index
+            positions = jnp.broadcast_to(offset + jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        return cls(jnp.asarray(segment_ids), jnp.asarray(positions), dropout_rng, right_padded=right_padded)
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_positions: jax.Array,
@@ -66,16 +97,16 @@ def _use_cudnn(impl: str, q: jax.Array, softcap) -> bool:
     return ok
 
 
-def attention(q, k, v, segment_ids=None, positions=None, *, right_padded: bool = False, scale: float | None = None,
-              sliding_window: int | None = None, softcap: float | None = None, impl: str = "auto",
-              cache: LayerCache | None = None):
-    """Causal attention. q [B,T,N,D], k/v [B,S,K,D] (N a multiple of K); segment_ids, positions [B,T] or None.
+def attention(q, k, v, inputs: AttentionInputs, *, scale: float | None = None, sliding_window: int | None = None,
+              softcap: float | None = None, impl: str = "auto", cache: LayerCache | None = None):
+    """Causal attention. q [B,T,N,D], k/v [B,S,K,D] (N a multiple of K); `inputs` holds segment ids and positions.
 
     Without `cache`, k/v are the same T tokens as q. With `cache` (whose k/v, segment ids and positions already hold
     the new tokens at slots [index, index+T)), k/v are its S slots and the mask is `attention_mask`'s (XLA always).
-    `right_padded=True` promises that every row is one sample followed by padding (segment ids 1...1 0...0), which
+    `inputs.right_padded` promises that every row is one sample followed by padding (segment ids 1...1 0...0), which
     lets cuDNN take valid lengths instead of a dense mask.
     """
+    segment_ids, positions = inputs.segment_ids, inputs.positions
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -86,15 +117,11 @@ def attention(q, k, v, segment_ids=None, positions=None, *, right_padded: bool =
             raise ValueError("attention implementation 'cudnn' cannot run with context parallelism (mesh.context > 1);"
                              " use attention 'auto' or 'xla'")
         k, v = gather_kv(k, v)
-    elif cache is None and _use_cudnn(impl, q, softcap) and (segment_ids is None or right_padded):
-        lengths = None if segment_ids is None else jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
+    elif cache is None and _use_cudnn(impl, q, softcap) and inputs.right_padded:
+        lengths = jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
             local_window_size=None if sliding_window is None else (sliding_window - 1, 0), implementation="cudnn")
-    if segment_ids is None:
-        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
     if cache is None:
         mask = attention_mask(segment_ids, segment_ids, positions, positions, sliding_window=sliding_window)
     else:
@@ -103,57 +130,20 @@ def attention(q, k, v, segment_ids=None, positions=None, *, right_padded: bool =
     return _xla_attention(q, k, v, mask, scale, softcap)
 
 
-class DecoderAttention(nnx.Module):
-    """Self-attention of every decoder family, with HF's submodule names.
+def bidirectional_attention(q, k, v, segment_ids: jax.Array | None = None, *, scale: float | None = None,
+                            impl: str = "auto") -> jax.Array:
+    """Non-causal attention of vision encoders. q, k, v [B, T, N, D]; returns [B, T, N, D].
 
-    q_proj/k_proj/v_proj (or Phi-3's fused qkv_proj) and o_proj; optional per-head q_norm/k_norm (Qwen3, Gemma 3)
-    applied before rope; the rope, sliding window, soft-cap and query scale of this layer from the config.
+    `segment_ids` [B, T] (None = one block): a token sees only tokens of its own segment (Qwen2.5-VL's windows and
+    images flattened into one row); padding is its own segment. cuDNN on GPU for bf16/fp16 without segments.
     """
-
-    def __init__(self, cfg: "DecoderConfig", *, sliding: bool, dtype, param_dtype, rngs: nnx.Rngs):
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.sliding_window = cfg.sliding_window if sliding else None
-        self.rope = cfg.local_rope if sliding and cfg.local_rope is not None else cfg.rope
-        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
-        self.softcap, self.impl, self.fused = cfg.attn_logit_softcap, cfg.attention_impl, cfg.fused_qkv
-        h, hd = cfg.hidden_size, cfg.head_dim
-        q_out, kv_out = self.num_heads * hd, self.num_kv_heads * hd
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=cfg.initializer_range)
-        if self.fused:
-            self.qkv_proj = Linear(h, q_out + 2 * kv_out, use_bias=cfg.qkv_bias, axes=("embed", "heads"), **kw)
-        else:
-            self.q_proj = Linear(h, q_out, use_bias=cfg.qkv_bias, axes=("embed", "heads"), **kw)
-            self.k_proj = Linear(h, kv_out, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), **kw)
-            self.v_proj = Linear(h, kv_out, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), **kw)
-        self.o_proj = Linear(q_out, h, use_bias=cfg.o_bias, axes=("heads", "embed"), **kw)
-        self.qk_norm = cfg.qk_norm
-        if self.qk_norm:
-            norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, offset=cfg.norm_offset)
-            self.q_norm, self.k_norm = RMSNorm(hd, **norm), RMSNorm(hd, **norm)
-
-    def _project(self, x, dropout_rng):
-        if self.fused:
-            q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = jnp.split(self.qkv_proj(x, dropout_rng), [q_out, q_out + kv_out], axis=-1)
-        else:
-            q, k, v = self.q_proj(x, dropout_rng), self.k_proj(x, dropout_rng), self.v_proj(x, dropout_rng)
-        b, t, _ = x.shape
-        return (q.reshape(b, t, self.num_heads, self.head_dim), k.reshape(b, t, self.num_kv_heads, self.head_dim),
-                v.reshape(b, t, self.num_kv_heads, self.head_dim))
-
-    def __call__(self, x, positions, segment_ids, right_padded=False, dropout_rng=None,
-                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-        """Output [B, T, hidden] and, with a cache, the cache with this call's keys and values written in."""
-        q, k, v = self._project(x, dropout_rng)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = self.rope.inv_freq(self.head_dim, positions)
-        q = apply_rope(q, positions, inv_freq, self.rope.attention_factor)
-        k = apply_rope(k, positions, inv_freq, self.rope.attention_factor)
-        if cache is not None:
-            cache = cache.update(k, v)
-            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
-        out = attention(q, k, v, segment_ids, positions, right_padded=right_padded, scale=self.scale,
-                        sliding_window=self.sliding_window, softcap=self.softcap, impl=self.impl, cache=cache)
-        return self.o_proj(out.reshape(*x.shape[:2], -1), dropout_rng), cache
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if segment_ids is None and _use_cudnn(impl, q, None):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    if segment_ids is None:
+        mask = jnp.ones((q.shape[0], 1, q.shape[1], k.shape[1]), bool)
+    else:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return _xla_attention(q, k, v, mask, scale, None)

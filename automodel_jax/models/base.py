@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from automodel_jax.models.attention import AttentionInputs
+
 REMAT_POLICIES = ("none", "full", "save_dots")
 _REGISTRY: dict[str, type["CausalLM"]] = {}
 
@@ -54,8 +56,8 @@ def remat_policy(name: str):
 
 
 class CausalLM(nnx.Module):
-    """Base of every family: subclasses build `self.model` (and `lm_head` unless tied) and define `hidden_states`
-    and `init_cache`.
+    """Base of every family: subclasses build `self.model` (and `lm_head` unless tied) and define
+    `hidden_states(input_ids, inputs: AttentionInputs, cache)` and `init_cache`.
 
     `config_class` turns an HF config dict into the family's frozen config dataclass (which has
     `tie_word_embeddings` and `final_logit_softcap`).
@@ -70,8 +72,10 @@ class CausalLM(nnx.Module):
 
         With a KV `cache` (from `init_cache`), the tokens are appended to it and (logits, new cache) is returned.
         """
-        out = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
-                                 right_padded=right_padded, dropout_rng=dropout_rng, cache=cache)
+        inputs = AttentionInputs.build(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
+                                       right_padded=right_padded and cache is None, dropout_rng=dropout_rng,
+                                       cache_index=None if cache is None else cache.index)
+        out = self.hidden_states(input_ids, inputs, cache)
         if cache is None:
             return self.logits(out)
         h, cache = out
@@ -92,21 +96,3 @@ class CausalLM(nnx.Module):
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
-
-    @staticmethod
-    def _inputs(input_ids, attention_mask, positions, segment_ids, cache=None):
-        """HF semantics: positions default to 0..T-1 after the cached tokens (not shifted by left padding); the mask
-        becomes segment ids (all ones when a cache needs them and neither is given)."""
-        if segment_ids is None and attention_mask is not None:
-            segment_ids = attention_mask.astype(jnp.int32)
-        if segment_ids is None and cache is not None:
-            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
-        if positions is None:
-            offset = 0 if cache is None else cache.index
-            positions = jnp.broadcast_to(offset + jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-        return positions, segment_ids
-
-    def save_pretrained(self, out_dir, *, overwrite: bool = False, max_shard_size: int | str = "5GB") -> None:
-        """Write an HF checkpoint (sharded safetensors + index, config, generation config, tokenizer files)."""
-        from automodel_jax.checkpoint.hf import save_pretrained
-        save_pretrained(self, out_dir, overwrite=overwrite, max_shard_size=max_shard_size)

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from automodel_jax.models.attention import DecoderAttention
+from automodel_jax.models.attention import AttentionInputs, attention
 from automodel_jax.models.base import CausalLM, remat_policy
 from automodel_jax.models.kvcache import KVCache, LayerCache
-from automodel_jax.models.layers import ACTIVATIONS, Embedding, GatedMLP, Linear, RMSNorm, RopeConfig
+from automodel_jax.models.layers import ACTIVATIONS, Embedding, GatedMLP, Linear, RMSNorm, RopeConfig, apply_rope
 from automodel_jax.parallel.sharding import constrain
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -99,6 +99,63 @@ def hf_layer_types(hf: dict, default: list[str], sliding_window: int | None) -> 
     return tuple(types)
 
 
+class DecoderAttention(nnx.Module):
+    """Self-attention of every decoder family, with HF's submodule names.
+
+    q_proj/k_proj/v_proj (or Phi-3's fused qkv_proj) and o_proj; optional per-head q_norm/k_norm (Qwen3, Gemma 3)
+    applied before rope; the rope, sliding window, soft-cap and query scale of this layer from the config.
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, sliding: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.sliding_window = cfg.sliding_window if sliding else None
+        self.rope = cfg.local_rope if sliding and cfg.local_rope is not None else cfg.rope
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self.softcap, self.impl, self.fused = cfg.attn_logit_softcap, cfg.attention_impl, cfg.fused_qkv
+        h, hd = cfg.hidden_size, cfg.head_dim
+        q_out, kv_out = self.num_heads * hd, self.num_kv_heads * hd
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=cfg.initializer_range)
+        if self.fused:
+            self.qkv_proj = Linear(h, q_out + 2 * kv_out, use_bias=cfg.qkv_bias, axes=("embed", "heads"), **kw)
+        else:
+            self.q_proj = Linear(h, q_out, use_bias=cfg.qkv_bias, axes=("embed", "heads"), **kw)
+            self.k_proj = Linear(h, kv_out, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), **kw)
+            self.v_proj = Linear(h, kv_out, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = Linear(q_out, h, use_bias=cfg.o_bias, axes=("heads", "embed"), **kw)
+        self.qk_norm = cfg.qk_norm
+        if self.qk_norm:
+            norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, offset=cfg.norm_offset)
+            self.q_norm, self.k_norm = RMSNorm(hd, **norm), RMSNorm(hd, **norm)
+
+    def _project(self, x, dropout_rng):
+        if self.fused:
+            q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = jnp.split(self.qkv_proj(x, dropout_rng), [q_out, q_out + kv_out], axis=-1)
+        else:
+            q, k, v = self.q_proj(x, dropout_rng), self.k_proj(x, dropout_rng), self.v_proj(x, dropout_rng)
+        b, t, _ = x.shape
+        return (q.reshape(b, t, self.num_heads, self.head_dim), k.reshape(b, t, self.num_kv_heads, self.head_dim),
+                v.reshape(b, t, self.num_kv_heads, self.head_dim))
+
+    def __call__(self, x, inputs: AttentionInputs,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """Output [B, T, hidden] and, with a cache, the cache with this call's keys and values written in."""
+        positions = inputs.positions
+        q, k, v = self._project(x, inputs.dropout_rng)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = self.rope.inv_freq(self.head_dim, positions)
+        q = apply_rope(q, positions, inv_freq, self.rope.attention_factor)
+        k = apply_rope(k, positions, inv_freq, self.rope.attention_factor)
+        if cache is not None:
+            cache = cache.update(k, v)
+            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+        out = attention(q, k, v, inputs, scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,
+                        impl=self.impl, cache=cache)
+        return self.o_proj(out.reshape(*x.shape[:2], -1), inputs.dropout_rng), cache
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: DecoderConfig, layer_type: str, *, dtype, param_dtype, rngs: nnx.Rngs):
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, offset=cfg.norm_offset)
@@ -114,15 +171,16 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
 
-    def __call__(self, x, positions, segment_ids, right_padded=False, dropout_rng=None,
-                 cache: LayerCache | None = None):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, right_padded, dropout_rng, cache)
-        if self.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention output
-            x = x + self.post_attention_layernorm(h)
-            h = self.mlp(self.pre_feedforward_layernorm(x), dropout_rng)
-            return x + self.post_feedforward_layernorm(h), cache
-        x = x + h  # Llama: post_attention_layernorm is the pre-MLP norm
-        return x + self.mlp(self.post_attention_layernorm(x), dropout_rng), cache
+    def __call__(self, x, inputs: AttentionInputs, cache: LayerCache | None = None):
+        with jax.named_scope("self_attn"):
+            h, cache = self.self_attn(self.input_layernorm(x), inputs, cache)
+        with jax.named_scope("mlp"):
+            if self.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention output
+                x = x + self.post_attention_layernorm(h)
+                h = self.mlp(self.pre_feedforward_layernorm(x), inputs.dropout_rng)
+                return x + self.post_feedforward_layernorm(h), cache
+            x = x + h  # Llama: post_attention_layernorm is the pre-MLP norm
+            return x + self.mlp(self.post_attention_layernorm(x), inputs.dropout_rng), cache
 
 
 class DecoderModel(nnx.Module):
@@ -135,26 +193,38 @@ class DecoderModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
                             offset=cfg.norm_offset)
 
-    def __call__(self, input_ids, positions, segment_ids, right_padded=False, dropout_rng=None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        x = constrain(self.embed_tokens(input_ids), RESIDUAL_AXES)
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [B, T, hidden] in the compute dtype, scaled as the family does."""
+        x = self.embed_tokens(input_ids)
         if self.cfg.scale_embeddings:  # in the compute dtype, as HF multiplies in the embedding's dtype
             x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, x.dtype)
+        return x
+
+    def __call__(self, input_ids, inputs: AttentionInputs, cache: KVCache | None = None, *,
+                 inputs_embeds: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states [B, T, hidden] of `input_ids` [B, T] (or of `inputs_embeds` [B, T, hidden], e.g. text
+        embeddings with image features merged in), and the updated cache when one is given."""
+        with jax.named_scope("embed_tokens"):
+            x = constrain(self.embed(input_ids) if inputs_embeds is None else inputs_embeds, RESIDUAL_AXES)
         if cache is not None:
             layer_caches = []
-            for layer, layer_cache in zip(self.layers, cache.for_tokens(segment_ids, positions)):
-                x, layer_cache = layer(x, positions, segment_ids, cache=layer_cache)
+            for i, (layer, layer_cache) in enumerate(
+                    zip(self.layers, cache.for_tokens(inputs.segment_ids, inputs.positions))):
+                with jax.named_scope(f"layers.{i}"):
+                    x, layer_cache = layer(x, inputs, cache=layer_cache)
                 layer_caches.append(layer_cache)
-            return self.norm(x), KVCache.from_layers(layer_caches, input_ids.shape[1])
+            return self.norm(x), KVCache.from_layers(layer_caches, x.shape[1])
 
-        def run_layer(layer, x, positions, segment_ids, dropout_rng):
-            return constrain(layer(x, positions, segment_ids, right_padded, dropout_rng)[0], RESIDUAL_AXES)
+        def run_layer(layer, x, inputs):
+            return constrain(layer(x, inputs)[0], RESIDUAL_AXES)
 
         if self.cfg.remat != "none":
             run_layer = nnx.remat(run_layer, policy=remat_policy(self.cfg.remat))
-        for layer in self.layers:
-            x = run_layer(layer, x, positions, segment_ids, dropout_rng)
-        return self.norm(x), None
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"layers.{i}"):
+                x = run_layer(layer, x, inputs)
+        with jax.named_scope("norm"):
+            return self.norm(x), None
 
 
 class DecoderLM(CausalLM):
@@ -170,11 +240,10 @@ class DecoderLM(CausalLM):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False, axes=("embed", "vocab"),
                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs, init_std=config.initializer_range)
 
-    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
-                      right_padded=False, dropout_rng=None, cache: KVCache | None = None):
+    def hidden_states(self, input_ids, inputs: AttentionInputs, cache: KVCache | None = None):
         """Final hidden states [B, T, hidden]; with `cache`, (hidden states, cache with these tokens appended)."""
-        positions, segment_ids = self._inputs(input_ids, attention_mask, positions, segment_ids, cache)
-        h, cache = self.model(input_ids, positions, segment_ids, right_padded, dropout_rng, cache)
+        with jax.named_scope("model"):
+            h, cache = self.model(input_ids, inputs, cache)
         return h if cache is None else (h, cache)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from automodel_jax.losses.cross_entropy import linear_cross_entropy
+from automodel_jax.models.attention import AttentionInputs
 from automodel_jax.models.layers import LoRAParam
 from automodel_jax.models.params import flatten, pure_dict, unflatten
 from automodel_jax.parallel.sharding import (DEFAULT_RULES, activation_sharding, param_shardings,
@@ -43,8 +44,8 @@ def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, right_padd
                chunk_size: int | None = None):
     """(sum of token losses, number of label tokens) of one micro-batch."""
     model = nnx.merge(graphdef, trainable, frozen)
-    h = model.hidden_states(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                            right_padded=right_padded, dropout_rng=dropout_rng)
+    inputs = AttentionInputs(batch["segment_ids"], batch["positions"], dropout_rng, right_padded=right_padded)
+    h = model.hidden_states(batch["input_ids"], inputs)
     return linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.output_kernel(), batch["labels"].reshape(-1),
                                 impl=loss_impl, chunk_size=chunk_size,
                                 logit_softcap=getattr(model, "logit_softcap", None))

@@ -1,5 +1,11 @@
-"""automodel-jax: fine-tune Hugging Face LLMs with SFT and LoRA in JAX/Flax."""
-from automodel_jax.models import AutoModelForCausalLM
+"""automodel-jax: fine-tune Hugging Face LLMs and VLMs with SFT and LoRA in JAX/Flax.
 
-__all__ = ["AutoModelForCausalLM"]
+Layout: components (`models`, `peft`, `data`, `losses`, `kernels`, `parallel`, `checkpoint`, `training`,
+`evaluation`, `generation`, `launcher`, `config`) are composed by thin recipes (`recipes.llm`, `recipes.vlm`); the
+command-line entry points live in `cli` (with `python -m automodel_jax.COMMAND` shims beside this file); `auto` is the
+HF-shaped facade. The import rules are contracts in pyproject.toml, checked by `lint-imports` in CI.
+"""
+from automodel_jax.auto import AutoModelForCausalLM, save_pretrained
+
+__all__ = ["AutoModelForCausalLM", "save_pretrained"]
 __version__ = "0.1.0"

@@ -1,30 +1,29 @@
 """Training-step throughput on one GPU: the W1-W4 workloads of BENCHMARKS.md with our real train step.
 
-Random-initialised models of the published shapes, mock tokens (loss on every token), the recipe's own jitted,
-buffer-donating step. One JSON line per workload: tokens/s, median step time, model TFLOP/s and MFU (the same FLOP
-count as the HF peer, ../shared/peers/peer_hf.py), peak device memory, compile time.
+Random-initialised models of the published shapes and mock tokens (loss on every token), run through the recipe's
+own phases (`setup`, `train_loop`: the grain loader, the jitted buffer-donating step, metrics one step behind), so
+it measures the loop users run. One JSON line per workload: tokens/s, mean step time, model TFLOP/s and MFU (the same
+FLOP count as the HF peer, ../shared/peers/peer_hf.py), peak device memory, compile + first step time.
 
-    python bench/train_bench.py w1 w2 w3 w4 [--remat save_dots] [--loss chunked] [--steps 10]
+    python bench/train_bench.py w1 w2 w3 w4 [--remat save_dots] [--loss chunked] [--steps 10] [--profile DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from automodel_jax import AutoModelForCausalLM
-from automodel_jax.parallel.sharding import make_mesh
-from automodel_jax.peft.lora import apply_lora
-from automodel_jax.training.optim import build_optimizer, optim_defaults
-from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step, split_model, \
-    tree_shardings
+from automodel_jax.recipes.llm.embedded import build_tokenizer
+from automodel_jax.recipes.llm.finetune import default_config, setup, train_loop
 
 PEAK_TFLOPS = float(os.environ.get("PEAK_TFLOPS", "790"))
 SHAPES = {
@@ -57,50 +56,57 @@ def flops_per_token(cfg: dict, seq: int, lora: bool) -> float:
     return 3 * fwd if not lora else 2 * fwd + 2 * attn
 
 
-def run(key: str, steps: int, warmup: int, remat: str, loss: str) -> dict:
+def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str | None = None) -> dict:
+    """One workload through the recipe's own phases: `setup` (state, jitted steps, grain loader of mock rows) and
+    `train_loop` (the loop users run, metrics read one step behind), timed over `steps` steps after `warmup`.
+    `profile`: a directory for a `jax.profiler` trace of two steps after warm-up (the recipe's `profile` section)."""
     name, shape, rank, alpha, micro, seq, global_batch = WORKLOADS[key]
     lora = rank is not None
     hf_cfg = dict(model_type="llama", **SHAPES[shape])
+    model_dir = Path(tempfile.mkdtemp(prefix="train_bench-"))
+    (model_dir / "config.json").write_text(json.dumps(hf_cfg))
+    build_tokenizer().save_pretrained(model_dir)  # the mock rows need only its pad id
+    cfg = default_config()
+    cfg.run_dir = str(model_dir / "run")
+    cfg.model.update(path=str(model_dir), dtype="bfloat16", param_dtype="bfloat16" if lora else "float32",
+                     remat=remat)
+    cfg.peft.update(method="lora" if lora else "none", r=rank or 8, alpha=float(alpha), target_modules=("*_proj",))
+    for split in ("train", "validation"):
+        cfg.data[split].update(kind="mock", vocab_size=hf_cfg["vocab_size"], num_samples=global_batch * 4)
+    cfg.data.seq_len = seq
+    cfg.train.update(global_batch_size=global_batch, micro_batch_size=micro, max_steps=warmup + steps, val_every=0,
+                     log_every=10 ** 9, val_max_samples=micro)
+    cfg.optim.update(name="adamw", learning_rate=1e-5, grad_clip=0.0)
+    cfg.loss.impl = loss
+    cfg.mesh.update(data=1, fsdp=-1)
+    cfg.checkpoint.enabled = False
+    cfg.export.when = "never"
+    cfg.logging.tensorboard = False
+    if profile:
+        cfg.profile.update(enabled=True, start_step=warmup, num_steps=2, dir=str(Path(profile).absolute() / key))
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=jnp.bfloat16,
                                              param_dtype=jnp.bfloat16 if lora else jnp.float32, remat=remat)
-    if lora:
-        apply_lora(model, r=rank, alpha=alpha, target_modules=("*_proj",))
-    optim_cfg = optim_defaults()
-    optim_cfg.update(name="adamw", learning_rate=1e-5, grad_clip=0.0)
-    optimizer, schedule = build_optimizer(optim_cfg, 1000)
-    mesh = make_mesh()
-    graphdef, trainable, frozen = split_model(model, lora)
-    state, state_shardings = init_state(trainable, optimizer, 0, tree_shardings(model, trainable, mesh))
-    frozen = jax.device_put(frozen, tree_shardings(model, frozen, mesh))
-    step_kw = dict(loss_impl=loss, right_padded=True, chunk_size=None)
-    train, _, batch_3d, _ = compile_steps(make_train_step(graphdef, optimizer, schedule, **step_kw),
-                                          make_eval_step(graphdef, **step_kw), state_shardings,
-                                          tree_shardings(model, frozen, mesh), mesh)
-    del model, trainable
-    accum = global_batch // micro
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, hf_cfg["vocab_size"], (accum, micro, seq + 1), dtype=np.int32)
-    batch = dict(input_ids=ids[..., :-1], labels=ids[..., 1:], segment_ids=np.ones_like(ids[..., :-1]),
-                 positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (accum, micro, seq)).copy())
-    batch = jax.device_put(batch, batch_3d)
+    run_ = setup(cfg, model=model)
+    del model
     t0 = time.perf_counter()
-    compiled = train.lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, frozen, batch)
-        float(metrics["loss"])
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    tok_s = global_batch * seq / med
+    train_loop(run_, until_step=1)  # compiles ahead of time, then one step
+    jax.block_until_ready(run_.state)
+    compile_and_first = time.perf_counter() - t0
+    train_loop(run_, until_step=warmup)
+    jax.block_until_ready(run_.state)
+    t0 = time.perf_counter()
+    train_loop(run_, until_step=warmup + steps)
+    jax.block_until_ready(run_.state)
+    step_s = (time.perf_counter() - t0) / steps
+    run_.logger.close()
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tok_s = global_batch * seq / step_s
     tflops = tok_s * flops_per_token(hf_cfg, seq, lora) / 1e12
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
     return dict(impl="automodel-jax", workload=name, batch=micro, seq=seq, global_batch=global_batch,
-                remat=remat, loss_impl=loss, step_s=round(med, 4), tokens_per_s=round(tok_s),
+                remat=remat, loss_impl=loss, step_s=round(step_s, 4), tokens_per_s=round(tok_s),
                 model_tflops=round(tflops, 1), mfu=round(tflops / PEAK_TFLOPS, 3), peak_mem_gb=round(peak, 1),
-                compile_s=round(compile_s, 1), loss=round(float(metrics["loss"]), 3), jax=jax.__version__)
+                compile_and_first_step_s=round(compile_and_first, 1), jax=jax.__version__)
 
 
 def main() -> int:
@@ -110,9 +116,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
     parser.add_argument("--loss", default="chunked", choices=("naive", "chunked", "pallas"))
+    parser.add_argument("--profile", help="write a jax.profiler trace of two timed steps under DIR/WORKLOAD")
     args = parser.parse_args()
     for key in args.workloads:
-        print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss)), flush=True)
+        print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile)), flush=True)
     return 0
 
 

@@ -4,7 +4,7 @@ all *_proj layers; Adam lr 1e-5 cosine to 1e-6).
 Presets: "" (default) = "gemma2-2b" = google/gemma-2-2b-it: 26 layers, hidden 2304, 8 query / 4 KV heads of dim 256,
 vocab 256,000, sliding window 4096 on every other layer, attention / final logit soft-caps 50 / 30.
 """
-from automodel_jax.presets import squad
+from automodel_jax.recipes.llm.presets import squad
 
 MODELS = {"gemma2-2b": "google/gemma-2-2b-it"}
 PRESETS = ("", *MODELS)

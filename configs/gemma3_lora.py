@@ -4,7 +4,7 @@ all *_proj layers; Adam lr 1e-5 cosine to 1e-6).
 Presets: "" (default) = "gemma3-1b" = google/gemma-3-1b-it (HF model_type gemma3_text): 26 layers, hidden 1152,
 4 query / 1 KV heads of dim 256, vocab 262,144, five 512-token sliding-window layers per global one.
 """
-from automodel_jax.presets import squad
+from automodel_jax.recipes.llm.presets import squad
 
 MODELS = {"gemma3-1b": "google/gemma-3-1b-it"}
 PRESETS = ("", *MODELS)

@@ -4,7 +4,7 @@ Presets: "" (default) = the embedded default (a small Llama the project builds i
 on a laptop CPU in a few minutes, no network); "llama3.2-1b" = NeMo Automodel's llama3_2_1b_squad_peft (LoRA r=8,
 alpha=32 on all *_proj, Adam lr 1e-5 cosine to 1e-6, global batch 64, local batch 8, SQuAD); "llama3.1-8b".
 """
-from automodel_jax.presets import embedded_default, squad
+from automodel_jax.recipes.llm.presets import embedded_default, squad
 
 PRESETS = ("", "llama3.2-1b", "llama3.1-8b")
 

@@ -5,7 +5,7 @@ laptop CPU, no network); "llama3.2-1b" = NeMo Automodel's llama3_2_1b_squad (glo
 cosine to 1e-6, SQuAD) with AdamW and bfloat16 compute over float32 master weights; "llama3.1-8b" likewise, sharded
 over all devices (FSDP).
 """
-from automodel_jax.presets import embedded_default, squad
+from automodel_jax.recipes.llm.presets import embedded_default, squad
 
 PRESETS = ("", "llama3.2-1b", "llama3.1-8b")
 

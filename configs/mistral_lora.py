@@ -4,7 +4,7 @@ all *_proj layers; Adam lr 1e-5 cosine to 1e-6).
 Presets: "" (default) = "mistral-7b" = mistralai/Mistral-7B-Instruct-v0.3: 32 layers, hidden 4096, 32 query / 8 KV
 heads, vocab 32,768, no sliding window.
 """
-from automodel_jax.presets import squad
+from automodel_jax.recipes.llm.presets import squad
 
 MODELS = {"mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3"}
 PRESETS = ("", *MODELS)

@@ -4,7 +4,7 @@ qkv_proj, o_proj, gate_up_proj, down_proj; Adam lr 1e-5 cosine to 1e-6).
 Presets: "" (default) = "phi3-mini-4k" = microsoft/Phi-3-mini-4k-instruct: 32 layers, hidden 3072, 32 query / 32 KV
 heads, fused qkv_proj and gate_up_proj, vocab 32,064, 4k context.
 """
-from automodel_jax.presets import squad
+from automodel_jax.recipes.llm.presets import squad
 
 MODELS = {"phi3-mini-4k": "microsoft/Phi-3-mini-4k-instruct"}
 PRESETS = ("", *MODELS)

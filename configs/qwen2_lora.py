@@ -4,7 +4,7 @@ all *_proj layers; Adam lr 1e-5 cosine to 1e-6).
 Presets: "" (default) = "qwen2.5-0.5b" = Qwen/Qwen2.5-0.5B-Instruct: 24 layers, hidden 896, 14 query / 2 KV heads,
 vocab 151,936, tied embeddings.
 """
-from automodel_jax.presets import squad
+from automodel_jax.recipes.llm.presets import squad
 
 MODELS = {"qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct"}
 PRESETS = ("", *MODELS)

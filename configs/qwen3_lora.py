@@ -4,7 +4,7 @@ all *_proj layers; Adam lr 1e-5 cosine to 1e-6).
 Presets: "" (default) = "qwen3-0.6b" = Qwen/Qwen3-0.6B: 28 layers, hidden 1024, 16 query / 8 KV heads of dim 128,
 q/k RMSNorm, vocab 151,936, tied embeddings.
 """
-from automodel_jax.presets import squad
+from automodel_jax.recipes.llm.presets import squad
 
 MODELS = {"qwen3-0.6b": "Qwen/Qwen3-0.6B"}
 PRESETS = ("", *MODELS)

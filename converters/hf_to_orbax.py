@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from automodel_jax.checkpoint.hf import CheckpointTensors, refuse_non_empty, resolve_checkpoint_dir
 from automodel_jax.checkpoint.orbax_io import save_params_checkpoint
 from automodel_jax.cli import BAD_INPUT, exit_code
-from automodel_jax.models import AutoModelForCausalLM
+from automodel_jax import AutoModelForCausalLM
 from automodel_jax.parallel.sharding import make_mesh
 
 

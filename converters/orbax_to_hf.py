@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_to_orbax import add_mesh_argument  # noqa: E402 - the converters are scripts side by side
 
 from automodel_jax.cli import exit_code  # noqa: E402
-from automodel_jax.export import export_checkpoint  # noqa: E402
+from automodel_jax.checkpoint.export import export_checkpoint  # noqa: E402
 from automodel_jax.parallel.sharding import make_mesh  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import transformers
 
 from automodel_jax import finetune
 from automodel_jax.config import load_config_file, parse_config
-from automodel_jax.models import AutoModelForCausalLM
+from automodel_jax import AutoModelForCausalLM
 from automodel_jax.peft.lora import find_targets
 from reference import FAMILIES, TINY
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from automodel_jax.evaluate import main
+from automodel_jax.cli.evaluate import main
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / ".." / "shared" / "assets"

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from automodel_jax import embedded
 from automodel_jax.checkpoint.safetensors_io import CheckpointError
 from automodel_jax.config import ConfigError, load_config_file
-from automodel_jax.export import main as export_main
-from automodel_jax.finetune import run
+from automodel_jax.cli.export import main as export_main
+from automodel_jax.recipes.llm.finetune import resolve_path, run
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = np.random.default_rng(0).integers(4, 100, size=(2, 10))
@@ -56,7 +55,7 @@ def test_the_recipe_exports_a_peft_adapter_that_peft_loads(trained):
     run_dir, result = trained
     export = run_dir / "export"
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(files(export))
-    base = transformers.AutoModelForCausalLM.from_pretrained(embedded.resolve("embedded:tiny-llama"),
+    base = transformers.AutoModelForCausalLM.from_pretrained(resolve_path("embedded:tiny-llama"),
                                                              dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, export).eval()
     np.testing.assert_allclose(torch_logits(peft_model), our_logits(result["model"]), atol=1e-4, rtol=1e-4)

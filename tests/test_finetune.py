@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from automodel_jax import finetune
+from automodel_jax.cli import finetune as finetune_cli
+from automodel_jax.recipes.llm import finetune
 from automodel_jax.checkpoint.orbax_io import load_checkpoint_model
 from automodel_jax.config import parse_config
 from automodel_jax.peft.lora import adapters
@@ -175,7 +176,7 @@ def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_last_good_state
     argv = stories_argv(run_dir, train, validation, f"--config.train.max_steps={max_steps}",
                         "--config.optim.learning_rate=1e30", "--config.optim.grad_clip=0",
                         "--config.checkpoint.every_steps=0", *keep)
-    assert finetune.main(argv) == 2
+    assert finetune_cli.main(argv) == 2
     line = error_line(capsys)
     assert "step 2:" in line and "is not finite" in line and "optim.learning_rate" in line, line
 
@@ -209,7 +210,7 @@ def test_bad_input_is_one_error_line_and_leaves_the_export_alone(hellaswag, tmp_
     names = dict(empty=empty, train=train)
     keep, export = kept_export(tmp_path)
     argv = stories_argv(tmp_path / "run", train, validation, *keep, *(o.format(**names) for o in overrides))
-    assert finetune.main(argv) == 2
+    assert finetune_cli.main(argv) == 2
     line = error_line(capsys)
     assert all(fragment.format(**names) in line for fragment in fragments), line
     assert [p.name for p in export.iterdir()] == ["keep.txt"]
@@ -221,7 +222,7 @@ def test_a_non_empty_export_dir_is_refused_before_anything_runs(hellaswag, tmp_p
     run_dir = tmp_path / "run"
     (run_dir / "export").mkdir(parents=True)
     (run_dir / "export" / "adapter_model.safetensors").write_bytes(b"an earlier run's adapter")
-    assert finetune.main(stories_argv(run_dir, train, validation)) == 2
+    assert finetune_cli.main(stories_argv(run_dir, train, validation)) == 2
     line = error_line(capsys)
     assert f"export directory {run_dir / 'export'} is not empty" in line and "export.overwrite=true" in line
     assert [p.name for p in run_dir.iterdir()] == ["export"]
@@ -246,5 +247,5 @@ def test_evaluation_at_the_end_of_training_writes_hellaswag_scores(hellaswag, tm
 def test_evaluation_without_data_is_a_clear_error(hellaswag, tmp_path, capsys):
     train, validation = hellaswag
     argv = stories_argv(tmp_path / "run", train, validation, "--config.evaluation.task=hellaswag")
-    assert finetune.main(argv) == 2
+    assert finetune_cli.main(argv) == 2
     assert "evaluation.data is empty" in error_line(capsys)

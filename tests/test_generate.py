@@ -11,7 +11,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from automodel_jax.generate import TerminalStream, main
+from automodel_jax.cli.generate import TerminalStream, main
 
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO / ".." / "shared" / "assets" / "models" / "stories260K"

@@ -14,7 +14,8 @@ from flax import nnx
 
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.checkpoint.peft_io import load_peft_adapter
-from automodel_jax.generation import Sampling, bucket_length, filter_logits, find_checkpoint_dir, generate
+from automodel_jax.auto import find_checkpoint_dir
+from automodel_jax.generation import Sampling, bucket_length, filter_logits, generate
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260K"
 PROMPTS = [[1, 17, 33, 52, 8], [1, 90, 4, 61, 77, 23, 9, 45, 3], [1, 64, 12]]

@@ -26,6 +26,19 @@ from automodel_jax.parallel.sharding import DEFAULT_RULES, make_mesh, param_shar
 
 LEAF_TO_HF = {"kernel": ("weight", True), "embedding": ("weight", False), "scale": ("weight", False),
               "bias": ("bias", False)}
+# Tensors HF names or lays out outside that rule, by the end of the name the rule gives: {suffix: (HF suffix,
+# transposed?)}. Gemma 3's projector weight is a bare [in, out] parameter; SigLIP's patch conv kernel is kept in HF's
+# [out, in, kh, kw] layout.
+HF_EXCEPTIONS = {"mm_input_projection_weight.weight": ("mm_input_projection_weight", False),
+                 "patch_embedding.weight": ("patch_embedding.weight", False)}
+# Other key layouts that transformers also loads, by model_type: (pattern, replacement) applied in order to a
+# checkpoint's tensor names gives ours (Gemma 3: the runtime names `model.language_model.*`, `lm_head.weight`,
+# `model.vision_tower.*`, and published checkpoints' `vision_tower.vision_model.*`; ours are what transformers 5
+# save_pretrained writes: `language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`).
+HF_KEY_ALIASES = {"gemma3": ((r"^model\.language_model\.", "language_model.model."),
+                             (r"^lm_head\.", "language_model.lm_head."),
+                             (r"^model\.(vision_tower|multi_modal_projector)\.", r"\1."),
+                             (r"^vision_tower\.vision_model\.", "vision_tower."))}
 # Buffers that old HF checkpoints carry but that are recomputed, never learned.
 IGNORED_HF_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -36,7 +49,18 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.
 def hf_name(path: tuple) -> tuple[str, bool]:
     """(HF tensor name, transposed?) for one of our parameter paths."""
     leaf, transpose = LEAF_TO_HF[path[-1]]
-    return path_str(path[:-1] + (leaf,)), transpose
+    name = path_str(path[:-1] + (leaf,))
+    for suffix, (hf_suffix, hf_transpose) in HF_EXCEPTIONS.items():
+        if name == suffix or name.endswith("." + suffix):
+            return name[:len(name) - len(suffix)] + hf_suffix, hf_transpose
+    return name, transpose
+
+
+def our_key(name: str, model_type: str | None) -> str:
+    """A checkpoint tensor name in our key layout (see HF_KEY_ALIASES)."""
+    for pattern, replacement in HF_KEY_ALIASES.get(model_type, ()):
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -126,29 +150,31 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
     abstract, graphdef, shapes = _abstract_model(cls, cfg, dtype, param_dtype)
     shardings = param_shardings(abstract, {p: s for p, (s, _) in shapes.items()}, mesh, rules)
     expected = {hf_name(p)[0]: p for p in shapes}
-    missing = sorted(set(expected) - set(tensors.names()))
+    on_disk = {our_key(n, hf_config.get("model_type")): n for n in tensors.names()}
+    missing = sorted(set(expected) - set(on_disk))
     if missing:
         raise CheckpointError(f"{directory}: tensor {missing[0]} is missing from the checkpoint "
                               f"({len(missing)} missing); is this checkpoint for this config.json?")
-    unexpected = sorted(n for n in tensors.names() if n not in expected and not IGNORED_HF_KEYS.match(n)
-                        and not (n == "lm_head.weight" and cfg.tie_word_embeddings))
+    unexpected = sorted(on_disk[n] for n in on_disk if n not in expected and not IGNORED_HF_KEYS.match(n)
+                        and not ((n == "lm_head.weight" or n.endswith(".lm_head.weight"))
+                                 and cfg.tie_word_embeddings))
     if unexpected:
         raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all) that this "
                               f"{cls.__name__} does not have; does config.json match the weights?")
     def settle(entry):
         if entry is not None:
             entry[1].block_until_ready()
-            tensors.release(entry[0])
+            tensors.release(on_disk[entry[0]])
 
     params, source_dtypes, in_flight = {}, [], None
     for name, path_ in expected.items():
-        view, file = tensors.get(name)
+        view, file = tensors.get(on_disk[name])
         shape, target_dtype = shapes[path_]
         transpose = hf_name(path_)[1]
         hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
         if view.shape != hf_shape:
-            raise CheckpointError(f"{file}: tensor {name} has shape {list(view.shape)} but config.json implies "
-                                  f"{list(hf_shape)}")
+            raise CheckpointError(f"{file}: tensor {on_disk[name]} has shape {list(view.shape)} but config.json "
+                                  f"implies {list(hf_shape)}")
         spec = shardings[path_].spec
         hf_spec = jax.sharding.PartitionSpec(*reversed(tuple(spec) + (None,) * (len(shape) - len(spec)))) \
             if transpose else spec

@@ -27,13 +27,12 @@ from flax import nnx
 from ml_collections import config_dict
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from automodel_jax import embedded
-from automodel_jax.checkpoint.hf import commit_output_dir, prepare_output_dir
+from automodel_jax.checkpoint.hf import commit_output_dir, load_pretrained, prepare_output_dir
 from automodel_jax.checkpoint.safetensors_io import CheckpointError
 from automodel_jax.config import ConfigError
-from automodel_jax.models.base import HFSource
-from automodel_jax.peft.lora import adapters, apply_lora, lora_settings
-from automodel_jax.training.step import split_model, tree_shardings
+from automodel_jax.models.base import HFSource, build_model
+from automodel_jax.parallel.sharding import tree_shardings
+from automodel_jax.peft.lora import adapters, apply_lora, lora_settings, split_model
 
 log = logging.getLogger("automodel_jax.checkpoint")
 
@@ -154,17 +153,18 @@ class TrainCheckpoints:
     is compiled), restores it into the train state and the loader, saves every N steps and at the end.
 
     Resumes the run_dir's latest complete checkpoint, else checkpoint.restore_from; restore_from only seeds a run_dir
-    without checkpoints of its own, so rerunning the same command continues where the run stopped.
+    without checkpoints of its own, so rerunning the same command continues where the run stopped. `model_path` (the
+    base model's local directory, default cfg.model.path) is recorded so that exports find the base again.
     """
 
-    def __init__(self, cfg, model: nnx.Module, total_steps: int):
+    def __init__(self, cfg, model: nnx.Module, total_steps: int, model_path: str | None = None):
         ck = cfg.checkpoint
         for key, low in (("every_steps", 0), ("keep", 1), ("keep_best", 0)):
             if ck[key] < low:
                 raise ConfigError(f"checkpoint.{key} must be >= {low}, got {ck[key]}")
         self.every, self.total_steps, self.config = ck.every_steps, total_steps, cfg.to_dict()
         self.directory = Path(cfg.run_dir).absolute() / CHECKPOINT_DIR
-        self.meta = model_meta(model, cfg.model.path)
+        self.meta = model_meta(model, cfg.model.path if model_path is None else model_path)
         self.manager = _manager(self.directory, keep=ck.keep, keep_best=ck.keep_best,
                                 async_save=ck.async_save) if ck.enabled else None
         self._pending = None
@@ -268,20 +268,20 @@ def save_params_checkpoint(model: nnx.Module, out_dir, *, model_path: str, overw
 def load_checkpoint_model(checkpoint, *, mesh=None) -> tuple[nnx.Module, dict]:
     """(model, meta item) of a checkpoint, on `mesh` (one device if None): the base from its model path with the
     saved adapters (LoRA), or the saved parameters in a model built from the saved HF config (full)."""
-    from automodel_jax.models import AutoModelForCausalLM
     from automodel_jax.parallel.sharding import make_mesh
     root, step = locate(checkpoint)
     manager, where, mesh = _manager(root, create=False), root / str(step), mesh or make_mesh()
     meta = _read_json(manager, step, ["meta"])["meta"]
-    base = embedded.resolve(meta["model_path"])
+    base = meta["model_path"]
     lora = meta["peft"]["method"] == "lora"
     if lora:  # the base in float32: merged kernels are then rounded once, to the checkpoint's dtypes on export
-        model = AutoModelForCausalLM.from_pretrained(base, dtype="float32", mesh=mesh)
+        model = load_pretrained(base, dtype=jnp.float32, param_dtype=jnp.float32, mesh=mesh)
         check_compatible(meta, {**model_meta(model, base), "peft": meta["peft"]}, where)
         peft = meta["peft"]
         apply_lora(model, r=peft["r"], alpha=peft["alpha"], dropout=peft["dropout"], target_modules=peft["targets"])
     else:
-        model = nnx.eval_shape(lambda: AutoModelForCausalLM.from_config(meta["hf_config"], dtype=meta["param_dtype"]))
+        dtype = jnp.dtype(meta["param_dtype"])
+        model = nnx.eval_shape(lambda: build_model(meta["hf_config"], dtype=dtype, param_dtype=dtype))
     graphdef, params, frozen = split_model(model, lora)
     target = _abstract(params, tree_shardings(model, params, mesh))
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]

@@ -57,16 +57,22 @@ class AttentionInputs:
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_positions: jax.Array,
                    kv_positions: jax.Array, *, q_offset: jax.Array | int = 0,
-                   sliding_window: int | None = None) -> jax.Array:
+                   sliding_window: int | None = None, q_bidirectional_ids: jax.Array | None = None,
+                   kv_bidirectional_ids: jax.Array | None = None) -> jax.Array:
     """Boolean [B, 1, T, S]: query i (slot q_offset + i) may see key slot j.
 
     Iff j <= q_offset + i, the key's segment is non-zero and equal to the query's (padding queries, segment 0, see
     every earlier real key, as HF's padding mask has them do), and q_position - k_position < sliding_window.
+    With bidirectional ids [B, T] / [B, S], a query also sees later keys of its own non-zero id (HF's blockwise
+    overlay: OR-ed with the causal part, then padding, segments and the window apply as above).
     """
     t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
-    causal = jnp.arange(s)[None, :] <= q_offset + jnp.arange(t)[:, None]
+    visible = (jnp.arange(s)[None, :] <= q_offset + jnp.arange(t)[:, None])[None]
+    if q_bidirectional_ids is not None:
+        q_bid, kv_bid = q_bidirectional_ids[:, :, None], kv_bidirectional_ids[:, None, :]
+        visible = visible | ((q_bid == kv_bid) & (q_bid != 0))
     q_seg, kv_seg = q_segment_ids[:, :, None], kv_segment_ids[:, None, :]
-    mask = causal[None] & (kv_seg != 0) & ((q_seg == kv_seg) | (q_seg == 0))
+    mask = visible & (kv_seg != 0) & ((q_seg == kv_seg) | (q_seg == 0))
     if sliding_window is not None:
         mask &= q_positions[:, :, None] - kv_positions[:, None, :] < sliding_window
     return mask[:, None]
@@ -104,7 +110,8 @@ def attention(q, k, v, inputs: AttentionInputs, *, scale: float | None = None, s
     Without `cache`, k/v are the same T tokens as q. With `cache` (whose k/v, segment ids and positions already hold
     the new tokens at slots [index, index+T)), k/v are its S slots and the mask is `attention_mask`'s (XLA always).
     `inputs.right_padded` promises that every row is one sample followed by padding (segment ids 1...1 0...0), which
-    lets cuDNN take valid lengths instead of a dense mask.
+    lets cuDNN take valid lengths instead of a dense mask. `inputs.bidirectional_ids` (Gemma 3's image blocks) let a
+    query also see later keys of its own block; that mask is always XLA's.
     """
     segment_ids, positions = inputs.segment_ids, inputs.positions
     if impl not in IMPLEMENTATIONS:
@@ -117,16 +124,21 @@ def attention(q, k, v, inputs: AttentionInputs, *, scale: float | None = None, s
             raise ValueError("attention implementation 'cudnn' cannot run with context parallelism (mesh.context > 1);"
                              " use attention 'auto' or 'xla'")
         k, v = gather_kv(k, v)
-    elif cache is None and _use_cudnn(impl, q, softcap) and inputs.right_padded:
+    elif cache is None and _use_cudnn(impl, q, softcap) and inputs.right_padded and inputs.bidirectional_ids is None:
         lengths = jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
             local_window_size=None if sliding_window is None else (sliding_window - 1, 0), implementation="cudnn")
+    bid = inputs.bidirectional_ids
     if cache is None:
-        mask = attention_mask(segment_ids, segment_ids, positions, positions, sliding_window=sliding_window)
+        mask = attention_mask(segment_ids, segment_ids, positions, positions, sliding_window=sliding_window,
+                              q_bidirectional_ids=bid, kv_bidirectional_ids=bid)
     else:
+        # Bidirectional blocks lie within one call (images are in the prompt): earlier slots are all id 0.
+        kv_bid = None if bid is None else jax.lax.dynamic_update_slice(
+            jnp.zeros_like(cache.segment_ids), bid.astype(cache.segment_ids.dtype), (0, cache.index))
         mask = attention_mask(segment_ids, cache.segment_ids, positions, cache.positions, q_offset=cache.index,
-                              sliding_window=sliding_window)
+                              sliding_window=sliding_window, q_bidirectional_ids=bid, kv_bidirectional_ids=kv_bid)
     return _xla_attention(q, k, v, mask, scale, softcap)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import ClassVar
 
 import jax
@@ -46,6 +47,15 @@ class HFSource:
     directory: str | None = None
     config_json: str | None = None
     dtypes: tuple[tuple[str, str], ...] = ()
+
+
+def build_model(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, seed: int = 0, **overrides):
+    """A randomly initialised model of the family `hf_config` (an HF config dict) names, remembering that config for
+    export. Raises ValueError for an unsupported model_type."""
+    cls, cfg = family_config(hf_config, "hf_config", overrides)
+    model = cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+    model.hf_source = HFSource(None, json.dumps(hf_config))
+    return model
 
 
 def remat_policy(name: str):

@@ -52,7 +52,12 @@ class KVCache(NamedTuple):
         return self.segment_ids.shape[1]
 
     def for_tokens(self, segment_ids: jax.Array, positions: jax.Array) -> tuple[LayerCache, ...]:
-        """Per-layer views for a call with these new tokens' segment ids and positions [B, T]."""
+        """Per-layer views for a call with these new tokens' segment ids and positions [B, T].
+
+        M-RoPE positions [3, B, T] are kept as their largest component per token (a text token's three are equal),
+        so that decoding can continue each row after its largest position."""
+        if positions.ndim == 3:
+            positions = jnp.max(positions, axis=0)
         if segment_ids.shape[1] > self.max_len:
             raise ValueError(f"{segment_ids.shape[1]} new tokens do not fit a KV cache of max_len {self.max_len}; "
                              f"create the cache with a larger max_len")

@@ -112,6 +112,9 @@ class RopeConfig:
     short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors up to the original length
     long_factor: tuple[float, ...] | None = None  # longrope: ... beyond it
     attention_factor: float = 1.0  # longrope: multiplies cos and sin
+    # M-RoPE (Qwen2.5-VL): frequencies split into sections; section i rotates by position component i % 3 of
+    # positions [3, B, T] (temporal, height, width). None: one position per token.
+    mrope_section: tuple[int, ...] | None = None
 
     @classmethod
     def from_hf(cls, hf: dict, *, partial_rotary: bool = False) -> "RopeConfig":
@@ -158,11 +161,22 @@ class RopeConfig:
                    partial_rotary_factor=partial, **extra)
 
     def inv_freq(self, head_dim: int, positions: jax.Array) -> jax.Array:
-        """Inverse frequencies [rotary_dim/2] as HF computes them for this rope type (float32).
+        """Inverse frequencies [rotary_dim/2] as HF computes them for this rope type (float32); with
+        `mrope_section`, [3, rotary_dim/2]: row k keeps the frequencies of the sections position component k drives
+        (zeros elsewhere), which `apply_rope` sums over positions [3, B, T].
 
-        `positions` [B, T] matter only to "dynamic" and "longrope", which HF switches when max(positions) + 1 exceeds
-        (original_)max_position_embeddings (traced here, so one compile serves every length).
+        `positions` [B, T] (or [3, B, T]) matter only to "dynamic" and "longrope", which HF switches when
+        max(positions) + 1 exceeds (original_)max_position_embeddings (traced here, so one compile serves every length).
         """
+        inv = self._inv_freq(head_dim, positions)
+        if self.mrope_section is None:
+            return inv
+        if sum(self.mrope_section) != inv.shape[0]:
+            raise ValueError(f"mrope_section {list(self.mrope_section)} must sum to rotary dim / 2 = {inv.shape[0]}")
+        component = jnp.asarray(sum(([i % 3] * n for i, n in enumerate(self.mrope_section)), []))
+        return jnp.where(component[None, :] == jnp.arange(3)[:, None], inv[None, :], 0.0)
+
+    def _inv_freq(self, head_dim: int, positions: jax.Array) -> jax.Array:
         dim = int(head_dim * self.partial_rotary_factor)
         exponents = jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32) / dim
         base = jnp.float32(self.theta)
@@ -193,10 +207,18 @@ class RopeConfig:
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, attention_factor: float = 1.0) -> jax.Array:
     """HF's non-interleaved rotary embedding on the first 2*len(inv_freq) features (partial rotary leaves the rest).
 
-    x [B, T, heads, D], positions [B, T]; cos and sin are scaled by `attention_factor` (longrope)."""
-    rotary_dim = 2 * inv_freq.shape[0]
+    x [B, T, heads, D], positions [B, T]; cos and sin are scaled by `attention_factor` (longrope). Multi-axis rope
+    (M-RoPE, 2-D vision rope): inv_freq [K, rotary_dim/2] with one masked row per position component and positions
+    [K, B, T] (or [B, T], every component equal): the angle is the sum over k of positions[k] * inv_freq[k], each
+    frequency taking exactly one component's position (the others contribute exact zeros)."""
+    rotary_dim = 2 * inv_freq.shape[-1]
     x, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq
+    if inv_freq.ndim == 2:
+        if positions.ndim == 2:
+            positions = jnp.broadcast_to(positions, (inv_freq.shape[0], *positions.shape))
+        freqs = jnp.sum(positions[..., None].astype(jnp.float32) * inv_freq[:, None, None, :], axis=0)
+    else:
+        freqs = positions[..., None].astype(jnp.float32) * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = (jnp.cos(emb) * attention_factor).astype(x.dtype), (jnp.sin(emb) * attention_factor).astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
@@ -225,3 +247,24 @@ class GatedMLP(nnx.Module):
             gate, up = self.gate_proj(x, dropout_rng), self.up_proj(x, dropout_rng)
         hidden = constrain(ACTIVATIONS[self.activation](gate) * up, ("batch", "seq", "mlp"))
         return self.down_proj(hidden, dropout_rng)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * scale + bias, normalised in float32.
+
+    x [..., features] -> [..., features] in the compute dtype; `scale` and `bias` are HF's `weight` and `bias`."""
+
+    def __init__(self, features: int, *, eps: float, dtype, param_dtype, use_bias: bool = True):
+        self.axes = ("norm",)
+        self.eps, self.dtype = eps, dtype
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)

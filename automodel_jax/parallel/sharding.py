@@ -30,6 +30,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | str | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
+    "vision_heads": "tensor",  # a vision tower's attention features (not strict: its head count is not checked)
     "norm": None,
     "lora": None,
 }
@@ -254,3 +255,12 @@ def gather_kv(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     cost of a custom kernel loop.
     """
     return constrain(k, GATHERED_KV_AXES), constrain(v, GATHERED_KV_AXES)
+
+
+def tree_shardings(model: nnx.Module, tree: dict, mesh, rules=DEFAULT_RULES) -> dict:
+    """NamedShardings for a nested-dict params pytree of `model` (same structure), by the rule table."""
+    def path_of(keys):
+        return tuple(k.key for k in keys)
+    shapes = {path_of(keys): x.shape for keys, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    shardings = param_shardings(model, shapes, mesh, rules)
+    return jax.tree_util.tree_map_with_path(lambda keys, _: shardings[path_of(keys)], tree)

@@ -18,7 +18,7 @@ import ml_collections
 from flax import nnx
 
 from automodel_jax.models.layers import Linear, LoRAParam
-from automodel_jax.models.params import path_str
+from automodel_jax.models.params import path_str, pure_dict
 
 ALL_LINEAR = "all-linear"
 OUTPUT_LAYERS = ("lm_head",)
@@ -118,3 +118,12 @@ def merge_lora(model: nnx.Module) -> None:
             layer.kernel[...] = merged[tuple(p) + ("kernel",)]
             layer.lora_a, layer.lora_b = None, None
             layer.lora_scale, layer.lora_dropout, layer.lora_salt = 0.0, 0.0, 0
+
+
+def split_model(model: nnx.Module, lora: bool):
+    """(graphdef, trainable, frozen) as nested dicts: adapters vs base for LoRA, all params vs nothing for SFT."""
+    if lora:
+        graphdef, trainable, frozen = nnx.split(model, LoRAParam, nnx.Param)
+        return graphdef, pure_dict(trainable), pure_dict(frozen)
+    graphdef, trainable = nnx.split(model, nnx.Param)
+    return graphdef, pure_dict(trainable), {}

@@ -16,28 +16,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from automodel_jax.losses.cross_entropy import linear_cross_entropy
 from automodel_jax.models.attention import AttentionInputs
-from automodel_jax.models.layers import LoRAParam
-from automodel_jax.models.params import flatten, pure_dict, unflatten
-from automodel_jax.parallel.sharding import (DEFAULT_RULES, activation_sharding, param_shardings,
-                                             shardings_like_params, with_sharding_rules)
+from automodel_jax.models.params import flatten
+from automodel_jax.parallel.sharding import (DEFAULT_RULES, activation_sharding, shardings_like_params,
+                                             with_sharding_rules)
 
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
-
-
-def split_model(model: nnx.Module, lora: bool):
-    """(graphdef, trainable, frozen) as nested dicts: adapters vs base for LoRA, all params vs nothing for SFT."""
-    if lora:
-        graphdef, trainable, frozen = nnx.split(model, LoRAParam, nnx.Param)
-        return graphdef, pure_dict(trainable), pure_dict(frozen)
-    graphdef, trainable = nnx.split(model, nnx.Param)
-    return graphdef, pure_dict(trainable), {}
-
-
-def tree_shardings(model: nnx.Module, tree: dict, mesh, rules=DEFAULT_RULES):
-    """NamedShardings for a params pytree of `model`, by the rule table."""
-    flat = flatten(tree)
-    shardings = param_shardings(model, {p: x.shape for p, x in flat.items()}, mesh, rules)
-    return unflatten({p: shardings[p] for p in flat})
 
 
 def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, right_padded: bool, dropout_rng=None,

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from automodel_jax import AutoModelForCausalLM
+from automodel_jax import AutoModelForCausalLM, save_pretrained
 from automodel_jax.checkpoint.safetensors_io import CheckpointError
 from reference import STORIES
 from reference import assert_same_state as _assert_same_state
@@ -20,7 +20,7 @@ from reference import assert_same_state as _assert_same_state
 def test_export_round_trip_is_bit_identical(hf_llama_factory, tmp_path, tied):
     hf, path = hf_llama_factory(tie_word_embeddings=tied)
     model = AutoModelForCausalLM.from_pretrained(path)
-    model.save_pretrained(tmp_path / "out")
+    save_pretrained(model, tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     _assert_same_state(hf, back)
     files = {p.name for p in (tmp_path / "out").iterdir()}
@@ -34,7 +34,7 @@ def test_many_shards_load_and_round_trip(hf_llama_factory, tmp_path):
     hf, path = hf_llama_factory(max_shard_size="20KB")
     assert (path / "model.safetensors.index.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(path)
-    model.save_pretrained(tmp_path / "out", max_shard_size="20KB")
+    save_pretrained(model, tmp_path / "out", max_shard_size="20KB")
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -52,7 +52,7 @@ def test_bf16_checkpoint_keeps_dtype_with_fp32_params(hf_llama_factory, tmp_path
     hf.save_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=jnp.float32)
     assert model.model.norm.scale[...].dtype == jnp.float32
-    model.save_pretrained(tmp_path / "out")
+    save_pretrained(model, tmp_path / "out")
     _assert_same_state(hf, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16))
 
 
@@ -69,7 +69,7 @@ def test_stories260k_greedy_decoding_matches_hf(assets, tmp_path):
         tokens[0, t + 1] = int(jnp.argmax(forward(jnp.asarray(tokens))[0, t]))
     np.testing.assert_array_equal(tokens[0], ref)
     # the round trip keeps the tokenizer files
-    model.save_pretrained(tmp_path / "out")
+    save_pretrained(model, tmp_path / "out")
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (STORIES / name).read_bytes()
 
@@ -131,9 +131,9 @@ def test_export_refuses_non_empty_dir_unless_overwrite(hf_llama_factory, tmp_pat
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     with pytest.raises(FileExistsError, match=f"output directory {out} is not empty"):
-        model.save_pretrained(out)
+        save_pretrained(model, out)
     assert (out / "keep.txt").read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt", "out"]  # no temporary left behind
-    model.save_pretrained(out, overwrite=True)
+    save_pretrained(model, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     shutil.rmtree(out)

@@ -18,11 +18,13 @@ from automodel_jax.checkpoint.orbax_io import TrainCheckpoints, locate, save_par
 from automodel_jax.checkpoint.safetensors_io import CheckpointError
 from automodel_jax.config import ConfigError
 from automodel_jax.data import make_loader
-from automodel_jax.finetune import default_config
+from automodel_jax.recipes.llm.finetune import default_config
 from automodel_jax.parallel.sharding import make_mesh
 from automodel_jax.peft.lora import apply_lora
 from automodel_jax.training.optim import build_optimizer
-from automodel_jax.training.step import init_state, split_model, tree_shardings
+from automodel_jax.parallel.sharding import tree_shardings
+from automodel_jax.peft.lora import split_model
+from automodel_jax.training.step import init_state
 
 TINY = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)

@@ -13,7 +13,7 @@ import torch
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.checkpoint.peft_io import load_peft_adapter, save_peft_adapter
 from automodel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile
-from automodel_jax.export import export_model
+from automodel_jax.checkpoint.export import export_model
 from automodel_jax.models.layers import LoRAParam
 from automodel_jax.peft.lora import adapters, apply_lora, linear_modules
 

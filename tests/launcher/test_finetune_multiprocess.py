@@ -24,9 +24,9 @@ TOLERANCE = 1e-5
 
 def build_embedded_assets() -> None:
     """Build the embedded model and data here first, so that the concurrent processes only read them."""
-    from automodel_jax import embedded
+    from automodel_jax.recipes.llm.finetune import resolve_path
     for name in ("embedded:tiny-llama", "embedded:word-tasks/train", "embedded:word-tasks/validation"):
-        embedded.materialize(name)
+        resolve_path(name)
 
 
 @pytest.fixture(scope="module", autouse=True)

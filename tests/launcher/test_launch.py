@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from automodel_jax.launch import main
+from automodel_jax.cli.launch import main
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "tests/launcher/psum_config.py"

@@ -22,14 +22,13 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from automodel_jax.models import AutoModelForCausalLM  # noqa: E402
+from automodel_jax import AutoModelForCausalLM  # noqa: E402
 from automodel_jax.models.params import flatten, path_str  # noqa: E402
 from automodel_jax.parallel.sharding import (check_mesh_fits, constrain, context_parallel, gather_kv,  # noqa: E402
-                                             mesh_from_config, sharding_rules)
-from automodel_jax.peft.lora import apply_lora  # noqa: E402
+                                             mesh_from_config, sharding_rules, tree_shardings)
+from automodel_jax.peft.lora import apply_lora, split_model  # noqa: E402
 from automodel_jax.training.optim import build_optimizer, optim_defaults  # noqa: E402
-from automodel_jax.training.step import (compile_steps, init_state, make_eval_step, make_train_step,  # noqa: E402
-                                         split_model, tree_shardings)
+from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step  # noqa: E402
 
 # Heads 8 and kv heads 4 (GQA) so that tensor=4 divides both; every other dim divides 8.
 TINY = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

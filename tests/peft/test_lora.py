@@ -7,7 +7,7 @@ from flax import nnx
 
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.peft.lora import adapters, apply_lora, find_targets, merge_lora, merged_kernels
-from automodel_jax.training.step import split_model
+from automodel_jax.peft.lora import split_model
 
 TINY = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)

@@ -10,7 +10,9 @@ import torch
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.peft.lora import adapters, apply_lora
 from automodel_jax.training.optim import build_optimizer, optim_defaults
-from automodel_jax.training.step import init_state, make_train_step, split_model, tree_shardings
+from automodel_jax.parallel.sharding import tree_shardings
+from automodel_jax.peft.lora import split_model
+from automodel_jax.training.step import init_state, make_train_step
 from automodel_jax.parallel.sharding import make_mesh
 
 STEPS, ACCUM, MICRO, SEQ, VOCAB = 20, 2, 2, 12, 101

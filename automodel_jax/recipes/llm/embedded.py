@@ -87,10 +87,9 @@ def _fingerprint() -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def pretrain_config(init_dir: Path, run_dir: Path):
-    """Full-parameter SFT of the random init on the pre-training skills (this recipe, float32 on the CPU)."""
-    from automodel_jax.finetune import default_config
-    cfg = default_config()
+def pretrain_config(cfg, init_dir: Path, run_dir: Path):
+    """`cfg` (the recipe's default config) set for full-parameter SFT of the random init on the pre-training skills
+    (float32 on the CPU)."""
     cfg.run_dir = str(run_dir)
     cfg.model.update(path=str(init_dir), dtype="float32", param_dtype="float32")
     cfg.peft.method = "none"
@@ -116,33 +115,35 @@ def pretrain_config(init_dir: Path, run_dir: Path):
     return cfg
 
 
-def _build_base_model(root: Path, target: Path) -> None:
-    """Random init + tokenizer in HF format, pre-trained with this recipe, exported with our exporter."""
+def _build_base_model(root: Path, target: Path, default_config, run) -> None:
+    """Random init + tokenizer in HF format, pre-trained with the recipe (`default_config`, `run`), exported with
+    our exporter."""
     import jax
 
-    from automodel_jax import AutoModelForCausalLM
-    from automodel_jax.finetune import run
+    from automodel_jax.auto import AutoModelForCausalLM, save_pretrained
     if jax.process_count() > 1:
         raise ValueError("the embedded base model is built by a single process; run the command once without "
                          "multiple processes first (it is cached), or set model.path to a real checkpoint")
     init_dir = root / "tiny-llama-init"
-    AutoModelForCausalLM.from_config(TINY_LLAMA, seed=0).save_pretrained(init_dir, overwrite=True)
+    save_pretrained(AutoModelForCausalLM.from_config(TINY_LLAMA, seed=0), init_dir, overwrite=True)
     build_tokenizer().save_pretrained(init_dir)
     print(f"building the embedded base model: pre-training {init_dir} on {sorted(PRETRAIN_TASKS)} "
           f"({PRETRAIN['steps']} steps, once; cached in {root})", flush=True)
-    result = run(pretrain_config(init_dir, root / "pretrain-run"))
-    result["model"].save_pretrained(target, overwrite=True)
+    result = run(pretrain_config(default_config(), init_dir, root / "pretrain-run"))
+    save_pretrained(result["model"], target, overwrite=True)
     shutil.rmtree(init_dir)
 
 
-def materialize(name: str) -> str:
-    """Local path for an `embedded:` name, building it on first use (atomically, so parallel runs are safe)."""
+def materialize(name: str, default_config, run) -> str:
+    """Local path for an `embedded:` name, building it on first use (atomically, so parallel runs are safe); the
+    base model is pre-trained by the recipe whose `default_config` and `run` are given (the recipe passes its own,
+    so this module never imports it)."""
     what = name[len(SCHEME):]
     root = cache_dir() / _fingerprint()
     if what == MODEL_NAME:
         target = root / MODEL_NAME
         if not (target / "config.json").is_file():
-            _build_base_model(root, target)
+            _build_base_model(root, target, default_config, run)
         return str(target)
     if what.startswith("word-tasks/") and what.split("/", 1)[1] in SPLIT_SIZES:
         split = what.split("/", 1)[1]
@@ -157,5 +158,6 @@ def materialize(name: str) -> str:
     raise ValueError(f"unknown embedded asset {name!r}; known: {', '.join(known)}")
 
 
-def resolve(path: str) -> str:
-    return materialize(path) if isinstance(path, str) and path.startswith(SCHEME) else path
+def resolve(path: str, default_config, run) -> str:
+    """`path` itself, or the local path of an `embedded:` name (see `materialize`)."""
+    return materialize(path, default_config, run) if isinstance(path, str) and path.startswith(SCHEME) else path

@@ -1,4 +1,4 @@
-"""The `automodel-jax` command: one entry point for the recipe and its tools.
+"""Command-line entry points: `automodel-jax COMMAND` and the modules behind `python -m automodel_jax.COMMAND`.
 
 `automodel-jax COMMAND ARGS...` runs `python -m automodel_jax.COMMAND ARGS...`: every argument after the command goes
 to that module's main() untouched, so each command keeps its own options, help and errors. Commands are imported only
@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 PROG = "automodel-jax"
 # command -> (module whose main(argv) it runs, one-line summary)
 COMMANDS = {
-    "finetune": ("automodel_jax.finetune", "fine-tune a model (LoRA or full SFT): --config FILE[:PRESET] "
+    "finetune": ("automodel_jax.cli.finetune", "fine-tune a model (LoRA or full SFT): --config FILE[:PRESET] "
                                            "--config.KEY=VALUE ..."),
-    "export": ("automodel_jax.export", "export a run's checkpoint as an HF model or PEFT adapter"),
-    "generate": ("automodel_jax.generate", "stream a model's continuation of prompts to the terminal"),
-    "evaluate": ("automodel_jax.evaluate", "score a model on HellaSwag or SQuAD"),
-    "launch": ("automodel_jax.launch", "write and submit a multi-node Slurm job for a fine-tuning run"),
+    "export": ("automodel_jax.cli.export", "export a run's checkpoint as an HF model or PEFT adapter"),
+    "generate": ("automodel_jax.cli.generate", "stream a model's continuation of prompts to the terminal"),
+    "evaluate": ("automodel_jax.cli.evaluate", "score a model on HellaSwag or SQuAD"),
+    "launch": ("automodel_jax.cli.launch", "write and submit a multi-node Slurm job for a fine-tuning run"),
 }
 
 

@@ -16,11 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 from flax import nnx
-
-from automodel_jax.checkpoint.peft_io import load_peft_adapter
-from automodel_jax.models import AutoModelForCausalLM
 
 
 
@@ -163,43 +159,3 @@ def generate(model, tokenizer, prompts: list[list[int]] | list[str], *, max_new_
         tokens, positions = picked[:, None], (next_position + step)[:, None]
         mask = np.ones((batch, 1), np.int32)
     return outputs
-
-
-def _is_hf_checkpoint(directory: Path) -> bool:
-    config = directory / "config.json"
-    if not config.is_file() or not any((directory / f).is_file()
-                                       for f in ("model.safetensors", "model.safetensors.index.json")):
-        return False
-    try:
-        return "model_type" in json.loads(config.read_text())
-    except json.JSONDecodeError:
-        return False
-
-
-def find_checkpoint_dir(path) -> Path | str:
-    """An HF checkpoint directory as given; a run directory: the newest HF checkpoint under it; else `path` unchanged
-    (a Hub name, or a path the checkpoint loader reports as missing)."""
-    local = Path(path).expanduser()
-    if not local.is_dir() or _is_hf_checkpoint(local):
-        return local if local.is_dir() else path
-    found = sorted((c.parent for c in local.rglob("config.json") if _is_hf_checkpoint(c.parent)),
-                   key=lambda d: d.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"{path} is neither an HF checkpoint directory (config.json with model_type and "
-                                "safetensors weights) nor a run directory containing one; pass the exported "
-                                "checkpoint directory")
-    return found[-1]
-
-
-def load_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
-    """(model, tokenizer) from an HF checkpoint or run directory, with an optional PEFT adapter put into it."""
-    directory = find_checkpoint_dir(model_path)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model.hf_source.directory)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{model.hf_source.directory}: no usable tokenizer ({type(e).__name__}); the "
-                                "checkpoint directory needs its tokenizer files (tokenizer.json or tokenizer.model)")
-    if adapter is not None:
-        load_peft_adapter(model, adapter)
-    return model, tokenizer

@@ -6,7 +6,7 @@ samples; LoRA r=8, alpha=32 on the given targets (Adam), or full SFT (AdamW, bf1
 """
 from __future__ import annotations
 
-from automodel_jax.finetune import default_config
+from automodel_jax.recipes.llm.finetune import default_config
 
 EMBEDDED_PROMPTS = ("caps planet = ", "next jazzy = ", "caps zebra = ", "next hello = ")
 

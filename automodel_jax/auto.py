@@ -1,0 +1,80 @@
+"""The facade: `AutoModelForCausalLM` (HF-shaped, picks a family by `model_type`), `save_pretrained`, and loading a
+model with its tokenizer and adapter for inference. The one place that composes models with checkpoint I/O."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import transformers
+
+from automodel_jax.checkpoint.hf import load_pretrained, save_pretrained
+from automodel_jax.checkpoint.peft_io import load_peft_adapter
+from automodel_jax.models.base import CausalLM, build_model
+
+__all__ = ["AutoModelForCausalLM", "find_checkpoint_dir", "load_for_inference", "save_pretrained"]
+
+
+def _dtype(x):
+    return jnp.dtype(x) if x is not None else None
+
+
+class AutoModelForCausalLM:
+    @staticmethod
+    def from_pretrained(path, *, dtype=jnp.float32, param_dtype=None, mesh=None, **model_overrides) -> CausalLM:
+        """Load a local HF checkpoint directory or Hub name. `dtype` is the compute dtype, `param_dtype` the storage
+        dtype (default: same as dtype); `mesh` shards the parameters (None = one device); overrides such as
+        remat="full" or attention_impl="xla" replace fields of the family's config."""
+        dtype = _dtype(dtype)
+        return load_pretrained(path, dtype=dtype, param_dtype=_dtype(param_dtype) or dtype, mesh=mesh,
+                               model_overrides=model_overrides or None)
+
+    @staticmethod
+    def from_config(hf_config: dict, *, dtype=jnp.float32, param_dtype=None, seed: int = 0,
+                    **model_overrides) -> CausalLM:
+        """A randomly initialised model for an HF config dict (for pre-training from scratch and benchmarks)."""
+        dtype = _dtype(dtype)
+        return build_model(hf_config, dtype=dtype, param_dtype=_dtype(param_dtype) or dtype, seed=seed,
+                           **model_overrides)
+
+    save_pretrained = staticmethod(save_pretrained)
+
+
+def _is_hf_checkpoint(directory: Path) -> bool:
+    config = directory / "config.json"
+    if not config.is_file() or not any((directory / f).is_file()
+                                       for f in ("model.safetensors", "model.safetensors.index.json")):
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def find_checkpoint_dir(path) -> Path | str:
+    """An HF checkpoint directory as given; a run directory: the newest HF checkpoint under it; else `path` unchanged
+    (a Hub name, or a path the checkpoint loader reports as missing)."""
+    local = Path(path).expanduser()
+    if not local.is_dir() or _is_hf_checkpoint(local):
+        return local if local.is_dir() else path
+    found = sorted((c.parent for c in local.rglob("config.json") if _is_hf_checkpoint(c.parent)),
+                   key=lambda d: d.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"{path} is neither an HF checkpoint directory (config.json with model_type and "
+                                "safetensors weights) nor a run directory containing one; pass the exported "
+                                "checkpoint directory")
+    return found[-1]
+
+
+def load_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
+    """(model, tokenizer) from an HF checkpoint or run directory, with an optional PEFT adapter put into it."""
+    directory = find_checkpoint_dir(model_path)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model.hf_source.directory)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{model.hf_source.directory}: no usable tokenizer ({type(e).__name__}); the "
+                                "checkpoint directory needs its tokenizer files (tokenizer.json or tokenizer.model)")
+    if adapter is not None:
+        load_peft_adapter(model, adapter)
+    return model, tokenizer

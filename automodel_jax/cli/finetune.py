@@ -1,0 +1,27 @@
+"""`python -m automodel_jax.finetune --config FILE[:PRESET] [--config.KEY=VALUE ...]`: run the fine-tuning recipe.
+
+The config file's model decides the recipe: LLM fine-tuning (`automodel_jax.recipes.llm.finetune`).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from automodel_jax.cli import BAD_INPUT, exit_code
+from automodel_jax.config import parse_config
+from automodel_jax.launcher.distributed import DistributedInitError
+from automodel_jax.recipes.llm.finetune import run
+from automodel_jax.training.loop import TrainingError
+
+
+def main(argv: list[str] | None = None) -> int:
+    # force: grain/orbax import absl, which installs a root handler at WARNING before we get here.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return exit_code(lambda: run(parse_config(sys.argv[1:] if argv is None else argv)),
+                     BAD_INPUT + (TrainingError, DistributedInitError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

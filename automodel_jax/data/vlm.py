@@ -1,0 +1,621 @@
+"""Vision-language SFT data: image + text conversations -> processor outputs -> fixed-shape numpy batches.
+
+Rows come in two layouts, both turned into OpenAI-style messages whose content is a list of parts
+([{"type": "image"}, {"type": "text", "text": ...}]) plus the row's images as PIL RGB images:
+
+* CORD-v2 style `{image, ground_truth}` (`kind="cord"`): the ground truth's `gt_parse` JSON becomes the answer, written
+  as NeMo Automodel's CORD-v2 recipe does (`json2token`: `<s_key>value</s_key>`, lists joined by `<sep/>`), to a fixed
+  question about the image.
+* conversations (`kind="vlm_chat"`): `messages` with `<image>` placeholders in string content and an `images` list
+  (LLaMA-Factory's mllm layout, paths relative to the data file), or content parts with `{"type": "image"}`.
+
+Each conversation is rendered with the processor's chat template, and the processor itself expands the image
+placeholders and preprocesses the images (we never re-implement that). Loss is on assistant turns only (the template's
+text after the assistant header through its end-of-turn marker); prompts, image and vision special tokens and padding
+get labels IGNORE (-100), shifted for next-token prediction like the LLM builders (data/encoding.py: input_ids =
+ids[:-1], labels[t] = ids[t + 1]).
+
+Supported processors: transformers' Gemma3Processor (model type "gemma3") and Qwen2_5_VLProcessor ("qwen2_5_vl").
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import io
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grain
+import ml_collections
+from ml_collections import config_dict
+import numpy as np
+
+from automodel_jax.data.encoding import IGNORE, encode_spans, shift
+from automodel_jax.data.loader import BatchIterator
+from automodel_jax.data.sources import DataError, load_rows, require_columns
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("gemma3", "qwen2_5_vl")
+IMAGE_PLACEHOLDER = "<image>"
+VLM_TRUNCATION_MODES = ("truncate", "drop", "error")
+CORD_QUESTION = "Describe this image."
+# Token strings of each model family that belong to an image (never labelled); the first one opens an image's block.
+IMAGE_TOKENS = {
+    "gemma3": ("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
+    "qwen2_5_vl": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processors
+
+
+def qwen_images_only_processor_class():
+    """Qwen2_5_VLProcessor without its video processor, for hosts without torchvision (transformers 5 needs it there).
+
+    transformers' Qwen2.5-VL video processor only exists with torchvision, and the processor refuses to be built or
+    loaded without one. Images are handled exactly as by Qwen2_5_VLProcessor (same class, same __call__); only the
+    video sub-processor is left out.
+    """
+    from transformers import Qwen2_5_VLProcessor
+
+    class Qwen2_5_VLImagesOnlyProcessor(Qwen2_5_VLProcessor):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    return Qwen2_5_VLImagesOnlyProcessor
+
+
+def has_torchvision() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def load_processor(directory: str | Path):
+    """A saved Gemma 3 or Qwen2.5-VL processor, via AutoProcessor (images-only Qwen2.5-VL without torchvision).
+
+    Raises DataError when the directory holds no processor, or one of another model family.
+    """
+    from transformers import AutoProcessor
+    directory = Path(directory)
+    config_file = directory / "processor_config.json"
+    saved_class = json.loads(config_file.read_text())["processor_class"] if config_file.is_file() else None
+    if saved_class == "Qwen2_5_VLProcessor" and not has_torchvision():
+        processor = qwen_images_only_processor_class().from_pretrained(directory)
+    else:
+        try:
+            processor = AutoProcessor.from_pretrained(directory)
+        except (OSError, ValueError, ImportError) as e:
+            raise DataError(f"could not load a processor from {directory} ({type(e).__name__}: {e}); point the "
+                            "model path at a Gemma 3 or Qwen2.5-VL checkpoint with its processor files") from e
+    processor_model_type(processor)  # fails early for other processors
+    return processor
+
+
+def processor_model_type(processor) -> str:
+    """"gemma3" or "qwen2_5_vl" from the processor's class; DataError for any other processor."""
+    from transformers import Gemma3Processor, Qwen2_5_VLProcessor
+    if isinstance(processor, Gemma3Processor):
+        return "gemma3"
+    if isinstance(processor, Qwen2_5_VLProcessor):
+        return "qwen2_5_vl"
+    raise DataError(f"unsupported processor {type(processor).__name__}: VLM data supports Gemma3Processor and "
+                    "Qwen2_5_VLProcessor")
+
+
+def image_token_ids(processor) -> np.ndarray:
+    """Ids of every image/vision special token of the processor's vocabulary (int32, those the vocabulary has)."""
+    tokenizer = processor.tokenizer
+    vocab = tokenizer.get_vocab()
+    return np.asarray([vocab[t] for t in IMAGE_TOKENS[processor_model_type(processor)] if t in vocab], np.int32)
+
+
+def image_start_id(processor) -> int:
+    """The token that opens each image's block: <start_of_image> (Gemma 3), <|vision_start|> (Qwen2.5-VL)."""
+    token = IMAGE_TOKENS[processor_model_type(processor)][0]
+    ids = processor.tokenizer.get_vocab()
+    if token not in ids:
+        raise DataError(f"the processor's tokenizer lacks {token!r}, which its model needs to mark images")
+    return ids[token]
+
+
+def pixel_shape(processor) -> tuple[int, ...]:
+    """Per-image pixel shape (Gemma 3: (3, H, W)) or per-patch shape (Qwen2.5-VL: (3 * temporal * patch**2,))."""
+    ip = processor.image_processor
+    if processor_model_type(processor) == "gemma3":
+        return (3, int(ip.size["height"]), int(ip.size["width"]))
+    return (3 * int(ip.temporal_patch_size) * int(ip.patch_size) ** 2,)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rows -> (messages, images)
+
+
+def load_image(image, base_dir: Path | None, where: str):
+    """A PIL RGB image from a PIL image, a path (relative to base_dir), or a datasets {"bytes", "path"} dict.
+
+    Raises DataError naming `where` and the file when it is missing or cannot be decoded.
+    """
+    from PIL import Image
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    source: object
+    if isinstance(image, dict) and image.get("bytes"):
+        source, name = io.BytesIO(image["bytes"]), image.get("path") or "<bytes>"
+    elif isinstance(image, dict) and image.get("path"):
+        return load_image(image["path"], base_dir, where)
+    elif isinstance(image, (str, Path)) and str(image):
+        path = Path(image).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            raise DataError(f"{where}: image file {path} does not exist; fix the row's image path (relative paths "
+                            f"are read from {base_dir})")
+        source, name = path, str(path)
+    else:
+        raise DataError(f"{where}: an image must be a path, a PIL image or a {{bytes, path}} dict, got {image!r:.80}")
+    try:
+        with Image.open(source) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises many kinds for truncated or non-image files
+        raise DataError(f"{where}: cannot read image {name} ({type(e).__name__}: {e}); replace or remove the "
+                        "file") from e
+
+
+def json2token(value, sort_keys: bool = True) -> str:
+    """CORD-v2 ground truth -> target text: dict -> <s_key>value</s_key> (keys in reverse order), lists by <sep/>."""
+    if isinstance(value, dict):
+        if len(value) == 1 and "text_sequence" in value:
+            return str(value["text_sequence"])
+        keys = sorted(value, reverse=True) if sort_keys else list(value)
+        return "".join(f"<s_{k}>{json2token(value[k], sort_keys)}</s_{k}>" for k in keys)
+    if isinstance(value, list):
+        return "<sep/>".join(json2token(item, sort_keys) for item in value)
+    return str(value)
+
+
+def cord_target(ground_truth, where: str) -> str:
+    """The answer text of a CORD-v2 `ground_truth` (JSON string or dict with `gt_parse`, or `gt_parses`' first)."""
+    try:
+        parsed = json.loads(ground_truth) if isinstance(ground_truth, str) else ground_truth
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: ground_truth is not JSON ({e}); it must be '{{\"gt_parse\": {{...}}}}'") from e
+    if isinstance(parsed, dict) and "gt_parse" in parsed:
+        return json2token(parsed["gt_parse"])
+    if isinstance(parsed, dict) and parsed.get("gt_parses"):
+        return json2token(parsed["gt_parses"][0])
+    raise DataError(f"{where}: ground_truth has no 'gt_parse' (or 'gt_parses'): {str(ground_truth):.80}")
+
+
+def cord_conversation(image, ground_truth, question: str, base_dir: Path | None, where: str):
+    """(messages, [image]): the user sends the image and `question`, the assistant answers json2token(gt_parse)."""
+    answer = cord_target(ground_truth, where)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return messages, [load_image(image, base_dir, where)]
+
+
+def _parts(content, where: str) -> list[dict]:
+    """Message content as parts; `<image>` placeholders in strings become image parts in place."""
+    if isinstance(content, str):
+        parts = []
+        for i, text in enumerate(content.split(IMAGE_PLACEHOLDER)):
+            if i:
+                parts.append({"type": "image"})
+            if text:
+                parts.append({"type": "text", "text": text})
+        return parts
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":
+                inline = part.get("image") if part.get("image") is not None else part.get("path")
+                parts.append({"type": "image", **({"inline": inline} if inline is not None else {})})
+            elif kind == "text" and isinstance(part.get("text", part.get("value")), str):
+                parts.extend(_parts(part.get("text", part.get("value")), where))
+            else:
+                raise DataError(f"{where}: content parts must be {{'type': 'image'}} or {{'type': 'text', 'text': "
+                                f"str}}, got {part!r:.80}")
+        return parts
+    raise DataError(f"{where}: message content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def chat_conversation(messages, images, base_dir: Path | None, where: str):
+    """(messages as parts, PIL images) from a conversation row; images fill the image parts in order.
+
+    Raises DataError when placeholders and images differ in number, an image cannot be read, a message lacks
+    role/content, or an assistant turn is empty.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: expected a non-empty list of {{role, content}} messages, got {messages!r:.80}")
+    images = list(images or [])
+    out, refs = [], []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: message {i} needs 'role' and 'content', got {message!r:.80}")
+        parts = _parts(message["content"], f"{where} message {i}")
+        for part in parts:
+            if part["type"] == "image":
+                refs.append(part.pop("inline") if "inline" in part else None)
+        out.append({"role": message["role"], "content": parts})
+    placeholders = sum(ref is None for ref in refs)
+    if placeholders != len(images):
+        raise DataError(f"{where}: {placeholders} image placeholder(s) but {len(images)} image(s) listed; give one "
+                        f"{IMAGE_PLACEHOLDER} (or image part) per image")
+    listed = iter(images)
+    loaded = [load_image(next(listed) if ref is None else ref, base_dir, where) for ref in refs]
+    return out, loaded
+
+
+def _check_turns(messages: list[dict], where: str) -> None:
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant:
+        raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn; add the answer")
+    for m in assistant:
+        if any(p["type"] == "image" for p in m["content"]):
+            raise DataError(f"{where}: an assistant turn contains an image; images must be in user turns")
+        if not "".join(p["text"] for p in m["content"]).strip():
+            raise DataError(f"{where}: an assistant turn is empty; remove the row or give the answer")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conversation -> sample
+
+
+def _chat_template(processor) -> str:
+    template = processor.chat_template or getattr(processor.tokenizer, "chat_template", None)
+    if not template or not isinstance(template, str):
+        raise DataError(f"processor {type(processor).__name__} has no chat template: save one with the processor "
+                        "(chat_template.jinja)")
+    return template
+
+
+def encode_conversation(processor, messages: list[dict], images: list, where: str) -> dict[str, np.ndarray]:
+    """One conversation -> a shifted sample through the processor (placeholders expanded, images preprocessed).
+
+    Returns int32 arrays input_ids, labels (IGNORE except on assistant-turn targets), token_type_ids (1 on image
+    tokens), each [n]; plus for Gemma 3 pixel_values float32 [num_images, 3, H, W], for Qwen2.5-VL pixel_values
+    float32 [num_patches, patch_dim] and image_grid_thw int32 [num_images, 3]. Raises DataError for empty assistant
+    turns or a template that does not render prefixes as prefixes.
+    """
+    _check_turns(messages, where)
+    template, tokenizer = _chat_template(processor), processor.tokenizer
+
+    def render(msgs, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    text = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+            raise DataError(f"{where}: the chat template does not render the conversation's prefixes as prefixes of "
+                            "the whole conversation, so assistant turns cannot be located; use a prefix-stable one")
+        spans.append((len(before), len(through)))
+    try:
+        out = processor(text=[text], images=[images] if images else None, add_special_tokens=False,
+                        return_text_replacement_offsets=True)
+    except ValueError as e:  # e.g. the template dropped an image part, so placeholders and images differ
+        raise DataError(f"{where}: the processor rejected the conversation ({e})") from e
+    # Map the spans onto the expanded text (each image placeholder was replaced by its full token sequence).
+    replacements = out["text_replacement_offsets"][0]
+    expanded, last = [], 0
+    for r in replacements:
+        expanded += [text[last:r["span"][0]], r["replacement"]]
+        last = r["span"][1]
+    expanded = "".join(expanded) + text[last:]
+
+    def moved(p: int) -> int:
+        return p + sum(len(r["replacement"]) - (r["span"][1] - r["span"][0]) for r in replacements
+                       if r["span"][1] <= p)
+
+    ids, supervised = encode_spans(tokenizer, expanded, [(moved(a), moved(b)) for a, b in spans])
+    if ids != list(out["input_ids"][0]):
+        raise DataError(f"{where}: the processor's tokens differ from its tokenizer's on the same text; the processor "
+                        "must tokenize with add_special_tokens=False like its tokenizer")
+    ids_arr = np.asarray(ids, np.int32)
+    is_image = np.isin(ids_arr, image_token_ids(processor))
+    sample = shift(ids, list(np.asarray(supervised) & ~is_image))
+    type_ids = out.get("token_type_ids", out.get("mm_token_type_ids"))
+    sample["token_type_ids"] = (np.asarray(type_ids[0], np.int32) if type_ids is not None
+                                else is_image.astype(np.int32))[:-1]
+    model_type = processor_model_type(processor)
+    sample["pixel_values"] = (np.asarray(out["pixel_values"], np.float32) if images
+                              else np.zeros((0, *pixel_shape(processor)), np.float32))
+    if model_type == "qwen2_5_vl":
+        sample["image_grid_thw"] = (np.asarray(out["image_grid_thw"], np.int32) if images
+                                    else np.zeros((0, 3), np.int32))
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+class VLMDataset(Sequence):
+    """Samples from encode_conversation (labels already shifted), their model type, and how fitting went."""
+
+    def __init__(self, name: str, model_type: str, samples: list[dict[str, np.ndarray]], stats: dict[str, int],
+                 pixel_shape: tuple[int, ...]):
+        self.name, self.model_type, self.samples, self.stats = name, model_type, samples, stats
+        self.pixel_shape = pixel_shape
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+    @property
+    def max_images(self) -> int:
+        """Most images in one sample (a lower bound for the collator's max_images)."""
+        return max(num_images(s) for s in self.samples)
+
+    @property
+    def max_patches(self) -> int:
+        """Most vision patches in one sample (Qwen2.5-VL; a lower bound for the collator's max_patches)."""
+        return max(len(s["pixel_values"]) for s in self.samples)
+
+
+def num_images(sample) -> int:
+    """How many images a sample holds."""
+    return len(sample["image_grid_thw"]) if "image_grid_thw" in sample else len(sample["pixel_values"])
+
+
+def _truncate(sample: dict, seq_len: int, start_id: int, image_ids: np.ndarray) -> tuple[dict, int]:
+    """Cut to seq_len tokens, moving the cut back to an image's first token if it would split one; drop cut images.
+
+    Returns the sample and how many images were dropped with the text.
+    """
+    ids = sample["input_ids"]
+    cut = seq_len
+    is_image = np.isin(ids, image_ids)
+    while cut > 0 and is_image[cut - 1] and (cut < len(ids) and is_image[cut]):
+        cut -= 1  # inside a run of image tokens: back to its start
+    kept_images = int((ids[:cut] == start_id).sum())
+    out = {k: sample[k][:cut] for k in ("input_ids", "labels", "token_type_ids")}  # labels of image tokens: IGNORE
+    if "image_grid_thw" in sample:
+        grid = sample["image_grid_thw"][:kept_images]
+        out["image_grid_thw"] = grid
+        out["pixel_values"] = sample["pixel_values"][:int(np.prod(grid, axis=1).sum())]
+    else:
+        out["pixel_values"] = sample["pixel_values"][:kept_images]
+    return out, num_images(sample) - kept_images
+
+
+def fit_vlm_samples(name: str, processor, encoded, seq_len: int, truncation: str) -> VLMDataset:
+    """Fit samples to seq_len: "error" raises, "drop" skips, "truncate" cuts text (never inside an image's tokens;
+    images after the cut are dropped with it). Samples left without loss are dropped and counted."""
+    if truncation not in VLM_TRUNCATION_MODES:
+        raise DataError(f"data.truncation must be one of {VLM_TRUNCATION_MODES} for VLM data, got {truncation!r}")
+    if seq_len < 1:
+        raise DataError(f"data.seq_len must be positive, got {seq_len}")
+    start_id, image_ids = image_start_id(processor), image_token_ids(processor)
+    stats = {"rows": 0, "samples": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_loss": 0, "images_cut": 0}
+    samples = []
+    for where, sample in encoded:
+        stats["rows"] += 1
+        if len(sample["input_ids"]) > seq_len:
+            if truncation == "error":
+                raise DataError(f"{where}: {len(sample['input_ids'])} tokens (images included) exceed data.seq_len "
+                                f"{seq_len}; raise seq_len, shrink the images, or set data.truncation to 'drop'")
+            if truncation == "drop":
+                stats["dropped_too_long"] += 1
+                continue
+            sample, cut = _truncate(sample, seq_len, start_id, image_ids)
+            stats["truncated"] += 1
+            stats["images_cut"] += cut
+        if not (sample["labels"] != IGNORE).any():
+            stats["dropped_no_loss"] += 1
+            continue
+        samples.append(sample)
+    stats["samples"] = len(samples)
+    logger.info("VLM dataset %s: %d of %d rows kept at seq_len %d (%s)", name, stats["samples"], stats["rows"],
+                seq_len, stats)
+    if not samples:
+        raise DataError(f"VLM dataset {name}: no sample is left after fitting to seq_len {seq_len} ({stats}); "
+                        "raise data.seq_len or use data.truncation='truncate'")
+    return VLMDataset(name, processor_model_type(processor), samples, stats, pixel_shape(processor))
+
+
+def _rows_and_base(path: str, split: str, limit: int | None):
+    """Rows plus the folder relative image paths are read from; an imagefolder directory reads its metadata.jsonl."""
+    local = Path(path).expanduser()
+    if local.is_dir() and (local / "metadata.jsonl").is_file():
+        source = local / "metadata.jsonl"
+        return load_rows(str(source), split, limit), local, str(source)
+    base = local.parent if local.is_file() else None
+    return load_rows(path, split, limit), base, path
+
+
+def build_cord(cfg, processor, seq_len: int, truncation: str) -> VLMDataset:
+    """CORD-v2 layout: `image_column` (file_name in an imagefolder's metadata.jsonl) + `ground_truth_column`."""
+    rows, base, source = _rows_and_base(cfg.path, cfg.split, cfg.limit)
+    image_column = cfg.image_column
+    if image_column not in rows.column_names and "file_name" in rows.column_names:
+        image_column = "file_name"
+    require_columns(rows, [image_column, cfg.ground_truth_column], source)
+
+    def encoded():
+        for i, row in enumerate(rows):
+            where = f"{source} row {i}"
+            messages, images = cord_conversation(row[image_column], row[cfg.ground_truth_column], cfg.question, base,
+                                                 where)
+            yield where, encode_conversation(processor, messages, images, where)
+
+    return fit_vlm_samples(source, processor, encoded(), seq_len, truncation)
+
+
+def build_vlm_chat(cfg, processor, seq_len: int, truncation: str) -> VLMDataset:
+    """Conversations: `messages_column` (role/content, `<image>` placeholders or image parts) + `images_column`."""
+    rows, base, source = _rows_and_base(cfg.path, cfg.split, cfg.limit)
+    require_columns(rows, [cfg.messages_column], source)
+    has_images = cfg.images_column in rows.column_names
+
+    def encoded():
+        for i, row in enumerate(rows):
+            where = f"{source} row {i}"
+            messages, images = chat_conversation(row[cfg.messages_column],
+                                                 row[cfg.images_column] if has_images else [], base, where)
+            yield where, encode_conversation(processor, messages, images, where)
+
+    return fit_vlm_samples(source, processor, encoded(), seq_len, truncation)
+
+
+def encode_rows(name: str, processor, rows: Sequence[dict], seq_len: int, truncation: str,
+                base_dir: str | Path | None = None) -> VLMDataset:
+    """In-memory conversation rows ({messages, images}: PIL images or paths under base_dir) -> VLMDataset."""
+    base = Path(base_dir) if base_dir is not None else None
+
+    def encoded():
+        for i, row in enumerate(rows):
+            where = f"{name} row {i}"
+            messages, images = chat_conversation(row.get("messages"), row.get("images"), base, where)
+            yield where, encode_conversation(processor, messages, images, where)
+
+    return fit_vlm_samples(name, processor, encoded(), seq_len, truncation)
+
+
+VLM_BUILDERS: dict[str, Callable[..., VLMDataset]] = {"cord": build_cord, "vlm_chat": build_vlm_chat}
+
+
+def vlm_dataset_defaults(kind: str, path: str, split: str) -> dict:
+    """Every key the VLM builders read (overridable from the command line)."""
+    return dict(kind=kind, path=path, split=split, limit=config_dict.placeholder(int), question=CORD_QUESTION,
+                image_column="image", ground_truth_column="ground_truth", messages_column="messages",
+                images_column="images")
+
+
+def build_vlm_dataset(ds_cfg, processor, seq_len: int, truncation: str) -> VLMDataset:
+    """Dispatch on `ds_cfg.kind` ("cord" or "vlm_chat"); recipes resolve `embedded:` names to files first."""
+    given = dict(ds_cfg)
+    builder = VLM_BUILDERS.get(given.get("kind"))
+    if builder is None:
+        raise DataError(f"unknown VLM dataset kind {given.get('kind')!r}: use one of {sorted(VLM_BUILDERS)}")
+    cfg = vlm_dataset_defaults(given["kind"], path="", split="train")
+    unknown = sorted(set(given) - set(cfg))
+    if unknown:
+        raise DataError(f"unknown VLM dataset setting(s) {unknown}: the known ones are {sorted(cfg)}")
+    cfg.update(given)
+    return builder(ml_collections.ConfigDict(cfg), processor, seq_len, truncation)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass(frozen=True)
+class VLMCollator:
+    """List of samples -> one fixed-shape numpy batch for a jitted step (B = len(samples) or batch_size).
+
+    Every model gets, each [B, seq_len] int32 and right-padded:
+      input_ids (pad_id on padding), labels (IGNORE on padding, prompts and image tokens), segment_ids (1 on real
+      tokens, 0 on padding), positions (0..n-1, 0 on padding), token_type_ids (1 on image tokens, else 0);
+      image_mask bool [B, max_images]: True for the sample's real images, in the order of their blocks in input_ids.
+    Gemma 3 adds pixel_values float32 [B, max_images, 3, H, W] (image k of row b at [b, k]; zero images after the
+      real ones).
+    Qwen2.5-VL adds pixel_values float32 [B, max_patches, patch_dim] (the sample's patches, image after image, as
+      the processor emits them; zero patches after), image_grid_thw int32 [B, max_images, 3] (t, h, w patch grid
+      per image; zero rows after the real ones) and patch_mask bool [B, max_patches].
+    Raises DataError when a sample is longer than seq_len or has more images/patches than the batch holds.
+    """
+
+    model_type: str
+    seq_len: int
+    max_images: int
+    pad_id: int
+    pixel_shape: tuple[int, ...]
+    max_patches: int = 0
+    batch_size: int | None = None
+
+    def __call__(self, samples: Sequence[dict]) -> dict[str, np.ndarray]:
+        b = self.batch_size or len(samples)
+        if len(samples) > b:
+            raise DataError(f"{len(samples)} samples do not fit a batch of {b}")
+        s, m = self.seq_len, self.max_images
+        batch = {name: np.zeros((b, s), np.int32) for name in ("input_ids", "labels", "segment_ids", "positions",
+                                                                 "token_type_ids")}
+        batch["input_ids"][:] = self.pad_id
+        batch["labels"][:] = IGNORE
+        batch["image_mask"] = np.zeros((b, m), bool)
+        if self.model_type == "gemma3":
+            batch["pixel_values"] = np.zeros((b, m, *self.pixel_shape), np.float32)
+        else:
+            if self.max_patches < 1:
+                raise DataError("Qwen2.5-VL batches need max_patches > 0: set data.max_patches")
+            batch["pixel_values"] = np.zeros((b, self.max_patches, *self.pixel_shape), np.float32)
+            batch["image_grid_thw"] = np.zeros((b, m, 3), np.int32)
+            batch["patch_mask"] = np.zeros((b, self.max_patches), bool)
+        for row, sample in enumerate(samples):
+            n, k = len(sample["input_ids"]), num_images(sample)
+            if n > s:
+                raise DataError(f"a sample has {n} tokens, more than the batch's seq_len {s}: build the dataset with "
+                                "the same seq_len")
+            if k > m:
+                raise DataError(f"a sample has {k} images, more than data.max_images={m}: raise it")
+            for name in ("input_ids", "labels", "token_type_ids"):
+                batch[name][row, :n] = sample[name]
+            batch["segment_ids"][row, :n] = 1
+            batch["positions"][row, :n] = np.arange(n)
+            batch["image_mask"][row, :k] = True
+            pixels = sample["pixel_values"]
+            if self.model_type == "gemma3":
+                batch["pixel_values"][row, :k] = pixels
+            else:
+                if len(pixels) > self.max_patches:
+                    raise DataError(f"a sample has {len(pixels)} vision patches, more than data.max_patches="
+                                    f"{self.max_patches}: raise it or lower the processor's max_pixels")
+                batch["pixel_values"][row, :len(pixels)] = pixels
+                batch["patch_mask"][row, :len(pixels)] = True
+                batch["image_grid_thw"][row, :k] = sample["image_grid_thw"]
+        return batch
+
+
+def make_collator(dataset: VLMDataset, *, seq_len: int, pad_id: int, max_images: int | None = None,
+                  max_patches: int | None = None, batch_size: int | None = None) -> VLMCollator:
+    """A collator for `dataset`'s model; max_images/max_patches default to the dataset's largest sample."""
+    return VLMCollator(model_type=dataset.model_type, seq_len=seq_len, pad_id=pad_id,
+                       max_images=max(1, dataset.max_images if max_images is None else max_images),
+                       max_patches=(dataset.max_patches if max_patches is None else max_patches)
+                       if dataset.model_type == "qwen2_5_vl" else 0,
+                       pixel_shape=dataset.pixel_shape, batch_size=batch_size)
+
+
+def _shard_batch(samples: Sequence[dict], *, shard_index: int, batch_size: int, collate: VLMCollator):
+    return collate(samples[shard_index * batch_size:(shard_index + 1) * batch_size])
+
+
+def make_vlm_loader(dataset: VLMDataset, collate: VLMCollator, *, batch_size: int, seed: int, shuffle: bool = True,
+                    num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
+                    drop_remainder: bool = True) -> BatchIterator:
+    """Resumable batches of `collate`'s format for this process, as data.loader.make_loader (no packing).
+
+    Every process walks the same seeded global stream and keeps rows [shard_index * batch_size, + batch_size) of
+    each global batch; a short last batch (drop_remainder=False) is filled with padding rows.
+    """
+    if not 0 <= shard_index < shard_count:
+        raise DataError(f"shard_index must be in [0, shard_count={shard_count}), got {shard_index}")
+    if batch_size < 1 or (collate.batch_size not in (None, batch_size)):
+        raise DataError(f"batch_size must be positive and match the collator's, got {batch_size}")
+    if len(dataset) == 0:
+        raise DataError("the dataset is empty: nothing to load")
+    collate = VLMCollator(**{**collate.__dict__, "batch_size": batch_size})
+    global_batch = batch_size * shard_count
+    samples = grain.MapDataset.source(dataset)
+    if shuffle:
+        samples = samples.shuffle(seed)
+    batches = samples.repeat(num_epochs).batch(global_batch, drop_remainder=drop_remainder, batch_fn=list).map(
+        functools.partial(_shard_batch, shard_index=shard_index, batch_size=batch_size, collate=collate))
+    settings = dict(num_samples=len(dataset), global_batch_size=global_batch, seq_len=collate.seq_len, seed=seed,
+                    shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder,
+                    max_images=collate.max_images, max_patches=collate.max_patches)
+    return BatchIterator(iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0))), settings)

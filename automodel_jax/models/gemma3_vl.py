@@ -1,0 +1,199 @@
+"""Gemma 3 vision-language model (HF `gemma3`, Gemma3ForConditionalGeneration, e.g. gemma-3-4b-it).
+
+A SigLIP tower encodes each image to patches; the projector average-pools them to `mm_tokens_per_image` soft tokens,
+RMS-normalises and projects them to the text width; they replace the embeddings of the image placeholder tokens
+(`image_token_index`) in the prompt, and the Gemma 3 text decoder runs on the result. With `token_type_ids` (1 =
+image token), each run of consecutive image tokens attends bidirectionally within itself, as transformers does
+whenever token_type_ids are passed (training and prefill alike).
+
+Module names are those transformers 5 `save_pretrained` writes: `language_model.model.*`,
+`language_model.lm_head.weight` (untied only), `vision_tower.{embeddings,encoder,post_layernorm}.*`,
+`multi_modal_projector.{mm_input_projection_weight,mm_soft_emb_norm.weight}`; the loader also takes the runtime
+layout (`model.language_model.*`, `lm_head.weight`, `model.vision_tower.*`) and published checkpoints'
+`vision_tower.vision_model.*` (checkpoint.hf.HF_KEY_ALIASES).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from automodel_jax.models.attention import AttentionInputs
+from automodel_jax.models.base import CausalLM, register
+from automodel_jax.models.gemma3 import Gemma3ForCausalLM, Gemma3TextConfig
+from automodel_jax.models.kvcache import KVCache
+from automodel_jax.models.layers import Linear, RMSNorm
+from automodel_jax.models.siglip import SiglipVisionConfig, SiglipVisionModel
+
+# HF Gemma3TextConfig's defaults that published config.json files leave out of `text_config` (gemma-3-4b-it lists
+# only hidden_size, intermediate_size, num_hidden_layers, rope_scaling and sliding_window).
+TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config(Gemma3TextConfig):
+    """The text decoder's fields (flat, as Gemma3TextConfig, so code reading `config.vocab_size`, `config.rope` ...
+    works unchanged), plus the vision tower and the image-token layout."""
+    vision: SiglipVisionConfig = SiglipVisionConfig()
+    mm_tokens_per_image: int = 256
+    image_token_index: int = 262_144
+    boi_token_index: int = 255_999
+    eoi_token_index: int = 256_000
+
+    @property
+    def tokens_per_side(self) -> int:
+        return math.isqrt(self.mm_tokens_per_image)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "Gemma3Config":
+        """From a Gemma3Config config.json dict; `tie_word_embeddings` is the top-level one (transformers ties
+        lm_head by it, not by text_config's), and text_config's final_logit_softcapping is ignored, as transformers'
+        Gemma3ForConditionalGeneration ignores it (published configs set it null)."""
+        text = Gemma3TextConfig.from_hf({**TEXT_DEFAULTS, **(hf.get("text_config") or {})})
+        vision = SiglipVisionConfig.from_hf(hf.get("vision_config") or {}, "config.json: vision_config")
+        tokens = hf.get("mm_tokens_per_image", 256)
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"config.json: mm_tokens_per_image {tokens} is not a square number")
+        if vision.patches_per_side % side:
+            raise ValueError(f"config.json: mm_tokens_per_image {tokens} ({side} per side) does not evenly pool the "
+                             f"{vision.patches_per_side}x{vision.patches_per_side} patches of vision_config "
+                             f"(image_size / patch_size)")
+        fields = {f.name: getattr(text, f.name) for f in dataclasses.fields(text)}
+        fields.update(tie_word_embeddings=hf.get("tie_word_embeddings", True), final_logit_softcap=None, vision=vision,
+                      mm_tokens_per_image=tokens,
+                      image_token_index=hf.get("image_token_index", hf.get("image_token_id", 262_144)),
+                      boi_token_index=hf.get("boi_token_index", 255_999),
+                      eoi_token_index=hf.get("eoi_token_index", 256_000))
+        return cls(**fields)
+
+
+def image_block_ids(token_type_ids: jax.Array) -> jax.Array:
+    """AttentionInputs.bidirectional_ids from token_type_ids [B, T] (1 = image token): 0 for other tokens, k for the
+    k-th run of consecutive image tokens in its row (transformers' block_sequence_ids + 1). int32 [B, T]."""
+    is_image = jnp.asarray(token_type_ids) == 1
+    starts = is_image & ~jnp.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
+    return jnp.where(is_image, jnp.cumsum(starts, axis=1), 0).astype(jnp.int32)
+
+
+class Gemma3MultiModalProjector(nnx.Module):
+    """Vision patches [N, patches, vision_hidden] -> soft tokens [N, mm_tokens_per_image, text_hidden]: average-pool
+    the patch grid to tokens_per_side^2, Gemma RMSNorm (1 + weight), then x @ mm_input_projection_weight [vision_hidden,
+    text_hidden] (a Linear, so LoRA can target it; HF stores the bare [in, out] parameter)."""
+
+    def __init__(self, config: Gemma3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        vision = config.vision
+        self.patches_per_side, self.tokens_per_side, self.dtype = vision.patches_per_side, config.tokens_per_side, dtype
+        self.mm_input_projection_weight = Linear(vision.hidden_size, config.hidden_size, use_bias=False,
+                                                 axes=("embed", None), dtype=dtype, param_dtype=param_dtype,
+                                                 rngs=rngs, init_std=config.initializer_range)
+        self.mm_soft_emb_norm = RMSNorm(vision.hidden_size, eps=vision.layer_norm_eps, dtype=dtype,
+                                        param_dtype=param_dtype, offset=1.0)
+
+    def __call__(self, vision_outputs: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        n, _, d = vision_outputs.shape
+        side, k = self.tokens_per_side, self.patches_per_side // self.tokens_per_side
+        grid = vision_outputs.astype(jnp.float32).reshape(n, side, k, side, k, d)
+        pooled = jnp.mean(grid, axis=(2, 4)).reshape(n, side * side, d).astype(self.dtype)
+        return self.mm_input_projection_weight(self.mm_soft_emb_norm(pooled), dropout_rng)
+
+
+@register("gemma3")
+class Gemma3ForConditionalGeneration(CausalLM):
+    """`vision_tower` (SigLIP), `multi_modal_projector`, `language_model` (a Gemma3ForCausalLM: `model`, `lm_head`).
+
+    Training calls `hidden_states(input_ids, inputs, pixel_values=..., token_type_ids=...)` then `logits(h)` (or a
+    fused loss with `output_kernel()` and `logit_softcap`) like any CausalLM."""
+    config_class = Gemma3Config
+
+    def __init__(self, config: Gemma3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vision_tower = SiglipVisionModel(config.vision, attention_impl=config.attention_impl,
+                                              remat=config.remat, **kw)
+        self.multi_modal_projector = Gemma3MultiModalProjector(config, **kw)
+        self.language_model = Gemma3ForCausalLM(config, **kw)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 pixel_values: jax.Array | None = None, token_type_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 right_padded: bool = False, dropout_rng: jax.Array | None = None, cache: KVCache | None = None):
+        """Logits [batch, seq, vocab] (float), as CausalLM's call plus the images.
+
+        pixel_values [num_images, channels, image_size, image_size] (every row's images in order: the k-th image
+        fills the k-th run of mm_tokens_per_image image tokens, counted row-major); token_type_ids [batch, seq]
+        (1 = image token) turn on bidirectional attention within each image. With a KV `cache`, returns
+        (logits, cache); images belong in the prefill call.
+        """
+        input_ids = jnp.asarray(input_ids)
+        inputs = AttentionInputs.build(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
+                                       right_padded=right_padded and cache is None, dropout_rng=dropout_rng,
+                                       cache_index=None if cache is None else cache.index)
+        out = self.hidden_states(input_ids, inputs, cache, pixel_values=pixel_values, token_type_ids=token_type_ids)
+        if cache is None:
+            return self.logits(out)
+        h, cache = out
+        return self.logits(h), cache
+
+    def image_features(self, pixel_values: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """pixel_values [num_images, channels, H, W] -> soft tokens [num_images, mm_tokens_per_image, hidden]."""
+        with jax.named_scope("vision_tower"):
+            patches = self.vision_tower(pixel_values, dropout_rng)
+        with jax.named_scope("multi_modal_projector"):
+            return self.multi_modal_projector(patches, dropout_rng)
+
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+              dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Scaled token embeddings [B, T, hidden] with the image features written over the image tokens, in order.
+
+        A static-shape scatter: image token number k (row-major) takes feature row k of all images' tokens.
+        """
+        cfg = self.config
+        is_image = input_ids == cfg.image_token_index
+        if cfg.image_token_index >= cfg.vocab_size:  # out of vocabulary: embed a valid id, overwritten below
+            input_ids = jnp.where(is_image, 0, input_ids)
+        with jax.named_scope("language_model"):
+            x = self.language_model.model.embed(input_ids)
+        if pixel_values is None:
+            return x
+        pixel_values = jnp.asarray(pixel_values)
+        if not isinstance(is_image, jax.core.Tracer):  # outside jit: HF's count check, without a host sync inside
+            n_tokens = int(jnp.sum(is_image))
+            n_features = pixel_values.shape[0] * cfg.mm_tokens_per_image
+            if n_tokens != n_features:
+                raise ValueError(f"image features and image tokens do not match: {n_tokens} image tokens (id "
+                                 f"{cfg.image_token_index}) but {pixel_values.shape[0]} images x "
+                                 f"{cfg.mm_tokens_per_image} tokens")
+        features = self.image_features(pixel_values, dropout_rng).astype(x.dtype)
+        features = features.reshape(-1, features.shape[-1])
+        slot = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1)
+        return jnp.where(is_image[..., None], jnp.take(features, slot, axis=0).reshape(x.shape), x)
+
+    def hidden_states(self, input_ids, inputs: AttentionInputs, cache: KVCache | None = None, *,
+                      pixel_values: jax.Array | None = None, token_type_ids: jax.Array | None = None):
+        """Final hidden states [B, T, hidden]; with `cache`, (hidden states, cache with these tokens appended).
+
+        input_ids [B, T] int (image placeholders included); `inputs` as for any CausalLM (its bidirectional_ids are
+        set from `token_type_ids` [B, T] when given, see `image_block_ids`); pixel_values [num_images, C, H, W].
+        """
+        input_ids = jnp.asarray(input_ids)
+        if token_type_ids is not None:
+            inputs = dataclasses.replace(inputs, bidirectional_ids=image_block_ids(token_type_ids))
+        x = self.embed(input_ids, pixel_values, inputs.dropout_rng)
+        with jax.named_scope("language_model"), jax.named_scope("model"):
+            h, cache = self.language_model.model(input_ids, inputs, cache, inputs_embeds=x)
+        return h if cache is None else (h, cache)
+
+    def output_kernel(self) -> jax.Array:
+        """The lm_head as [hidden, vocab] (the tied embedding transposed when embeddings are tied)."""
+        return self.language_model.output_kernel()
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (dtype default: the compute dtype)."""
+        return self.language_model.init_cache(batch, max_len, dtype)

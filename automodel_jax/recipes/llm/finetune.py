@@ -1,0 +1,310 @@
+"""LLM fine-tuning recipe (LoRA or full SFT), run by `python -m automodel_jax.finetune --config FILE[:preset]`.
+
+`run(cfg)` reads top to bottom in named phases, each a function `bench/` can drive on its own:
+  setup       processes and mesh, model (+ adapters), tokenizer, data, checkpoints to resume, optimizer and the
+              jitted steps on declared shardings                                                   -> `Run`
+  validate    token-weighted validation loss of the current parameters
+  train_loop  the jitted step over global batches, metrics read one step behind (no host sync), validation and
+              asynchronous checkpoints on their cadence, an optional profiler trace
+  finish      final validation and checkpoint, generations, plot, HF / PEFT export, evaluation
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from automodel_jax.checkpoint.export import export_defaults, export_dir, export_model
+from automodel_jax.checkpoint.hf import load_pretrained, read_hf_config, resolve_checkpoint_dir
+from automodel_jax.checkpoint.orbax_io import TrainCheckpoints, checkpoint_defaults
+from automodel_jax.config import ConfigError, save_config, validate_choice
+from automodel_jax.data import build_dataset, data_defaults, load_rows, make_loader, resolve_pad_id
+from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
+from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout, mesh_from_config, tree_shardings
+from automodel_jax.peft.lora import apply_lora, lora_defaults, split_model
+from automodel_jax.training import loop
+from automodel_jax.training.loop import TrainingError
+from automodel_jax.training.metrics import MetricsLogger, wandb_defaults
+from automodel_jax.training.profile import StepProfiler, profile_defaults
+from automodel_jax.training.optim import build_optimizer, optim_defaults
+from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
+
+from automodel_jax.recipes.llm import embedded
+
+log = logging.getLogger("automodel_jax.finetune")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the recipe reads, with defaults; config files start from this and set their presets."""
+    from ml_collections import config_dict
+    cfg = ml_collections.ConfigDict()
+    cfg.run_dir = "runs/finetune"
+    cfg.seed = 0
+    cfg.model = dict(path="embedded:tiny-llama", dtype="bfloat16", param_dtype="float32", remat="none",
+                     attention="auto")
+    cfg.peft = lora_defaults()
+    cfg.data = data_defaults()
+    cfg.train = dict(global_batch_size=32, micro_batch_size=8, max_steps=config_dict.placeholder(int),
+                     num_epochs=1, log_every=10, val_every=100, val_max_samples=config_dict.placeholder(int),
+                     sample_prompts=(), sample_max_new_tokens=32)
+    cfg.optim = optim_defaults()
+    cfg.loss = dict(impl="chunked", chunk_size=config_dict.placeholder(int))  # None: per-impl default
+    cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1, zero3_over_data=False)
+    cfg.logging = dict(tensorboard=True, wandb=wandb_defaults())
+    cfg.checkpoint = checkpoint_defaults()
+    cfg.export = export_defaults()
+    cfg.distributed = dict(timeout_s=300)
+    # Evaluation at the end of training: "none", "hellaswag" (acc, acc_norm) or "squad" (exact match, F1).
+    cfg.evaluation = dict(task="none", data="", split="validation", limit=200, batch_size=8)
+    cfg.profile = profile_defaults()
+    return cfg
+
+
+def resolve_path(path: str) -> str:
+    """A model or data path as given, or the local path of an `embedded:` asset (built on first use; its base model
+    is pre-trained by this recipe)."""
+    return embedded.resolve(path, default_config, run)
+
+
+def batch_geometry(cfg, mesh) -> tuple[int, int]:
+    """(gradient-accumulation steps, per-process batch) from global and micro batch sizes (NeMo Automodel's way)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if global_batch % (micro * dp):
+        raise ConfigError(f"train.global_batch_size {global_batch} must be a multiple of train.micro_batch_size "
+                          f"{micro} x data-parallel size {dp}")
+    if global_batch % jax.process_count():
+        raise ConfigError(f"train.global_batch_size {global_batch} must be divisible by the process count "
+                          f"{jax.process_count()}")
+    return global_batch // (micro * dp), global_batch // jax.process_count()
+
+
+def check_parallelism(cfg, mesh, rules, model_path: str) -> None:
+    """The mesh against the model's heads, the sequence, the batch and the processes, before loading or compiling."""
+    hf = read_hf_config(resolve_checkpoint_dir(model_path))
+    heads = hf["num_attention_heads"]
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    check_mesh_fits(mesh.shape, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+                    seq_len=cfg.data.seq_len, batch_rows=cfg.train.micro_batch_size * dp)
+    check_process_layout(mesh, rules)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything `setup` builds: the jitted steps, their state on the mesh, the data, and the run's services."""
+    cfg: Any
+    mesh: Any
+    primary: bool
+    run_dir: Path
+    export_to: Path | None
+    model_path: str
+    tokenizer: Any
+    graphdef: Any
+    state: dict
+    frozen: dict
+    train_step: Any
+    eval_step: Any
+    batch_3d: dict
+    batch_2d: dict
+    loader: Any
+    val_batches: list
+    accum: int
+    total_steps: int
+    checkpoints: TrainCheckpoints
+    logger: MetricsLogger
+
+
+def check_run_config(cfg) -> None:
+    """The recipe's choices, before anything is built."""
+    validate_choice(cfg, "peft.method", ("lora", "none"))
+    validate_choice(cfg, "loss.impl", ("naive", "chunked", "pallas"))
+    if validate_choice(cfg, "evaluation.task", ("none", "hellaswag", "squad")) != "none" and not cfg.evaluation.data:
+        raise ConfigError("evaluation.data is empty; point it at the task's rows (a local file, saved dataset or "
+                          "Hub name), or set evaluation.task=none")
+
+
+def setup(cfg, model=None) -> Run:
+    """Processes and mesh -> model (+ adapters) -> data -> checkpoints -> optimizer, state and jitted steps.
+
+    `model`: an already built model (benchmarks: random init of a published shape) instead of loading model.path's
+    weights; the tokenizer still comes from model.path.
+    """
+    check_run_config(cfg)
+    export_to = export_dir(cfg)
+    initialize_distributed(cfg.distributed.timeout_s)
+    primary = jax.process_index() == 0
+    run_dir = Path(cfg.run_dir)
+    if primary:
+        save_config(cfg, run_dir)
+    mesh, rules = mesh_from_config(cfg.mesh)
+    describe_topology(mesh)
+
+    # Model, tokenizer, adapters.
+    model_path = resolve_path(cfg.model.path)
+    check_parallelism(cfg, mesh, rules, model_path)
+    tokenizer = load_tokenizer(model_path)
+    if model is None:
+        model = load_pretrained(model_path, dtype=jax.numpy.dtype(cfg.model.dtype),
+                                param_dtype=jax.numpy.dtype(cfg.model.param_dtype), mesh=mesh, rules=rules,
+                                model_overrides=dict(remat=cfg.model.remat, attention_impl=cfg.model.attention))
+    lora = cfg.peft.method == "lora"
+    if lora:
+        apply_lora(model, r=cfg.peft.r, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
+                   target_modules=cfg.peft.target_modules, exclude_modules=cfg.peft.exclude_modules, seed=cfg.seed)
+
+    # Data.
+    seq_len, data_cfg = cfg.data.seq_len, cfg.data
+    for split in ("train", "validation"):
+        data_cfg[split].path = resolve_path(data_cfg[split].path)
+    train_set = build_dataset(data_cfg.train, tokenizer, seq_len, data_cfg.truncation)
+    val_set = build_dataset(data_cfg.validation, tokenizer, seq_len, data_cfg.truncation)
+    pad_id = resolve_pad_id(tokenizer, data_cfg.pad_token_id, data_cfg.pad_with_eos)
+    accum, process_batch = batch_geometry(cfg, mesh)
+    loader = make_loader(train_set, batch_size=process_batch, seq_len=seq_len, pad_id=pad_id, seed=cfg.seed,
+                         shard_index=jax.process_index(), shard_count=jax.process_count(),
+                         packing=data_cfg.packing)
+    steps_per_epoch = max(len(train_set) // cfg.train.global_batch_size, 1)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.num_epochs
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    val_batches = loop.validation_batches(val_set, cfg.train.val_max_samples, cfg.train.micro_batch_size * dp,
+                                          seq_len, pad_id)
+
+    # Checkpoints: find the one to resume (the run's latest, else checkpoint.restore_from); it must fit the model.
+    checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
+
+    # Optimizer, state, jitted steps.
+    optimizer, schedule = build_optimizer(cfg.optim, total_steps)
+    graphdef, trainable, frozen = split_model(model, lora)
+    state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
+    frozen_shardings = tree_shardings(model, frozen, mesh, rules)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=not data_cfg.packing)
+    train_step, eval_step, batch_3d, batch_2d = compile_steps(
+        make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
+        make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules)
+    del model, trainable
+    state = checkpoints.restore(state, state_shardings, loader)  # train state and data position, onto this mesh
+    logger = MetricsLogger(run_dir, enabled=primary, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                           total_steps=total_steps, run_config=cfg.to_dict())
+    return Run(cfg, mesh, primary, run_dir, export_to, model_path, tokenizer, graphdef, state, frozen, train_step,
+               eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps, checkpoints, logger)
+
+
+def validate(run: Run, step: int) -> float:
+    """Validation loss of the current parameters, logged at `step`."""
+    loss = loop.validation_loss(run.eval_step, run.state["params"], run.frozen, run.val_batches, run.batch_2d)
+    run.logger.log(step, {"loss": loss}, "val")
+    return loss
+
+
+def generations(run: Run, title: str) -> None:
+    """Greedy continuations of train.sample_prompts. Every process takes part (the parameters are sharded over all
+    of them); only process 0 prints."""
+    cfg = run.cfg
+    if cfg.train.sample_prompts:
+        model_now = nnx.merge(run.graphdef, run.state["params"], run.frozen)
+        with contextlib.nullcontext() if run.primary else contextlib.redirect_stdout(io.StringIO()):
+            loop.print_generations(title, model_now, run.tokenizer, cfg.train.sample_prompts,
+                                   cfg.train.sample_max_new_tokens)
+
+
+def train_loop(run: Run, until_step: int | None = None) -> None:
+    """Train from the state's step to `until_step` (default: the run's total): the jitted step on each global batch,
+    metrics read one step behind (no host sync in the loop), validation and checkpoints on their cadence."""
+    cfg, total_steps = run.cfg, run.total_steps
+    until_step = total_steps if until_step is None else until_step
+    start_step = int(run.state["step"])
+    profiler = StepProfiler(cfg.profile, run.run_dir, enabled=run.primary)
+
+    def checked(metrics, step: int) -> dict[str, float]:
+        """Host values of a step's metrics; a non-finite step left the state as it was: keep that on disk, stop."""
+        try:
+            return loop.check_metrics(metrics, step)
+        except TrainingError:
+            run.checkpoints.save(int(run.state["step"]), run.state, run.loader, final=True)
+            run.checkpoints.close()
+            run.logger.close()  # ends the progress bar's line, so the error starts a line of its own
+            raise
+
+    pending, tokens_since = None, 0
+    for step in range(start_step, until_step):
+        batch = loop.global_batch(next(run.loader), run.accum, run.batch_3d)
+        if not isinstance(run.train_step, jax.stages.Compiled):  # compile ahead of time once, logged apart
+            t_compile = time.perf_counter()
+            run.train_step = run.train_step.lower(run.state, run.frozen, batch).compile()
+            log.info("compiled the train step in %.1f s", time.perf_counter() - t_compile)
+            t_last = time.perf_counter()
+        profiler.before(step, run.state)  # a trace of profile.num_steps steps, if enabled
+        run.state, metrics = run.train_step(run.state, run.frozen, batch)
+        if pending is not None:  # read step k-1's metrics while step k runs: no host sync in the loop
+            done = checked(pending, step)
+            tokens_since += done["tokens"]
+            if step % cfg.train.log_every == 0:
+                now = time.perf_counter()
+                done["tokens_per_sec"] = tokens_since / (now - t_last)
+                t_last, tokens_since = now, 0
+                run.logger.log(step, done, "train")
+            run.logger.progress(step, done)
+        pending = metrics
+        if cfg.train.val_every and (step + 1) % cfg.train.val_every == 0 and step + 1 < total_steps:
+            val_loss = validate(run, step + 1)
+        else:
+            val_loss = None
+        run.checkpoints.save(step + 1, run.state, run.loader, val_loss)  # asynchronous, every checkpoint.every_steps
+    profiler.close(run.state)
+    if pending is not None:
+        done = checked(pending, until_step)
+        run.logger.log(until_step, done, "train")
+        run.logger.progress(until_step, done)
+
+
+def finish(run: Run, first_val: float) -> dict:
+    """Final validation and checkpoint, generations, loss plot, export and evaluation; the run's results."""
+    cfg, total_steps = run.cfg, run.total_steps
+    final_val = validate(run, total_steps)
+    run.checkpoints.save(total_steps, run.state, run.loader, final_val, final=True)
+    generations(run, "after fine-tuning")
+    if run.primary:
+        print(f"validation loss: {first_val:.4f} before -> {final_val:.4f} after {total_steps} steps", flush=True)
+    run.logger.plot_losses()
+    run.logger.close()
+    run.checkpoints.close()
+    trained = nnx.merge(run.graphdef, run.state["params"], run.frozen)
+    if run.export_to is not None:
+        export_model(trained, run.export_to, base_model_name_or_path=run.model_path,
+                     merge_lora=cfg.export.merge_lora, overwrite=cfg.export.overwrite)
+    scores = {}
+    if cfg.evaluation.task != "none":
+        from automodel_jax.evaluation import evaluate
+        rows = load_rows(cfg.evaluation.data, cfg.evaluation.split, cfg.evaluation.limit)
+        scores = evaluate(trained, run.tokenizer, cfg.evaluation.task, rows, cfg.evaluation.limit,
+                          cfg.evaluation.batch_size)
+        if run.primary:
+            print(f"evaluation {cfg.evaluation.task}: {scores}", flush=True)
+            with open(run.run_dir / "evaluation.json", "w") as f:
+                json.dump(scores, f, indent=2)
+    return dict(val_loss_before=first_val, val_loss_after=final_val, steps=total_steps, model=trained,
+                evaluation=scores)
+
+
+def run(cfg) -> dict:
+    """Train as `cfg` says; returns validation loss before/after, steps done, the trained model and evaluation."""
+    run_ = setup(cfg)
+    first_val = validate(run_, int(run_.state["step"]))
+    generations(run_, "before fine-tuning")
+    train_loop(run_)
+    return finish(run_, first_val)

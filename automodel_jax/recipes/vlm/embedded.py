@@ -1,0 +1,333 @@
+"""The embedded VLM default, minus the weights: real transformers processors and a rendered visual task (no network).
+
+`build_processor("gemma3" | "qwen2_5_vl", directory)` writes a real Gemma3Processor / Qwen2_5_VLProcessor: the
+model's image processor at a small size, a byte-level fast tokenizer (every UTF-8 text round-trips; no merges, so a
+token is a byte) with the model's special tokens, and a chat template in the style of the model's own. It returns the
+vocabulary size and the special token ids a matching tiny model config must use.
+
+`embedded:shapes/{pretrain,pretrain-validation,train,validation}` are conversation rows over 112 x 112 images of
+simple shapes drawn with PIL, deterministic by seed. The pre-training splits ask single-skill questions (colour,
+shape, count, position); the fine-tuning splits ask NEW instructions that combine those skills ("Describe the
+shape." -> "a red circle at the top left", "Count the squares and name their colour." -> "3 blue"). Validation
+scenes (shape, colour, place, size, offset) never occur in any training split, so validation measures what
+fine-tuning really learned.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+from automodel_jax.data.vlm import (has_torchvision, load_processor, processor_model_type,
+                                    qwen_images_only_processor_class)
+
+SCHEME = "embedded:"
+TASK_NAME = "shapes"
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processors
+
+GEMMA3_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>")
+QWEN2_5_VL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>")
+
+# Gemma 3's layout: BOS, then <start_of_turn>{user|model}\n ... <end_of_turn>\n per turn (assistant -> "model"), a
+# leading system message folded into the first user turn, text trimmed, each image as <start_of_image> (the processor
+# expands it to the full image sequence).
+GEMMA3_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set system = messages[0]['content'] -%}"
+    "{%- else -%}{%- set system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('') -%}{%- endif -%}"
+    "{%- set prefix = system | trim + '\n\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('roles must alternate user/assistant after an optional system message') -}}{%- endif -%}"
+    "{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' -}}"
+    "{%- if loop.first -%}{{- prefix -}}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] | trim -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<start_of_image>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] | trim -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<end_of_turn>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+)
+
+# Qwen2.5-VL's layout: a default system turn unless one is given, <|im_start|>{role}\n ... <|im_end|>\n per turn, each
+# image as <|vision_start|><|image_pad|><|vision_end|> (the processor repeats <|image_pad|> once per merged patch).
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+GEMMA3_IMAGE = dict(image_size=64, image_seq_length=16)  # 16 soft tokens = 4 x 4 after the model's pooling
+QWEN2_5_VL_IMAGE = dict(patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+def build_tokenizer(model_type: str):
+    """A byte-level fast tokenizer: the model's special tokens first (ids 0..), then one token per byte, no merges."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = {"gemma3": GEMMA3_SPECIALS, "qwen2_5_vl": QWEN2_5_VL_SPECIALS}.get(model_type)
+    if specials is None:
+        raise ValueError(f"unknown VLM model type {model_type!r}: use 'gemma3' or 'qwen2_5_vl'")
+    vocab = {tok: i for i, tok in enumerate(list(specials) + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>" if model_type == "gemma3" else None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    if model_type == "gemma3":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+            extra_special_tokens=dict(boi_token="<start_of_image>", eoi_token="<end_of_image>",
+                                      image_token="<image_soft_token>", sot_token="<start_of_turn>",
+                                      eot_token="<end_of_turn>"))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens=dict(image_token="<|image_pad|>", video_token="<|video_pad|>",
+                                  vision_bos_token="<|vision_start|>", vision_eos_token="<|vision_end|>"))
+
+
+def _save_qwen(processor, directory: Path) -> None:
+    """Save as a Qwen2_5_VLProcessor (class name in the configs) plus the video processor settings it needs."""
+    processor.save_pretrained(directory)
+    config_file = directory / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    config["processor_class"] = "Qwen2_5_VLProcessor"
+    image = config["image_processor"]
+    config.setdefault("video_processor", dict(
+        video_processor_type="Qwen2VLVideoProcessor", patch_size=image["patch_size"],
+        temporal_patch_size=image["temporal_patch_size"], merge_size=image["merge_size"], size=image["size"],
+        image_mean=image["image_mean"], image_std=image["image_std"], do_convert_rgb=True))
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    tok_file = directory / "tokenizer_config.json"
+    tok_config = json.loads(tok_file.read_text())
+    if "processor_class" in tok_config:
+        tok_config["processor_class"] = "Qwen2_5_VLProcessor"
+        tok_file.write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
+def build_processor(model_type: str, directory: str | Path) -> dict:
+    """Write a real processor for `model_type` ("gemma3" | "qwen2_5_vl") to `directory`; reload and check it.
+
+    Returns what a matching model config needs: vocab_size, pad/eos/bos token ids and the image token ids (Gemma 3:
+    image_token_index, boi_token_index, eoi_token_index, mm_tokens_per_image, image_size; Qwen2.5-VL: image_token_id,
+    video_token_id, vision_start_token_id, vision_end_token_id, patch_size, temporal_patch_size, spatial_merge_size,
+    patch_dim, min_pixels, max_pixels). Without torchvision the Qwen2.5-VL processor has no video processor (images
+    work the same). Raises ValueError for an unknown model type or a processor that fails its reload check.
+    """
+    directory = Path(directory)
+    tokenizer = build_tokenizer(model_type)
+    vocab = tokenizer.get_vocab()
+    if model_type == "gemma3":
+        from transformers import Gemma3Processor
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+        size = GEMMA3_IMAGE["image_size"]
+        processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": size, "width": size}),
+                                    tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
+                                    image_seq_length=GEMMA3_IMAGE["image_seq_length"])
+        processor.save_pretrained(directory)
+        info = dict(image_token_index=vocab["<image_soft_token>"], boi_token_index=vocab["<start_of_image>"],
+                    eoi_token_index=vocab["<end_of_image>"], mm_tokens_per_image=GEMMA3_IMAGE["image_seq_length"],
+                    image_size=size, bos_token_id=vocab["<bos>"], eos_token_id=[vocab["<eos>"], vocab["<end_of_turn>"]],
+                    pad_token_id=vocab["<pad>"])
+    elif model_type == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        q = QWEN2_5_VL_IMAGE
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=q["min_pixels"], max_pixels=q["max_pixels"], patch_size=q["patch_size"],
+            temporal_patch_size=q["temporal_patch_size"], merge_size=q["merge_size"])
+        if has_torchvision():  # pragma: no cover - this project's CI has no torchvision
+            from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+            processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                            video_processor=Qwen2VLVideoProcessor(),
+                                            chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+        else:
+            processor = qwen_images_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                                  chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+        _save_qwen(processor, directory)
+        info = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+                    vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+                    patch_size=q["patch_size"], temporal_patch_size=q["temporal_patch_size"],
+                    spatial_merge_size=q["merge_size"], patch_dim=3 * q["temporal_patch_size"] * q["patch_size"] ** 2,
+                    min_pixels=q["min_pixels"], max_pixels=q["max_pixels"], bos_token_id=None,
+                    eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"])
+    else:
+        raise ValueError(f"unknown VLM model type {model_type!r}: use 'gemma3' or 'qwen2_5_vl'")
+    info = dict(model_type=model_type, vocab_size=len(vocab), **info)
+    check_processor(directory, info)
+    return info
+
+
+def check_processor(directory: str | Path, info: dict) -> None:
+    """Reload `directory` and check that one image in a chat becomes the expected number of image tokens."""
+    from PIL import Image
+    processor = load_processor(directory)
+    if processor_model_type(processor) != info["model_type"]:
+        raise ValueError(f"{directory} reloads as {type(processor).__name__}, not a {info['model_type']} processor")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    out = processor(text=[text], images=[[Image.new("RGB", (CANVAS, CANVAS), "white")]], add_special_tokens=False)
+    ids = list(out["input_ids"][0])
+    if info["model_type"] == "gemma3":
+        got, want = ids.count(info["image_token_index"]), info["mm_tokens_per_image"]
+    else:
+        grid = out["image_grid_thw"][0]
+        want = int(grid[0] * grid[1] * grid[2]) // info["spatial_merge_size"] ** 2
+        got = ids.count(info["image_token_id"])
+    if got != want or want == 0:
+        raise ValueError(f"{directory}: an image became {got} image tokens, expected {want}; rebuild the processor")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The rendered task
+
+CANVAS = 112
+COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+PLACES = ("top left", "top right", "bottom left", "bottom right")
+# Pre-training: one skill per question. Fine-tuning: new instructions whose answers combine those skills.
+PRETRAIN_TASKS = {"colour": "What colour is the shape?", "shape": "What shape is this?",
+                  "count": "How many squares are there?", "position": "Where is the circle?"}
+TASKS = {"describe": "Describe the shape.", "tally": "Count the squares and name their colour."}
+SPLIT_SIZES = {"pretrain": 4000, "pretrain-validation": 128, "train": 2000, "validation": 128}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AUTOMODEL_JAX_CACHE", Path.home() / ".cache" / "automodel_jax")) / "embedded-vlm"
+
+
+def _scene(rng: random.Random, task: str) -> dict:
+    """Random scene parameters for a task: the image is a pure function of them."""
+    colour = rng.choice(sorted(COLOURS))
+    size, dx, dy = rng.randint(10, 18), rng.randint(-6, 6), rng.randint(-6, 6)
+    if task in ("count", "tally"):
+        cells = sorted(rng.sample(range(4), rng.randint(1, 4)))
+        return dict(shape="square", colour=colour, cells=cells, size=size, dx=dx, dy=dy)
+    shape = "circle" if task == "position" else rng.choice(SHAPES)
+    return dict(shape=shape, colour=colour, cells=[rng.randrange(4)], size=size, dx=dx, dy=dy)
+
+
+def _key(scene: dict) -> str:
+    return json.dumps(scene, sort_keys=True)
+
+
+def render(scene: dict):
+    """The scene as a CANVAS x CANVAS RGB PIL image: one shape per cell (2 x 2 quadrants) on white."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (CANVAS, CANVAS), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    r, fill = scene["size"], COLOURS[scene["colour"]]
+    for cell in scene["cells"]:
+        cx = CANVAS // 4 * (1 + 2 * (cell % 2)) + scene["dx"]
+        cy = CANVAS // 4 * (1 + 2 * (cell // 2)) + scene["dy"]
+        if scene["shape"] == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif scene["shape"] == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def answer(task: str, scene: dict) -> str:
+    place, count = PLACES[scene["cells"][0]], len(scene["cells"])
+    return {"colour": scene["colour"], "shape": scene["shape"], "count": str(count), "position": place,
+            "describe": f"a {scene['colour']} {scene['shape']} at the {place}",
+            "tally": f"{count} {scene['colour']}"}[task]
+
+
+def _scenes(seed: int, tasks: list[str], count: int, exclude: set[str] = frozenset()) -> list[tuple[str, dict]]:
+    rng = random.Random(seed)
+    out, seen = [], set(exclude)
+    while len(out) < count:
+        task = tasks[len(out) % len(tasks)]
+        scene = _scene(rng, task)
+        if _key(scene) not in seen:
+            seen.add(_key(scene))
+            out.append((task, scene))
+    return out
+
+
+def task_scenes(split: str) -> list[tuple[str, dict]]:
+    """(task, scene) pairs of a split; validation scenes are disjoint from every training split's."""
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"unknown split {split!r}: use one of {sorted(SPLIT_SIZES)}")
+    tasks = sorted(PRETRAIN_TASKS if split.startswith("pretrain") else TASKS)
+    held_out = {_key(s) for seed, kinds in ((1, sorted(TASKS)), (3, sorted(PRETRAIN_TASKS)))
+                for _, s in _scenes(seed, kinds, SPLIT_SIZES["validation"])}
+    if split.endswith("validation"):
+        return _scenes(1 if split == "validation" else 3, tasks, SPLIT_SIZES[split])
+    return _scenes(0 if split == "train" else 2, tasks, SPLIT_SIZES[split], exclude=held_out)
+
+
+def task_rows(split: str, image_dir: str | Path | None = None, base_dir: str | Path | None = None) -> list[dict]:
+    """{messages, images} rows (LLaMA-Factory layout: "<image>" + question, then the answer).
+
+    images hold PIL images, or with `image_dir` the paths of PNGs written there (relative to `base_dir` if given).
+    """
+    questions = {**PRETRAIN_TASKS, **TASKS}
+    rows = []
+    for i, (task, scene) in enumerate(task_scenes(split)):
+        image = render(scene)
+        if image_dir is not None:
+            path = Path(image_dir) / f"{i:05d}.png"
+            image.save(path)
+            image = str(path.relative_to(base_dir) if base_dir is not None else path)
+        rows.append({"messages": [{"role": "user", "content": "<image>" + questions[task]},
+                                  {"role": "assistant", "content": answer(task, scene)}], "images": [image]})
+    return rows
+
+
+def _fingerprint() -> str:
+    blob = json.dumps([CANVAS, COLOURS, SHAPES, PLACES, PRETRAIN_TASKS, TASKS, SPLIT_SIZES], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def materialize(name: str) -> str:
+    """Local jsonl path for `embedded:shapes/<split>`, rendered on first use (atomically: parallel runs are safe)."""
+    what = name[len(SCHEME):] if name.startswith(SCHEME) else name
+    task, _, split = what.partition("/")
+    if task != TASK_NAME or split not in SPLIT_SIZES:
+        known = ", ".join(f"{SCHEME}{TASK_NAME}/{s}" for s in SPLIT_SIZES)
+        raise ValueError(f"unknown embedded VLM asset {name!r}; known: {known}")
+    root = cache_dir() / _fingerprint()
+    target = root / f"{TASK_NAME}-{split}.jsonl"
+    if not target.is_file():
+        images = root / f"{TASK_NAME}-{split}"
+        tmp_images = root / f".{TASK_NAME}-{split}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp_images, ignore_errors=True)
+        tmp_images.mkdir(parents=True)
+        rows = task_rows(split, image_dir=tmp_images, base_dir=root)
+        for row in rows:
+            row["images"] = [p.replace(tmp_images.name, images.name, 1) for p in row["images"]]
+        try:
+            os.replace(tmp_images, images)
+        except OSError:  # another process finished first: its identical images stand
+            shutil.rmtree(tmp_images, ignore_errors=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, target)
+    return str(target)
+
+
+def resolve(path: str) -> str:
+    return materialize(path) if isinstance(path, str) and path.startswith(SCHEME) else path

@@ -1,0 +1,1 @@
+"""Training: the jitted train and eval steps, optimizer and schedule, the loop's pieces, metrics, profiling."""

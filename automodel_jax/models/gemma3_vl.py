@@ -6,6 +6,11 @@ RMS-normalises and projects them to the text width; they replace the embeddings 
 image token), each run of consecutive image tokens attends bidirectionally within itself, as transformers does
 whenever token_type_ids are passed (training and prefill alike).
 
+Images come in one of two layouts: flat (pixel_values [num_images, C, H, W], every row's images in order, as
+transformers takes them) or per row (pixel_values [B, max_images, C, H, W] with image_mask [B, max_images], the
+training collator's layout, which `host_batch` prepares): then row b's j-th real image fills row b's j-th image-token
+block, so every array keeps the batch axis first and shards over it.
+
 Module names are those transformers 5 `save_pretrained` writes: `language_model.model.*`,
 `language_model.lm_head.weight` (untied only), `vision_tower.{embeddings,encoder,post_layernorm}.*`,
 `multi_modal_projector.{mm_input_projection_weight,mm_soft_emb_norm.weight}`; the loader also takes the runtime
@@ -19,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from automodel_jax.models.attention import AttentionInputs
@@ -80,6 +86,20 @@ def image_block_ids(token_type_ids: jax.Array) -> jax.Array:
     return jnp.where(is_image, jnp.cumsum(starts, axis=1), 0).astype(jnp.int32)
 
 
+def _row_image_slots(is_image: jax.Array, tokens_per_image: int, num_images: int,
+                     image_mask: jax.Array | None) -> jax.Array:
+    """Per-row image layout: for each token of is_image [B, T], the index into its row's features [B, num_images *
+    tokens_per_image, hidden] that it takes (meaningful on image tokens only). Image token k of row b is token k %
+    tokens_per_image of row b's (k // tokens_per_image)-th real image: the True entries of image_mask [B, num_images]
+    in order (None = all images real). int32 [B, T]."""
+    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, num_images * tokens_per_image - 1)
+    image = slot // tokens_per_image
+    if image_mask is not None:  # stable: real images first, in their order
+        order = jnp.argsort(~jnp.asarray(image_mask, bool), axis=1, stable=True)
+        image = jnp.take_along_axis(order, image, axis=1)
+    return (image * tokens_per_image + slot % tokens_per_image).astype(jnp.int32)
+
+
 class Gemma3MultiModalProjector(nnx.Module):
     """Vision patches [N, patches, vision_hidden] -> soft tokens [N, mm_tokens_per_image, text_hidden]: average-pool
     the patch grid to tokens_per_side^2, Gemma RMSNorm (1 + weight), then x @ mm_input_projection_weight [vision_hidden,
@@ -106,9 +126,45 @@ class Gemma3MultiModalProjector(nnx.Module):
 class Gemma3ForConditionalGeneration(CausalLM):
     """`vision_tower` (SigLIP), `multi_modal_projector`, `language_model` (a Gemma3ForCausalLM: `model`, `lm_head`).
 
-    Training calls `hidden_states(input_ids, inputs, pixel_values=..., token_type_ids=...)` then `logits(h)` (or a
-    fused loss with `output_kernel()` and `logit_softcap`) like any CausalLM."""
+    Training calls `hidden_states(input_ids, inputs, **model_inputs)` then `logits(h)` (or a fused loss with
+    `output_kernel()` and `logit_softcap`) like any CausalLM, where model_inputs are `host_batch`'s keys other than
+    input_ids, labels, segment_ids and positions (those build `inputs`)."""
     config_class = Gemma3Config
+
+    @staticmethod
+    def host_batch(config: Gemma3Config, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A VLM collator batch (data.vlm.VLMCollator, gemma3) -> the arrays of one training step, numpy only.
+
+        Returns, every array with the batch axis B first:
+          input_ids, labels, segment_ids, positions: int32 [B, S] as given (positions restart per row);
+          token_type_ids int32 [B, S] (1 = image token: bidirectional attention within each image);
+          pixel_values float32 [B, M, C, H, W] (M = max_images; images beyond a row's real ones are ignored);
+          image_mask bool [B, M] (True = real image, in the order of the row's image-token blocks).
+        Keys other than input_ids/labels/segment_ids/positions are `hidden_states` keyword arguments.
+        Raises ValueError when a key is missing, the shapes disagree, or a row's image tokens are not
+        mm_tokens_per_image per real image.
+        """
+        keys = ("input_ids", "labels", "segment_ids", "positions", "token_type_ids", "pixel_values", "image_mask")
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise ValueError(f"Gemma 3 batch lacks {missing}; expected the VLM collator's keys {list(keys)}")
+        out = {k: np.asarray(batch[k], np.int32) for k in keys[:5]}
+        out["pixel_values"] = np.asarray(batch["pixel_values"], np.float32)
+        out["image_mask"] = np.asarray(batch["image_mask"], bool)
+        b, s = out["input_ids"].shape
+        pixels, mask = out["pixel_values"], out["image_mask"]
+        if any(out[k].shape != (b, s) for k in keys[:5]) or pixels.ndim != 5 or pixels.shape[0] != b \
+                or mask.shape != pixels.shape[:2]:
+            raise ValueError(f"Gemma 3 batch shapes disagree: {({k: v.shape for k, v in out.items()})}; expected "
+                             f"[B, S] token arrays, pixel_values [B, M, C, H, W] and image_mask [B, M]")
+        tokens = (out["input_ids"] == config.image_token_index).sum(axis=1)
+        expected = mask.sum(axis=1) * config.mm_tokens_per_image
+        bad = np.flatnonzero(tokens != expected)
+        if bad.size:
+            r = int(bad[0])
+            raise ValueError(f"batch row {r}: {tokens[r]} image tokens (id {config.image_token_index}) but "
+                             f"{mask[r].sum()} real images x {config.mm_tokens_per_image} tokens")
+        return out
 
     def __init__(self, config: Gemma3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None):
@@ -123,11 +179,13 @@ class Gemma3ForConditionalGeneration(CausalLM):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  pixel_values: jax.Array | None = None, token_type_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 right_padded: bool = False, dropout_rng: jax.Array | None = None, cache: KVCache | None = None):
+                 right_padded: bool = False, dropout_rng: jax.Array | None = None, cache: KVCache | None = None,
+                 image_mask: jax.Array | None = None):
         """Logits [batch, seq, vocab] (float), as CausalLM's call plus the images.
 
         pixel_values [num_images, channels, image_size, image_size] (every row's images in order: the k-th image
-        fills the k-th run of mm_tokens_per_image image tokens, counted row-major); token_type_ids [batch, seq]
+        fills the k-th run of mm_tokens_per_image image tokens, counted row-major), or per row [batch, M, channels,
+        image_size, image_size] with image_mask [batch, M] (see `hidden_states`); token_type_ids [batch, seq]
         (1 = image token) turn on bidirectional attention within each image. With a KV `cache`, returns
         (logits, cache); images belong in the prefill call.
         """
@@ -135,24 +193,32 @@ class Gemma3ForConditionalGeneration(CausalLM):
         inputs = AttentionInputs.build(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
                                        right_padded=right_padded and cache is None, dropout_rng=dropout_rng,
                                        cache_index=None if cache is None else cache.index)
-        out = self.hidden_states(input_ids, inputs, cache, pixel_values=pixel_values, token_type_ids=token_type_ids)
+        out = self.hidden_states(input_ids, inputs, cache, pixel_values=pixel_values, token_type_ids=token_type_ids,
+                                 image_mask=image_mask)
         if cache is None:
             return self.logits(out)
         h, cache = out
         return self.logits(h), cache
 
     def image_features(self, pixel_values: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """pixel_values [num_images, channels, H, W] -> soft tokens [num_images, mm_tokens_per_image, hidden]."""
+        """pixel_values [num_images, channels, H, W] -> soft tokens [num_images, mm_tokens_per_image, hidden]; per
+        row, [B, M, channels, H, W] -> [B, M, mm_tokens_per_image, hidden] (the tower runs on all B * M images)."""
+        if pixel_values.ndim == 5:
+            b, m = pixel_values.shape[:2]
+            features = self.image_features(pixel_values.reshape(b * m, *pixel_values.shape[2:]), dropout_rng)
+            return features.reshape(b, m, *features.shape[1:])
         with jax.named_scope("vision_tower"):
             patches = self.vision_tower(pixel_values, dropout_rng)
         with jax.named_scope("multi_modal_projector"):
             return self.multi_modal_projector(patches, dropout_rng)
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-              dropout_rng: jax.Array | None = None) -> jax.Array:
+              dropout_rng: jax.Array | None = None, image_mask: jax.Array | None = None) -> jax.Array:
         """Scaled token embeddings [B, T, hidden] with the image features written over the image tokens, in order.
 
-        A static-shape scatter: image token number k (row-major) takes feature row k of all images' tokens.
+        A static-shape scatter. Flat pixel_values [N, C, H, W]: image token number k (row-major over the batch) takes
+        feature row k of all images' tokens. Per row, pixel_values [B, M, C, H, W] with image_mask [B, M] (None =
+        all real): row b's j-th run of image tokens takes row b's j-th real image (see `_row_image_slots`).
         """
         cfg = self.config
         is_image = input_ids == cfg.image_token_index
@@ -163,29 +229,44 @@ class Gemma3ForConditionalGeneration(CausalLM):
         if pixel_values is None:
             return x
         pixel_values = jnp.asarray(pixel_values)
+        per_row = pixel_values.ndim == 5
         if not isinstance(is_image, jax.core.Tracer):  # outside jit: HF's count check, without a host sync inside
-            n_tokens = int(jnp.sum(is_image))
-            n_features = pixel_values.shape[0] * cfg.mm_tokens_per_image
-            if n_tokens != n_features:
-                raise ValueError(f"image features and image tokens do not match: {n_tokens} image tokens (id "
-                                 f"{cfg.image_token_index}) but {pixel_values.shape[0]} images x "
-                                 f"{cfg.mm_tokens_per_image} tokens")
+            if per_row:
+                real = (np.full(pixel_values.shape[:2], True) if image_mask is None
+                        else np.asarray(image_mask, bool))
+                n_tokens, n_images = np.asarray(is_image).sum(axis=1), real.sum(axis=1)
+            else:
+                n_tokens, n_images = np.asarray([int(jnp.sum(is_image))]), np.asarray([pixel_values.shape[0]])
+            bad = np.flatnonzero(n_tokens != n_images * cfg.mm_tokens_per_image)
+            if bad.size:
+                r = int(bad[0])
+                raise ValueError(f"image features and image tokens do not match: {n_tokens[r]} image tokens (id "
+                                 f"{cfg.image_token_index}){f' in row {r}' if per_row else ''} but {n_images[r]} "
+                                 f"images x {cfg.mm_tokens_per_image} tokens")
         features = self.image_features(pixel_values, dropout_rng).astype(x.dtype)
+        if per_row:
+            b, m, k, d = features.shape
+            slot = _row_image_slots(is_image, k, m, image_mask)
+            gathered = jnp.take_along_axis(features.reshape(b, m * k, d), slot[..., None], axis=1)
+            return jnp.where(is_image[..., None], gathered, x)
         features = features.reshape(-1, features.shape[-1])
         slot = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1)
         return jnp.where(is_image[..., None], jnp.take(features, slot, axis=0).reshape(x.shape), x)
 
     def hidden_states(self, input_ids, inputs: AttentionInputs, cache: KVCache | None = None, *,
-                      pixel_values: jax.Array | None = None, token_type_ids: jax.Array | None = None):
+                      pixel_values: jax.Array | None = None, token_type_ids: jax.Array | None = None,
+                      image_mask: jax.Array | None = None):
         """Final hidden states [B, T, hidden]; with `cache`, (hidden states, cache with these tokens appended).
 
-        input_ids [B, T] int (image placeholders included); `inputs` as for any CausalLM (its bidirectional_ids are
-        set from `token_type_ids` [B, T] when given, see `image_block_ids`); pixel_values [num_images, C, H, W].
+        input_ids [B, T] int (image placeholders included); `inputs` as for any CausalLM, positions [B, T] (its
+        bidirectional_ids are set from `token_type_ids` [B, T] when given, see `image_block_ids`). pixel_values
+        flat [num_images, C, H, W] (row-major over the batch), or per row [B, M, C, H, W] with image_mask bool
+        [B, M] (True = real image; `host_batch`'s layout), where padded images are encoded but never used.
         """
         input_ids = jnp.asarray(input_ids)
         if token_type_ids is not None:
             inputs = dataclasses.replace(inputs, bidirectional_ids=image_block_ids(token_type_ids))
-        x = self.embed(input_ids, pixel_values, inputs.dropout_rng)
+        x = self.embed(input_ids, pixel_values, inputs.dropout_rng, image_mask)
         with jax.named_scope("language_model"), jax.named_scope("model"):
             h, cache = self.language_model.model(input_ids, inputs, cache, inputs_embeds=x)
         return h if cache is None else (h, cache)

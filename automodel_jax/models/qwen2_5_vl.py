@@ -8,9 +8,14 @@ The module tree is the checkpoint's (what transformers' save_pretrained writes a
 Everything that depends on the values of `image_grid_thw` is computed on the host in numpy, so that jitted code sees
 only static-shaped arrays: `vision_inputs` (window permutation, per-window and per-frame attention segments, 2-D
 rotary positions of the vision tower) and `rope_index` (the text's M-RoPE positions [3, B, T], as transformers'
-`get_rope_index` computes them). The public call computes both when they are not given; training calls
-`hidden_states(input_ids, inputs, pixel_values=..., vision=...)` with `inputs.positions` from `rope_index`.
-Images only (no videos); all images of a batch form one flat vision sequence, as in transformers.
+`get_rope_index` computes them). The public call computes both when they are not given.
+
+Images only (no videos), in one of two layouts. Flat: all images of a batch form one vision sequence
+(pixel_values [N, patch_dim]), as in transformers; the public call takes this. Per row (training): pixel_values
+[B, P, patch_dim], each row its own vision sequence of its real patches then padding, with the index arrays of
+`vision_inputs` per row stacked [B, ...] and M-RoPE positions [B, 3, T]; `host_batch` builds these from the VLM
+collator's batch, every array with the batch axis first, and training calls
+`hidden_states(input_ids, AttentionInputs(segment_ids, positions), **model_inputs)`.
 """
 from __future__ import annotations
 
@@ -171,6 +176,12 @@ class VisionInputs:
     full_segments: jax.Array
 
 
+# `hidden_states` keyword arguments of a per-row batch (`host_batch`) -> the VisionInputs field each one fills.
+ROW_VISION_KEYS = {"vision_window_index": "window_index", "vision_reverse_index": "reverse_index",
+                   "vision_positions": "positions", "vision_window_segments": "window_segments",
+                   "vision_full_segments": "full_segments"}
+
+
 def _vision_config(config) -> VisionConfig:
     return config.vision if isinstance(config, Qwen2_5_VLConfig) else config
 
@@ -316,7 +327,7 @@ class VisionAttention(nnx.Module):
         self.proj = Linear(vc.hidden_size, vc.hidden_size, use_bias=True, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x, positions, inv_freq, segment_ids, dropout_rng=None):
-        """x [1, N, hidden]; positions [2, 1, N]; inv_freq [2, head_dim / 2]; segment_ids [1, N]."""
+        """x [B, N, hidden]; positions [2, B, N]; inv_freq [2, head_dim / 2]; segment_ids [B, N] (per row)."""
         b, n, _ = x.shape
         qkv = self.qkv(x, dropout_rng).reshape(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -372,8 +383,8 @@ class PatchMerger(nnx.Module):
                              Linear(self.width, vc.out_hidden_size, axes=("mlp", "embed"), **kw)])
 
     def __call__(self, x, dropout_rng=None):
-        """x [N, hidden] -> [N / merge ** 2, out_hidden_size]."""
-        h = self.ln_q(x).reshape(-1, self.width)
+        """x [..., N, hidden] -> [..., N / merge ** 2, out_hidden_size]."""
+        h = self.ln_q(x).reshape(*x.shape[:-2], -1, self.width)
         return self.mlp[2](self.mlp[1](self.mlp[0](h, dropout_rng)), dropout_rng)
 
 
@@ -399,14 +410,19 @@ class VisionTransformer(nnx.Module):
         return jnp.stack([jnp.concatenate([inv, zeros]), jnp.concatenate([zeros, inv])])
 
     def __call__(self, pixel_values: jax.Array, vision: VisionInputs, dropout_rng=None) -> jax.Array:
-        """pixel_values [N, patch_dim] -> merged features [N / merge ** 2, out_hidden_size] in image order."""
+        """pixel_values [N, patch_dim] -> merged features [N / merge ** 2, out_hidden_size] in image order; per row,
+        pixel_values [B, N, patch_dim] with every `vision` array batched [B, ...] -> [B, N / merge ** 2,
+        out_hidden_size] (rows attend only within themselves)."""
+        if pixel_values.ndim == 2:
+            return self(pixel_values[None], jax.tree.map(lambda a: jnp.asarray(a)[None], vision), dropout_rng)[0]
         unit = self.vc.spatial_merge_size ** 2
         with jax.named_scope("patch_embed"):
             x = self.patch_embed(pixel_values)
-        n, d = x.shape
-        x = x.reshape(n // unit, unit, d)[vision.window_index].reshape(1, n, d)
-        positions, inv_freq = vision.positions[:, None, :], self.rope_inv_freq()
-        full, windows = vision.full_segments[None], vision.window_segments[None]
+        b, n, d = x.shape
+        window_index = jnp.asarray(vision.window_index)[:, :, None, None]
+        x = jnp.take_along_axis(x.reshape(b, n // unit, unit, d), window_index, axis=1).reshape(b, n, d)
+        positions, inv_freq = jnp.swapaxes(jnp.asarray(vision.positions), 0, 1), self.rope_inv_freq()
+        full, windows = jnp.asarray(vision.full_segments), jnp.asarray(vision.window_segments)
 
         def run_block(block, x, segment_ids):
             return block(x, positions, inv_freq, segment_ids, dropout_rng)
@@ -417,14 +433,20 @@ class VisionTransformer(nnx.Module):
             with jax.named_scope(f"blocks.{i}"):
                 x = run_block(block, x, full if i in self.vc.fullatt_block_indexes else windows)
         with jax.named_scope("merger"):
-            return self.merger(x[0], dropout_rng)[vision.reverse_index]
+            merged = self.merger(x, dropout_rng)
+            return jnp.take_along_axis(merged, jnp.asarray(vision.reverse_index)[:, :, None], axis=1)
 
 
 def merge_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.Array,
                          image_token_id: int) -> jax.Array:
-    """embeds [B, T, hidden] with the k-th image token (row-major over the batch) replaced by features[k] (a gather
-    and a select: no host sync; features beyond the image tokens, e.g. of padding patches, go unused)."""
+    """embeds [B, T, hidden] with the k-th image token (row-major over the batch) replaced by features[k] of flat
+    features [K, hidden]; with per-row features [B, K, hidden], row b's k-th image token takes features[b, k]. A
+    gather and a select: no host sync; features beyond the image tokens, e.g. of padding patches, go unused."""
     is_image = input_ids == image_token_id
+    if features.ndim == 3:
+        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+        gathered = jnp.take_along_axis(features, index[..., None], axis=1).astype(embeds.dtype)
+        return jnp.where(is_image[..., None], gathered, embeds)
     index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1)
     gathered = jnp.take(features, index, axis=0).reshape(embeds.shape).astype(embeds.dtype)
     return jnp.where(is_image[..., None], gathered, embeds)
@@ -438,8 +460,66 @@ def _continue_positions(cache: KVCache, num_tokens: int) -> jax.Array:
 
 @register(MODEL_TYPE)
 class Qwen2_5_VLForConditionalGeneration(DecoderLM):
-    """`visual` (the vision tower), `model` (the Qwen2 text decoder with M-RoPE) and `lm_head` unless tied."""
+    """`visual` (the vision tower), `model` (the Qwen2 text decoder with M-RoPE) and `lm_head` unless tied.
+
+    Training calls `hidden_states(input_ids, AttentionInputs(segment_ids, positions), **model_inputs)` then
+    `logits(h)`, where model_inputs are `host_batch`'s keys other than input_ids, labels, segment_ids and positions.
+    """
     config_class = Qwen2_5_VLConfig
+
+    @staticmethod
+    def host_batch(config: Qwen2_5_VLConfig, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A VLM collator batch (data.vlm.VLMCollator, qwen2_5_vl) -> the arrays of one training step, numpy only.
+
+        Reads input_ids, labels, segment_ids [B, S], pixel_values [B, P, patch_dim], image_grid_thw [B, M, 3],
+        image_mask [B, M] (and checks patch_mask [B, P] when present). Returns, every array with the batch axis B
+        first (U = spatial_merge_size ** 2, P a multiple of U):
+          input_ids, labels, segment_ids: int32 [B, S] as given;
+          positions int32 [B, 3, S]: M-RoPE positions, `rope_index` of each row with its real grids and
+            attention_mask segment_ids != 0 (transpose of rope_index's [3, B, S]; `hidden_states` moves the axis);
+          pixel_values float32 [B, P, patch_dim] (each row's real patches first; padding patches are never used);
+          vision_window_index, vision_reverse_index int32 [B, P / U]; vision_positions int32 [B, 2, P];
+            vision_window_segments, vision_full_segments int32 [B, P]: `vision_inputs` of each row's real grids
+            padded to P patches (VisionInputs' fields, stacked).
+        Keys other than input_ids/labels/segment_ids/positions are `hidden_states` keyword arguments.
+        Raises ValueError when a key is missing, the shapes disagree, or a row's image tokens, grids and patches do
+        not match.
+        """
+        keys = ("input_ids", "labels", "segment_ids", "pixel_values", "image_grid_thw", "image_mask")
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise ValueError(f"Qwen2.5-VL batch lacks {missing}; expected the VLM collator's keys {list(keys)}")
+        out = {k: np.asarray(batch[k], np.int32) for k in keys[:3]}
+        pixels = np.asarray(batch["pixel_values"], np.float32)
+        grids, real = np.asarray(batch["image_grid_thw"], np.int64), np.asarray(batch["image_mask"], bool)
+        ids = out["input_ids"]
+        (b, s), vc = ids.shape, config.vision
+        unit = vc.spatial_merge_size ** 2
+        if any(out[k].shape != (b, s) for k in keys[:3]) or pixels.ndim != 3 \
+                or pixels.shape[::2] != (b, vc.patch_dim) or grids.shape != (*real.shape, 3) or real.shape[0] != b:
+            raise ValueError(f"Qwen2.5-VL batch shapes disagree: input_ids {ids.shape}, pixel_values {pixels.shape}, "
+                             f"image_grid_thw {grids.shape}, image_mask {real.shape}; expected [B, S], [B, P, "
+                             f"{vc.patch_dim}], [B, M, 3], [B, M]")
+        patch_mask = batch.get("patch_mask")
+        attention = out["segment_ids"] != 0
+        positions = np.zeros((b, 3, s), np.int32)
+        rows = []
+        for r in range(b):
+            row_grids = grids[r][real[r]]
+            patches = int(row_grids.prod(axis=1).sum())
+            tokens = int((ids[r] == config.image_token_id).sum())
+            if tokens * unit != patches:
+                raise ValueError(f"batch row {r}: {tokens} image tokens (id {config.image_token_id}) but its "
+                                 f"image_grid_thw {row_grids.tolist()} describes {patches // unit} image features")
+            if patch_mask is not None and int(np.asarray(patch_mask[r]).sum()) != patches:
+                raise ValueError(f"batch row {r}: patch_mask marks {int(np.asarray(patch_mask[r]).sum())} patches "
+                                 f"but its image_grid_thw {row_grids.tolist()} has {patches}")
+            positions[r] = rope_index(ids[r:r + 1], row_grids, attention[r:r + 1], config)[0][:, 0]
+            rows.append(vision_inputs(row_grids, config, num_patches=pixels.shape[1]))
+        out["positions"], out["pixel_values"] = positions, pixels
+        for key, field in ROW_VISION_KEYS.items():
+            out[key] = np.stack([getattr(v, field) for v in rows]).astype(np.int32)
+        return out
 
     def __init__(self, config: Qwen2_5_VLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None):
@@ -457,20 +537,45 @@ class Qwen2_5_VLForConditionalGeneration(DecoderLM):
         return rope_index(input_ids, image_grid_thw, attention_mask, self.config)
 
     def image_features(self, pixel_values, vision: VisionInputs, dropout_rng=None) -> jax.Array:
-        """Merged image features [N / merge ** 2, hidden] of pixel_values [N, patch_dim], in image order."""
+        """Merged image features [N / merge ** 2, hidden] of pixel_values [N, patch_dim], in image order; per row,
+        [B, N / merge ** 2, hidden] of pixel_values [B, N, patch_dim] with `vision` batched [B, ...]."""
         with jax.named_scope("visual"):
             return self.visual(jnp.asarray(pixel_values), vision, dropout_rng)
 
     def hidden_states(self, input_ids, inputs: AttentionInputs, cache: KVCache | None = None, *,
-                      pixel_values=None, image_grid_thw=None, vision: VisionInputs | None = None):
+                      pixel_values=None, image_grid_thw=None, vision: VisionInputs | None = None,
+                      vision_window_index=None, vision_reverse_index=None, vision_positions=None,
+                      vision_window_segments=None, vision_full_segments=None):
         """Final hidden states [B, T, hidden]; with `cache`, (hidden states, cache with these tokens appended).
 
-        `inputs.positions`: M-RoPE positions [3, B, T] from `rope_index` (or [B, T] for text only). With
+        Flat: `inputs.positions` M-RoPE positions [3, B, T] from `rope_index` (or [B, T] for text only); with
         `pixel_values` [N, patch_dim] (all images of the batch, in order), `vision` (from `vision_inputs`; computed
         here from concrete `image_grid_thw` when not given) drives the vision tower, and its features replace the
-        image_token_id embeddings.
+        image_token_id embeddings, row-major over the batch.
+
+        Per row (`host_batch`'s layout, what training passes): pixel_values [B, P, patch_dim], the vision_* arrays
+        [B, ...] (or `vision` batched so), and `inputs.positions` [B, 3, T] (batch axis first, moved to [3, B, T]
+        here; [B, T] for text only). Each row runs the vision tower on its own patches and row b's k-th image token
+        takes row b's k-th merged feature. Raises ValueError when the per-row vision arrays are missing or the
+        positions are not [B, 3, T].
         """
         embeds = None
+        if pixel_values is not None and jnp.ndim(pixel_values) == 3:
+            row_arrays = dict(vision_window_index=vision_window_index, vision_reverse_index=vision_reverse_index,
+                              vision_positions=vision_positions, vision_window_segments=vision_window_segments,
+                              vision_full_segments=vision_full_segments)
+            if vision is None:
+                missing = [k for k, v in row_arrays.items() if v is None]
+                if missing:
+                    raise ValueError(f"per-row pixel_values [B, P, patch_dim] need the per-row vision arrays of "
+                                     f"host_batch; missing {missing}")
+                vision = VisionInputs(**{ROW_VISION_KEYS[k]: v for k, v in row_arrays.items()})
+            positions = inputs.positions
+            if positions.ndim == 3:
+                if positions.shape[:2] != (input_ids.shape[0], 3):
+                    raise ValueError(f"per-row batches carry M-RoPE positions [B, 3, T] = [{input_ids.shape[0]}, 3, "
+                                     f"{input_ids.shape[1]}] (host_batch's layout); got {list(positions.shape)}")
+                inputs = dataclasses.replace(inputs, positions=jnp.swapaxes(positions, 0, 1))
         if pixel_values is not None:
             if vision is None:
                 if image_grid_thw is None:

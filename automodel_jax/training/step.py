@@ -21,14 +21,30 @@ from automodel_jax.parallel.sharding import (DEFAULT_RULES, activation_sharding,
                                              with_sharding_rules)
 
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+# Per-row ranks (without the batch axis) of an LLM batch; a VLM batch adds its model inputs (pixel_values, ...).
+LLM_BATCH = {key: 1 for key in BATCH_KEYS}
+
+
+def batch_axes(key: str, rank: int) -> tuple[str | None, ...]:
+    """Logical axes of one batch array of per-row rank `rank`: tokens are [batch, seq]; M-RoPE positions
+    [batch, 3, seq]; everything else (pixel values, image masks, ...) is sharded over the batch axis only."""
+    if rank == 1 and key not in ("image_mask", "patch_mask"):
+        return ("batch", "seq")
+    if key == "positions" and rank == 2:
+        return ("batch", None, "seq")
+    return ("batch",) + (None,) * rank
 
 
 def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, right_padded: bool, dropout_rng=None,
                chunk_size: int | None = None):
-    """(sum of token losses, number of label tokens) of one micro-batch."""
+    """(sum of token losses, number of label tokens) of one micro-batch.
+
+    Keys beyond BATCH_KEYS (a VLM's pixel_values, token_type_ids, ...) go to the model's `hidden_states` by name.
+    """
     model = nnx.merge(graphdef, trainable, frozen)
     inputs = AttentionInputs(batch["segment_ids"], batch["positions"], dropout_rng, right_padded=right_padded)
-    h = model.hidden_states(batch["input_ids"], inputs)
+    extra = {k: v for k, v in batch.items() if k not in BATCH_KEYS}
+    h = model.hidden_states(batch["input_ids"], inputs, **extra)
     return linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.output_kernel(), batch["labels"].reshape(-1),
                                 impl=loss_impl, chunk_size=chunk_size,
                                 logit_softcap=getattr(model, "logit_softcap", None))
@@ -103,12 +119,15 @@ def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int,
     return state, shardings
 
 
-def compile_steps(train_step, eval_step, state_shardings, frozen_shardings, mesh, rules=DEFAULT_RULES):
-    """jit with declared shardings: state donated, batch sharded over (batch, seq) by the rule table; the steps are
-    traced inside `sharding_rules(mesh, rules)` so the model's activation constraints apply."""
+def compile_steps(train_step, eval_step, state_shardings, frozen_shardings, mesh, rules=DEFAULT_RULES,
+                  batch_ranks: dict[str, int] | None = None):
+    """jit with declared shardings: state donated, batch arrays sharded by `batch_axes` through the rule table
+    (`batch_ranks`: key -> per-row rank, default the LLM batch); the steps are traced inside
+    `sharding_rules(mesh, rules)` so the model's activation constraints apply."""
     train_step, eval_step = with_sharding_rules(train_step, mesh, rules), with_sharding_rules(eval_step, mesh, rules)
-    batch_3d = {k: activation_sharding(mesh, (None, "batch", "seq"), rules) for k in BATCH_KEYS}
-    batch_2d = {k: activation_sharding(mesh, ("batch", "seq"), rules) for k in BATCH_KEYS}
+    ranks = LLM_BATCH if batch_ranks is None else batch_ranks
+    batch_3d = {k: activation_sharding(mesh, (None,) + batch_axes(k, r), rules) for k, r in ranks.items()}
+    batch_2d = {k: activation_sharding(mesh, batch_axes(k, r), rules) for k, r in ranks.items()}
     replicated = NamedSharding(mesh, PartitionSpec())
     train = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_3d),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))

@@ -11,31 +11,27 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
-import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import ml_collections
 from flax import nnx
 
-from automodel_jax.checkpoint.export import export_defaults, export_dir, export_model
+from automodel_jax.checkpoint.export import export_dir, export_model
 from automodel_jax.checkpoint.hf import load_pretrained, read_hf_config, resolve_checkpoint_dir
-from automodel_jax.checkpoint.orbax_io import TrainCheckpoints, checkpoint_defaults
+from automodel_jax.checkpoint.orbax_io import TrainCheckpoints
 from automodel_jax.config import ConfigError, save_config, validate_choice
 from automodel_jax.data import build_dataset, data_defaults, load_rows, make_loader, resolve_pad_id
 from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout, mesh_from_config, tree_shardings
 from automodel_jax.peft.lora import apply_lora, lora_defaults, split_model
 from automodel_jax.training import loop
-from automodel_jax.training.loop import TrainingError
-from automodel_jax.training.metrics import MetricsLogger, wandb_defaults
-from automodel_jax.training.profile import StepProfiler, profile_defaults
-from automodel_jax.training.optim import build_optimizer, optim_defaults
+from automodel_jax.training.metrics import MetricsLogger
+from automodel_jax.training.optim import build_optimizer
+from automodel_jax.training.trainer import Run, train_loop, trainer_defaults, validate
 from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
 
 from automodel_jax.recipes.llm import embedded
@@ -50,27 +46,13 @@ def load_tokenizer(path: str):
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key the recipe reads, with defaults; config files start from this and set their presets."""
-    from ml_collections import config_dict
-    cfg = ml_collections.ConfigDict()
-    cfg.run_dir = "runs/finetune"
-    cfg.seed = 0
+    cfg = trainer_defaults("runs/finetune")
     cfg.model = dict(path="embedded:tiny-llama", dtype="bfloat16", param_dtype="float32", remat="none",
                      attention="auto")
     cfg.peft = lora_defaults()
     cfg.data = data_defaults()
-    cfg.train = dict(global_batch_size=32, micro_batch_size=8, max_steps=config_dict.placeholder(int),
-                     num_epochs=1, log_every=10, val_every=100, val_max_samples=config_dict.placeholder(int),
-                     sample_prompts=(), sample_max_new_tokens=32)
-    cfg.optim = optim_defaults()
-    cfg.loss = dict(impl="chunked", chunk_size=config_dict.placeholder(int))  # None: per-impl default
-    cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1, zero3_over_data=False)
-    cfg.logging = dict(tensorboard=True, wandb=wandb_defaults())
-    cfg.checkpoint = checkpoint_defaults()
-    cfg.export = export_defaults()
-    cfg.distributed = dict(timeout_s=300)
     # Evaluation at the end of training: "none", "hellaswag" (acc, acc_norm) or "squad" (exact match, F1).
     cfg.evaluation = dict(task="none", data="", split="validation", limit=200, batch_size=8)
-    cfg.profile = profile_defaults()
     return cfg
 
 
@@ -101,31 +83,6 @@ def check_parallelism(cfg, mesh, rules, model_path: str) -> None:
     check_mesh_fits(mesh.shape, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
                     seq_len=cfg.data.seq_len, batch_rows=cfg.train.micro_batch_size * dp)
     check_process_layout(mesh, rules)
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything `setup` builds: the jitted steps, their state on the mesh, the data, and the run's services."""
-    cfg: Any
-    mesh: Any
-    primary: bool
-    run_dir: Path
-    export_to: Path | None
-    model_path: str
-    tokenizer: Any
-    graphdef: Any
-    state: dict
-    frozen: dict
-    train_step: Any
-    eval_step: Any
-    batch_3d: dict
-    batch_2d: dict
-    loader: Any
-    val_batches: list
-    accum: int
-    total_steps: int
-    checkpoints: TrainCheckpoints
-    logger: MetricsLogger
 
 
 def check_run_config(cfg) -> None:
@@ -204,13 +161,6 @@ def setup(cfg, model=None) -> Run:
                eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps, checkpoints, logger)
 
 
-def validate(run: Run, step: int) -> float:
-    """Validation loss of the current parameters, logged at `step`."""
-    loss = loop.validation_loss(run.eval_step, run.state["params"], run.frozen, run.val_batches, run.batch_2d)
-    run.logger.log(step, {"loss": loss}, "val")
-    return loss
-
-
 def generations(run: Run, title: str) -> None:
     """Greedy continuations of train.sample_prompts. Every process takes part (the parameters are sharded over all
     of them); only process 0 prints."""
@@ -220,56 +170,6 @@ def generations(run: Run, title: str) -> None:
         with contextlib.nullcontext() if run.primary else contextlib.redirect_stdout(io.StringIO()):
             loop.print_generations(title, model_now, run.tokenizer, cfg.train.sample_prompts,
                                    cfg.train.sample_max_new_tokens)
-
-
-def train_loop(run: Run, until_step: int | None = None) -> None:
-    """Train from the state's step to `until_step` (default: the run's total): the jitted step on each global batch,
-    metrics read one step behind (no host sync in the loop), validation and checkpoints on their cadence."""
-    cfg, total_steps = run.cfg, run.total_steps
-    until_step = total_steps if until_step is None else until_step
-    start_step = int(run.state["step"])
-    profiler = StepProfiler(cfg.profile, run.run_dir, enabled=run.primary)
-
-    def checked(metrics, step: int) -> dict[str, float]:
-        """Host values of a step's metrics; a non-finite step left the state as it was: keep that on disk, stop."""
-        try:
-            return loop.check_metrics(metrics, step)
-        except TrainingError:
-            run.checkpoints.save(int(run.state["step"]), run.state, run.loader, final=True)
-            run.checkpoints.close()
-            run.logger.close()  # ends the progress bar's line, so the error starts a line of its own
-            raise
-
-    pending, tokens_since = None, 0
-    for step in range(start_step, until_step):
-        batch = loop.global_batch(next(run.loader), run.accum, run.batch_3d)
-        if not isinstance(run.train_step, jax.stages.Compiled):  # compile ahead of time once, logged apart
-            t_compile = time.perf_counter()
-            run.train_step = run.train_step.lower(run.state, run.frozen, batch).compile()
-            log.info("compiled the train step in %.1f s", time.perf_counter() - t_compile)
-            t_last = time.perf_counter()
-        profiler.before(step, run.state)  # a trace of profile.num_steps steps, if enabled
-        run.state, metrics = run.train_step(run.state, run.frozen, batch)
-        if pending is not None:  # read step k-1's metrics while step k runs: no host sync in the loop
-            done = checked(pending, step)
-            tokens_since += done["tokens"]
-            if step % cfg.train.log_every == 0:
-                now = time.perf_counter()
-                done["tokens_per_sec"] = tokens_since / (now - t_last)
-                t_last, tokens_since = now, 0
-                run.logger.log(step, done, "train")
-            run.logger.progress(step, done)
-        pending = metrics
-        if cfg.train.val_every and (step + 1) % cfg.train.val_every == 0 and step + 1 < total_steps:
-            val_loss = validate(run, step + 1)
-        else:
-            val_loss = None
-        run.checkpoints.save(step + 1, run.state, run.loader, val_loss)  # asynchronous, every checkpoint.every_steps
-    profiler.close(run.state)
-    if pending is not None:
-        done = checked(pending, until_step)
-        run.logger.log(until_step, done, "train")
-        run.logger.progress(until_step, done)
 
 
 def finish(run: Run, first_val: float) -> dict:

@@ -1,0 +1,131 @@
+"""The train loop both recipes share: the `Run` that a recipe's setup builds, validation, and the loop itself.
+
+A recipe's `setup` builds the model, data, optimizer and jitted steps into a `Run`; `train_loop` then runs the jitted
+step on global batches with metrics read one step behind (no host sync in the loop), validation and asynchronous
+checkpoints on their cadence, and an optional profiler trace. `bench/` drives the same functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from ml_collections import config_dict
+
+from automodel_jax.checkpoint.export import export_defaults
+from automodel_jax.checkpoint.orbax_io import TrainCheckpoints, checkpoint_defaults
+from automodel_jax.training.loop import TrainingError, check_metrics, global_batch, validation_loss
+from automodel_jax.training.metrics import MetricsLogger, wandb_defaults
+from automodel_jax.training.optim import optim_defaults
+from automodel_jax.training.profile import StepProfiler, profile_defaults
+
+log = logging.getLogger("automodel_jax.finetune")
+
+
+def trainer_defaults(run_dir: str) -> ml_collections.ConfigDict:
+    """The config sections every recipe shares (batch geometry and cadence, optimizer, loss, mesh, logging,
+    checkpoints, export, distributed start-up, profiling); a recipe adds its model, peft and data sections."""
+    cfg = ml_collections.ConfigDict()
+    cfg.run_dir = run_dir
+    cfg.seed = 0
+    cfg.train = dict(global_batch_size=32, micro_batch_size=8, max_steps=config_dict.placeholder(int),
+                     num_epochs=1, log_every=10, val_every=100, val_max_samples=config_dict.placeholder(int),
+                     sample_prompts=(), sample_max_new_tokens=32)
+    cfg.optim = optim_defaults()
+    cfg.loss = dict(impl="chunked", chunk_size=config_dict.placeholder(int))  # None: per-impl default
+    cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1, zero3_over_data=False)
+    cfg.logging = dict(tensorboard=True, wandb=wandb_defaults())
+    cfg.checkpoint = checkpoint_defaults()
+    cfg.export = export_defaults()
+    cfg.distributed = dict(timeout_s=300)
+    cfg.profile = profile_defaults()
+    return cfg
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything `setup` builds: the jitted steps, their state on the mesh, the data, and the run's services."""
+    cfg: Any
+    mesh: Any
+    primary: bool
+    run_dir: Path
+    export_to: Path | None
+    model_path: str
+    tokenizer: Any
+    graphdef: Any
+    state: dict
+    frozen: dict
+    train_step: Any
+    eval_step: Any
+    batch_3d: dict
+    batch_2d: dict
+    loader: Any
+    val_batches: list
+    accum: int
+    total_steps: int
+    checkpoints: TrainCheckpoints
+    logger: MetricsLogger
+    prepare: Callable[[dict], dict] | None = None  # host transform of each loader batch (e.g. a VLM's host_batch)
+
+
+def validate(run: Run, step: int) -> float:
+    """Validation loss of the current parameters, logged at `step`."""
+    loss = validation_loss(run.eval_step, run.state["params"], run.frozen, run.val_batches, run.batch_2d)
+    run.logger.log(step, {"loss": loss}, "val")
+    return loss
+
+
+def train_loop(run: Run, until_step: int | None = None) -> None:
+    """Train from the state's step to `until_step` (default: the run's total): the jitted step on each global batch,
+    metrics read one step behind (no host sync in the loop), validation and checkpoints on their cadence."""
+    cfg, total_steps = run.cfg, run.total_steps
+    until_step = total_steps if until_step is None else until_step
+    start_step = int(run.state["step"])
+    profiler = StepProfiler(cfg.profile, run.run_dir, enabled=run.primary)
+
+    def checked(metrics, step: int) -> dict[str, float]:
+        """Host values of a step's metrics; a non-finite step left the state as it was: keep that on disk, stop."""
+        try:
+            return check_metrics(metrics, step)
+        except TrainingError:
+            run.checkpoints.save(int(run.state["step"]), run.state, run.loader, final=True)
+            run.checkpoints.close()
+            run.logger.close()  # ends the progress bar's line, so the error starts a line of its own
+            raise
+
+    pending, tokens_since = None, 0
+    for step in range(start_step, until_step):
+        local = next(run.loader)
+        batch = global_batch(local if run.prepare is None else run.prepare(local), run.accum, run.batch_3d)
+        if not isinstance(run.train_step, jax.stages.Compiled):  # compile ahead of time once, logged apart
+            t_compile = time.perf_counter()
+            run.train_step = run.train_step.lower(run.state, run.frozen, batch).compile()
+            log.info("compiled the train step in %.1f s", time.perf_counter() - t_compile)
+            t_last = time.perf_counter()
+        profiler.before(step, run.state)  # a trace of profile.num_steps steps, if enabled
+        run.state, metrics = run.train_step(run.state, run.frozen, batch)
+        if pending is not None:  # read step k-1's metrics while step k runs: no host sync in the loop
+            done = checked(pending, step)
+            tokens_since += done["tokens"]
+            if step % cfg.train.log_every == 0:
+                now = time.perf_counter()
+                done["tokens_per_sec"] = tokens_since / (now - t_last)
+                t_last, tokens_since = now, 0
+                run.logger.log(step, done, "train")
+            run.logger.progress(step, done)
+        pending = metrics
+        if cfg.train.val_every and (step + 1) % cfg.train.val_every == 0 and step + 1 < total_steps:
+            val_loss = validate(run, step + 1)
+        else:
+            val_loss = None
+        run.checkpoints.save(step + 1, run.state, run.loader, val_loss)  # asynchronous, every checkpoint.every_steps
+    profiler.close(run.state)
+    if pending is not None:
+        done = checked(pending, until_step)
+        run.logger.log(until_step, done, "train")
+        run.logger.progress(until_step, done)

@@ -5,7 +5,7 @@ Layout: components (`models`, `peft`, `data`, `losses`, `kernels`, `parallel`, `
 command-line entry points live in `cli` (with `python -m automodel_jax.COMMAND` shims beside this file); `auto` is the
 HF-shaped facade. The import rules are contracts in pyproject.toml, checked by `lint-imports` in CI.
 """
-from automodel_jax.auto import AutoModelForCausalLM, save_pretrained
+from automodel_jax.auto import AutoModelForCausalLM, AutoModelForImageTextToText, save_pretrained
 
-__all__ = ["AutoModelForCausalLM", "save_pretrained"]
+__all__ = ["AutoModelForCausalLM", "AutoModelForImageTextToText", "save_pretrained"]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
-"""The facade: `AutoModelForCausalLM` (HF-shaped, picks a family by `model_type`), `save_pretrained`, and loading a
-model with its tokenizer and adapter for inference. The one place that composes models with checkpoint I/O."""
+"""The facade: `AutoModelForCausalLM` and `AutoModelForImageTextToText` (HF-shaped, pick a family by `model_type`),
+`save_pretrained`, and loading a model with its tokenizer (or a VLM with its processor) and adapter for inference. The
+one place that composes models with checkpoint I/O."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import transformers
 
-from automodel_jax.checkpoint.hf import load_pretrained, save_pretrained
+from automodel_jax.checkpoint.hf import load_pretrained, read_hf_config, resolve_checkpoint_dir, save_pretrained
 from automodel_jax.checkpoint.peft_io import load_peft_adapter
+from automodel_jax.data.vlm import MODEL_TYPES as VLM_MODEL_TYPES, load_processor
 from automodel_jax.models.base import CausalLM, build_model
 
-__all__ = ["AutoModelForCausalLM", "find_checkpoint_dir", "load_for_inference", "save_pretrained"]
+__all__ = ["AutoModelForCausalLM", "AutoModelForImageTextToText", "find_checkpoint_dir", "load_for_inference",
+           "load_processor", "load_vlm_for_inference", "save_pretrained"]
 
 
 def _dtype(x):
@@ -36,6 +39,39 @@ class AutoModelForCausalLM:
         dtype = _dtype(dtype)
         return build_model(hf_config, dtype=dtype, param_dtype=_dtype(param_dtype) or dtype, seed=seed,
                            **model_overrides)
+
+    save_pretrained = staticmethod(save_pretrained)
+
+
+def _require_vlm(hf_config: dict, where) -> None:
+    model_type = hf_config.get("model_type")
+    if model_type not in VLM_MODEL_TYPES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not a vision-language model; "
+                         f"AutoModelForImageTextToText supports {', '.join(VLM_MODEL_TYPES)} (load text models with "
+                         f"AutoModelForCausalLM)")
+
+
+class AutoModelForImageTextToText:
+    """Vision-language models (Gemma 3, Qwen2.5-VL), as transformers' AutoModelForImageTextToText; the model is called
+    with the processor's outputs (`model(input_ids, attention_mask, pixel_values=..., token_type_ids=... or
+    image_grid_thw=...)`), and its processor comes from `load_processor(directory)`."""
+
+    @staticmethod
+    def from_pretrained(path, *, dtype=jnp.float32, param_dtype=None, mesh=None, **model_overrides) -> CausalLM:
+        """Load a local HF VLM checkpoint directory or Hub name (arguments as AutoModelForCausalLM.from_pretrained).
+        ValueError naming the supported model types when config.json's model_type is not a VLM's."""
+        directory = resolve_checkpoint_dir(path)
+        _require_vlm(read_hf_config(directory), directory / "config.json")
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                                    **model_overrides)
+
+    @staticmethod
+    def from_config(hf_config: dict, *, dtype=jnp.float32, param_dtype=None, seed: int = 0,
+                    **model_overrides) -> CausalLM:
+        """A randomly initialised VLM for an HF config dict (Gemma3Config / Qwen2_5_VLConfig `to_dict()`)."""
+        _require_vlm(hf_config, "hf_config")
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, param_dtype=param_dtype, seed=seed,
+                                                **model_overrides)
 
     save_pretrained = staticmethod(save_pretrained)
 
@@ -78,3 +114,16 @@ def load_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
     if adapter is not None:
         load_peft_adapter(model, adapter)
     return model, tokenizer
+
+
+def load_vlm_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
+    """(model, processor) of a VLM checkpoint or run directory, with an optional PEFT adapter put into it.
+
+    ValueError for a text-only model_type or a directory without processor files (processor_config.json or
+    preprocessor_config.json with the tokenizer)."""
+    directory = find_checkpoint_dir(model_path)
+    model = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype)
+    processor = load_processor(model.hf_source.directory)
+    if adapter is not None:
+        load_peft_adapter(model, adapter)
+    return model, processor

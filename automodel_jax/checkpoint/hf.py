@@ -43,6 +43,8 @@ HF_KEY_ALIASES = {"gemma3": ((r"^model\.language_model\.", "language_model.model
 IGNORED_HF_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+# A VLM's processor (image processor settings, processor class and options); copied with the tokenizer files.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
@@ -304,7 +306,16 @@ def _write_metadata(model: CausalLM, out: Path, weight_map: dict, total: int, n_
         shutil.copyfile(gen, out / "generation_config.json")
     else:
         keys = ("bos_token_id", "eos_token_id", "pad_token_id")
-        (out / "generation_config.json").write_text(json.dumps({k: config[k] for k in keys if k in config}) + "\n")
-    for name in TOKENIZER_FILES:
-        if source is not None and (source / name).is_file():
-            shutil.copyfile(source / name, out / name)
+        text = config.get("text_config") or {}  # a VLM keeps its special token ids there
+        ids = {k: config[k] if k in config else text[k] for k in keys if k in config or k in text}
+        (out / "generation_config.json").write_text(json.dumps(ids) + "\n")
+    copy_tokenizer_files(source, out)
+
+
+def copy_tokenizer_files(source: Path | None, out: Path) -> list[str]:
+    """Copy the tokenizer, chat template and (VLM) processor files that `source` has into `out`; returns their names.
+    A None source (a model built from a config) copies nothing."""
+    copied = [name for name in TOKENIZER_FILES + PROCESSOR_FILES if source is not None and (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, out / name)
+    return copied

@@ -3,9 +3,13 @@
 adapter_model.safetensors holds `base_model.model.<module path>.lora_A.weight` [r, in] and `...lora_B.weight`
 [out, r] (torch layout: our lora_a [in, r] and lora_b [r, out] transposed); adapter_config.json holds r, lora_alpha
 and the targets as full module paths, so PEFT adapts exactly the layers we did.
+
+PEFT names modules after transformers' runtime module tree, which for VLMs differs from our (checkpoint) tree:
+`PEFT_MODULE_NAMES` maps one to the other by model_type (text models: the same names).
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -16,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from automodel_jax.checkpoint.hf import TOKENIZER_FILES, host_array, commit_output_dir, prepare_output_dir
+from automodel_jax.checkpoint.hf import commit_output_dir, copy_tokenizer_files, host_array, prepare_output_dir
 from automodel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_file
 from automodel_jax.models.layers import LoRAParam
 from automodel_jax.peft.lora import adapters, apply_lora, linear_modules, lora_settings
@@ -25,14 +29,49 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.default)?\.weight")
 # PEFT options that change the adapter's maths beyond plain LoRA, with the value that keeps it plain.
 PLAIN_LORA = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
+# Our module path prefix -> the name PEFT gives it on transformers' model, by model_type; a prefix ending in "." renames
+# the modules under it, one without renames that module. Names no prefix matches are the same in both.
+PEFT_MODULE_NAMES = {
+    "gemma3": (("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
+               ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")),
+    "qwen2_5_vl": (("visual.", "model.visual."), ("model.", "model.language_model."), ("lm_head", "lm_head")),
+}
+# Our Linear layers that transformers holds as a bare parameter, which a PEFT LoRA adapter cannot target.
+NOT_PEFT_LINEAR = {"gemma3": ("multi_modal_projector.mm_input_projection_weight",)}
 
 
 def peft_key(module: str, factor: str) -> str:
     return f"base_model.model.{module}.lora_{factor}.weight"
 
 
+def model_type_of(model: nnx.Module) -> str | None:
+    """The HF model_type the model was built from (None when it has no HF config)."""
+    config = model.hf_source.config_json
+    return json.loads(config).get("model_type") if config else None
+
+
+def _rename(name: str, pairs) -> str:
+    for source, target in pairs:
+        if source.endswith(".") and name.startswith(source):
+            return target + name[len(source):]
+        if name == source:
+            return target
+    return name
+
+
+def to_peft_name(module: str, model_type: str | None) -> str:
+    """Our module path -> PEFT's name for it on the transformers model of `model_type`."""
+    return _rename(module, PEFT_MODULE_NAMES.get(model_type, ()))
+
+
+def from_peft_name(module: str, model_type: str | None) -> str:
+    """PEFT's module name (transformers' runtime tree, or our checkpoint tree as it is) -> our module path."""
+    return _rename(module, [(t, s) for s, t in PEFT_MODULE_NAMES.get(model_type, ())])
+
+
 def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, overwrite: bool = False) -> Path:
-    """Write the model's LoRA adapters as a PEFT adapter directory (with the base model's tokenizer files).
+    """Write the model's LoRA adapters as a PEFT adapter directory (with the base model's tokenizer and processor
+    files). Module names are PEFT's (`to_peft_name`); ValueError for an adapter PEFT cannot hold (see NOT_PEFT_LINEAR).
 
     Atomic (a temporary sibling renamed when complete); a non-empty out_dir is refused unless overwrite. Every
     process must call it (adapters are gathered); process 0 writes.
@@ -40,10 +79,16 @@ def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, 
     adapted = adapters(model)
     if not adapted:
         raise ValueError("the model has no LoRA adapters; export the full model with save_pretrained instead")
-    settings = lora_settings(model)
+    settings, model_type = lora_settings(model), model_type_of(model)
+    bare = [m for m in adapted if m in NOT_PEFT_LINEAR.get(model_type, ())]
+    if bare:
+        raise ValueError(f"{bare[0]} has a LoRA adapter, but transformers holds it as a bare parameter that a PEFT "
+                         f"adapter cannot target; export with merge_lora (--merge-lora) or exclude it from "
+                         f"peft.target_modules")
     primary = jax.process_index() == 0
-    host = {peft_key(m, "A"): host_array(a).T for m, (a, _) in adapted.items()}
-    host.update({peft_key(m, "B"): host_array(b).T for m, (_, b) in adapted.items()})
+    name = functools.partial(to_peft_name, model_type=model_type)
+    host = {peft_key(name(m), "A"): host_array(a).T for m, (a, _) in adapted.items()}
+    host.update({peft_key(name(m), "B"): host_array(b).T for m, (_, b) in adapted.items()})
     if not primary:
         return Path(out_dir)
     tmp = prepare_output_dir(out_dir, overwrite)
@@ -52,13 +97,10 @@ def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, 
         write_file(tmp / WEIGHTS_FILE, [(n, host[n].shape, host[n].dtype) for n in names], host.__getitem__)
         config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base_model_name_or_path),
                       r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                      target_modules=settings["targets"], bias="none", use_dora=False, use_rslora=False,
+                      target_modules=sorted(map(name, settings["targets"])), bias="none", use_dora=False, use_rslora=False,
                       fan_in_fan_out=False, modules_to_save=None, inference_mode=True, init_lora_weights=True)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        source = Path(model.hf_source.directory) if model.hf_source.directory else None
-        for name in TOKENIZER_FILES:
-            if source is not None and (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
+        copy_tokenizer_files(Path(model.hf_source.directory) if model.hf_source.directory else None, tmp)
         commit_output_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,15 +108,15 @@ def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, 
     return Path(out_dir)
 
 
-def _read_factors(weights: Path) -> dict[str, dict[str, np.ndarray]]:
-    """{module path: {"A": [r, in], "B": [out, r]}} of a PEFT weights file."""
+def _read_factors(weights: Path, model_type: str | None) -> dict[str, dict[str, np.ndarray]]:
+    """{our module path: {"A": [r, in], "B": [out, r]}} of a PEFT weights file."""
     file, factors = SafetensorsFile(weights), {}
     for key in file.keys():
         match = PEFT_KEY.fullmatch(key)
         if match is None:
             raise CheckpointError(f"{weights}: tensor {key} is not a LoRA weight (base_model.model.<module>.lora_A"
                                   f".weight or .lora_B.weight); only plain LoRA adapters can be loaded")
-        factors.setdefault(match["module"], {})[match["factor"]] = np.asarray(file.get(key))
+        factors.setdefault(from_peft_name(match["module"], model_type), {})[match["factor"]] = np.asarray(file.get(key))
     return factors
 
 
@@ -106,7 +148,7 @@ def load_peft_adapter(model: nnx.Module, adapter_dir) -> list[str]:
     if adapters(model):
         raise ValueError("the model already has LoRA adapters; load the PEFT adapter into a model without them")
     weights = directory / WEIGHTS_FILE
-    factors = _read_factors(weights)
+    factors = _read_factors(weights, model_type_of(model))
     if not factors:
         raise CheckpointError(f"{weights}: holds no LoRA weights")
     linears, r = linear_modules(model), int(config["r"])

@@ -1,6 +1,8 @@
 """`python -m automodel_jax.finetune --config FILE[:PRESET] [--config.KEY=VALUE ...]`: run the fine-tuning recipe.
 
-The config file's model decides the recipe: LLM fine-tuning (`automodel_jax.recipes.llm.finetune`).
+The config decides the recipe: a config built from the VLM recipe's defaults (it has the `vlm` key) runs
+vision-language fine-tuning (`automodel_jax.recipes.vlm.finetune`), every other one LLM fine-tuning
+(`automodel_jax.recipes.llm.finetune`).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import sys
 from automodel_jax.cli import BAD_INPUT, exit_code
 from automodel_jax.config import parse_config
 from automodel_jax.launcher.distributed import DistributedInitError
-from automodel_jax.recipes.llm.finetune import run
+from automodel_jax.recipes.llm import finetune as llm
+from automodel_jax.recipes.vlm import finetune as vlm
 from automodel_jax.training.loop import TrainingError
 
 
@@ -21,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return exit_code(lambda: run(parse_config(sys.argv[1:] if argv is None else argv)),
                      BAD_INPUT + (TrainingError, DistributedInitError))
+
+
+def run(cfg) -> dict:
+    """The recipe the config belongs to, run."""
+    return (vlm if cfg.get("vlm") else llm).run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
-"""`python -m automodel_jax.generate --model DIR --prompt TEXT`: stream a model's continuation to the terminal.
+"""`python -m automodel_jax.generate --model DIR --prompt TEXT [--image PATH ...]`: stream a model's continuation to
+the terminal.
 
 `--model` is an HF checkpoint directory (or a run directory holding one), `--adapter` an HF PEFT LoRA adapter to
-run on top of it, `--chat` wraps each prompt in the tokenizer's chat template as a user turn.
+run on top of it, `--chat` wraps each prompt in the tokenizer's chat template as a user turn. With `--image` (a
+vision-language model: Gemma 3, Qwen2.5-VL) each prompt becomes a user turn holding every given image, then the text,
+rendered by the model's processor and its chat template.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from automodel_jax.cli import exit_code
-from automodel_jax.auto import load_for_inference
+from automodel_jax.auto import load_for_inference, load_vlm_for_inference
 from automodel_jax.generation import generate
+from automodel_jax.generation.vlm import chat_inputs, generate_with_images
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", help="HF PEFT LoRA adapter directory to apply")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    parser.add_argument("--image", action="append", default=[],
+                        help="image file for a vision-language model (each prompt gets every image); repeat for "
+                             "several; implies --chat")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     parser.add_argument("--top-k", type=int, default=0, help="0 (default) disables the top-k filter")
@@ -39,6 +47,21 @@ def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def read_image(path: str):
+    """The image file at `path` as a PIL RGB image; FileNotFoundError / ValueError naming the file otherwise."""
+    from PIL import Image
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"--image {path}: no such file; give the path of an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(file) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for non-image or truncated files
+        raise ValueError(f"--image {path} is not a readable image ({type(e).__name__}); give a PNG, JPEG or other "
+                         "image file") from None
 
 
 class TerminalStream:
@@ -70,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         empty = [i for i, p in enumerate(args.prompt) if not p.strip()]
         if empty:
             raise ValueError(f"--prompt number {empty[0] + 1} is empty; give some text to continue")
+        if args.image:
+            return run_with_images()
         model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype)
         prompts = [prompt_ids(tokenizer, p, args.chat) for p in args.prompt]
         for text, ids in zip(args.prompt, prompts):
@@ -77,6 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             generate(model, tokenizer, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                      stream=TerminalStream(tokenizer, [] if args.chat else ids, sys.stdout))
+            sys.stdout.write("\n")
+
+    def run_with_images():
+        images = [read_image(p) for p in args.image]  # bad files fail before the model loads
+        model, processor = load_vlm_for_inference(args.model, args.adapter, dtype=args.dtype)
+        tokenizer = processor.tokenizer
+        for text in args.prompt:
+            sys.stdout.write(f"[user] {text}\n[assistant] ")
+            generate_with_images(model, tokenizer, chat_inputs(processor, text, images),
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed, stream=TerminalStream(tokenizer, [], sys.stdout))
             sys.stdout.write("\n")
     return exit_code(run)
 

@@ -83,6 +83,9 @@ def load_processor(directory: str | Path):
     from transformers import AutoProcessor
     directory = Path(directory)
     config_file = directory / "processor_config.json"
+    if directory.is_dir() and not (config_file.is_file() or (directory / "preprocessor_config.json").is_file()):
+        raise DataError(f"{directory} has no processor_config.json or preprocessor_config.json, so no image processor; "
+                        "save the model's processor there (processor.save_pretrained) or use the original checkpoint")
     saved_class = json.loads(config_file.read_text())["processor_class"] if config_file.is_file() else None
     if saved_class == "Qwen2_5_VLProcessor" and not has_torchvision():
         processor = qwen_images_only_processor_class().from_pretrained(directory)
@@ -619,3 +622,27 @@ def make_vlm_loader(dataset: VLMDataset, collate: VLMCollator, *, batch_size: in
                     shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder,
                     max_images=collate.max_images, max_patches=collate.max_patches)
     return BatchIterator(iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0))), settings)
+
+
+def conversation_prompts(ds_cfg, limit: int) -> list[dict]:
+    """The first `limit` single-turn rows of a `vlm_chat` or `cord` data set as generation prompts:
+    {messages (the conversation without its final assistant turn, as parts), images (PIL), question, answer}, for
+    held-out answers and accuracy. Raises DataError for rows the builders would refuse."""
+    given = {**vlm_dataset_defaults(ds_cfg["kind"], path="", split="train"), **dict(ds_cfg)}
+    cfg = ml_collections.ConfigDict(given)
+    rows, base, source = _rows_and_base(cfg.path, cfg.split, limit)
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i}"
+        if cfg.kind == "cord":
+            messages, images = cord_conversation(row[cfg.image_column], row[cfg.ground_truth_column], cfg.question,
+                                                 base, where)
+        else:
+            messages, images = chat_conversation(row[cfg.messages_column], row.get(cfg.images_column) or [], base,
+                                                 where)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last turn is {messages[-1]['role']!r}, not the assistant's answer")
+        text = lambda m: "".join(p.get("text", "") for p in m["content"] if p["type"] == "text")  # noqa: E731
+        out.append(dict(messages=messages[:-1], images=images, question=text(messages[-2]),
+                        answer=text(messages[-1])))
+    return out

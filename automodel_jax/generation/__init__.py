@@ -4,6 +4,7 @@ Prompts are left padded to a bucketed width, so every row's last prompt token si
 decode in lock step. Positions count each row's real tokens (HF generate's convention) and the cache's segment ids
 (the attention mask) keep padding out of attention. The model is split once and the step is a pure function of
 (graphdef, state, cache, ...), so XLA compiles two programs per (batch size, prompt bucket, max new tokens).
+Generation with images (a VLM's prefill runs its vision tower) is `generation.vlm.generate_with_images`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 
 
 def bucket_length(n: int) -> int:
@@ -71,9 +71,11 @@ def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _step(graphdef, state, cache, tokens, positions, segment_ids, key, step, *, sampling):
-    """Run `tokens` [B, T] through the model, appending them to the cache; pick the token after the last one."""
-    logits, cache = nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+def _step(graphdef, state, cache, tokens, positions, segment_ids, key, step, extras, *, sampling):
+    """Run `tokens` [B, T] through the model, appending them to the cache; pick the token after the last one.
+    `extras`: more keyword arguments of the model's call (a VLM prefill's images), {} otherwise."""
+    logits, cache = nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+                                               **extras)
     return sample_tokens(logits[:, -1].astype(jnp.float32), jax.random.fold_in(key, step), sampling), cache
 
 
@@ -123,6 +125,19 @@ def generate(model, tokenizer, prompts: list[list[int]] | list[str], *, max_new_
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 1")
     prompts = _encode(tokenizer, prompts, model.config.vocab_size)
+    eos, pad_token_id = special_ids(model, tokenizer, eos_token_id, pad_token_id)
+    batch, width = len(prompts), bucket_length(max(map(len, prompts)))
+    tokens = np.full((batch, width), pad_token_id, np.int32)
+    mask = np.zeros((batch, width), np.int32)
+    for row, ids in enumerate(prompts):
+        tokens[row, width - len(ids):], mask[row, width - len(ids):] = ids, 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return decode(model, tokens, positions, mask, positions[:, -1] + 1, {}, max_new_tokens=max_new_tokens,
+                  sampling=sampling, eos=eos, pad_token_id=pad_token_id, seed=seed, stream=stream)
+
+
+def special_ids(model, tokenizer, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id): the given ones, else the checkpoint's / tokenizer's (pad falls back to EOS, then 0)."""
     if eos_token_id is None:
         eos = default_eos_ids(model, tokenizer)
     else:
@@ -130,15 +145,15 @@ def generate(model, tokenizer, prompts: list[list[int]] | list[str], *, max_new_
     if pad_token_id is None:
         pad_token_id = tokenizer.pad_token_id if tokenizer is not None else None
         pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    return eos, pad_token_id
 
-    batch, width = len(prompts), bucket_length(max(map(len, prompts)))
-    tokens = np.full((batch, width), pad_token_id, np.int32)
-    mask = np.zeros((batch, width), np.int32)
-    for row, ids in enumerate(prompts):
-        tokens[row, width - len(ids):], mask[row, width - len(ids):] = ids, 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    next_position = positions[:, -1] + 1
 
+def decode(model, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, next_position: np.ndarray,
+           extras: dict, *, max_new_tokens: int, sampling: Sampling, eos: tuple[int, ...], pad_token_id: int,
+           seed: int = 0, stream: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """The KV-cache loop over left-padded prompts: tokens, mask [B, W] int32, positions [B, W] (or M-RoPE [3, B, W]),
+    next_position [B] (each row's first new position); `extras` go to the prefill call only. New tokens per row."""
+    batch, width = tokens.shape
     graphdef, state = nnx.split(model)
     # Own buffer per leaf: the step donates the cache, and a buffer shared by two leaves cannot be donated twice.
     cache = jax.tree.map(jnp.copy, model.init_cache(batch, width + max_new_tokens))
@@ -146,7 +161,8 @@ def generate(model, tokenizer, prompts: list[list[int]] | list[str], *, max_new_
     outputs: list[list[int]] = [[] for _ in range(batch)]
     finished = np.zeros(batch, bool)
     for step in range(max_new_tokens):
-        picked, cache = _step(graphdef, state, cache, tokens, positions, mask, key, step, sampling=sampling)
+        picked, cache = _step(graphdef, state, cache, tokens, positions, mask, key, step, extras if step == 0 else {},
+                              sampling=sampling)
         picked = np.where(finished, pad_token_id, np.asarray(picked)).astype(np.int32)
         for row in np.flatnonzero(~finished):
             token = int(picked[row])

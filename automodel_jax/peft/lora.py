@@ -120,10 +120,19 @@ def merge_lora(model: nnx.Module) -> None:
             layer.lora_scale, layer.lora_dropout, layer.lora_salt = 0.0, 0.0, 0
 
 
-def split_model(model: nnx.Module, lora: bool):
-    """(graphdef, trainable, frozen) as nested dicts: adapters vs base for LoRA, all params vs nothing for SFT."""
+def split_model(model: nnx.Module, lora: bool, frozen: Sequence[str] = ()):
+    """(graphdef, trainable, frozen) as nested dicts: adapters vs base for LoRA; for full SFT every parameter except
+    those of modules matching a `frozen` pattern (same syntax as target_modules; e.g. a frozen vision tower)."""
     if lora:
-        graphdef, trainable, frozen = nnx.split(model, LoRAParam, nnx.Param)
-        return graphdef, pure_dict(trainable), pure_dict(frozen)
-    graphdef, trainable = nnx.split(model, nnx.Param)
-    return graphdef, pure_dict(trainable), {}
+        graphdef, trainable, frozen_state = nnx.split(model, LoRAParam, nnx.Param)
+        return graphdef, pure_dict(trainable), pure_dict(frozen_state)
+    if not frozen:
+        graphdef, trainable = nnx.split(model, nnx.Param)
+        return graphdef, pure_dict(trainable), {}
+
+    def is_frozen(path, _value) -> bool:
+        module = path_str(tuple(path[:-1]))
+        return any(_matches(module, p) for p in frozen)
+
+    graphdef, frozen_state, trainable = nnx.split(model, nnx.All(nnx.Param, is_frozen), nnx.Param)
+    return graphdef, pure_dict(trainable), pure_dict(frozen_state)

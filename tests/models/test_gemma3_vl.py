@@ -4,6 +4,7 @@ checkpoint key layouts it loads, bit-exact export, and greedy generation with th
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -265,3 +266,73 @@ def test_hidden_states_takes_attention_inputs_like_causal_lm(hf_tied):
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[real], _hf_logits(hf, ids, mask, token_type_ids, pixels)[real],
                                atol=1e-4, rtol=0)
+
+
+def _row_batch(image_token=IMAGE):
+    """`_batch`'s two rows in the VLM collator's per-row layout: max_images 3 (row 0 has 2 images, row 1 one and
+    right padding), seq_len 20; labels are the next token on text, IGNORE elsewhere. Also returns _batch()."""
+    from automodel_jax.data.vlm import VLMCollator
+    flat = _batch(image_token)
+    ids, mask, token_type_ids, pixels = flat
+    counts, samples = [2, 1], []
+    for r, first in enumerate([0, 2]):
+        n = int(mask[r].sum())
+        labels = np.where(token_type_ids[r, :n] == 1, -100, np.roll(ids[r, :n], -1))
+        samples.append(dict(input_ids=ids[r, :n], labels=labels, token_type_ids=token_type_ids[r, :n],
+                            pixel_values=pixels[first:first + counts[r]]))
+    collate = VLMCollator(model_type="gemma3", seq_len=20, max_images=3, pad_id=0, pixel_shape=(3, 32, 32))
+    return collate(samples), flat
+
+
+def _row_logits_fn():
+    from automodel_jax.models.attention import AttentionInputs
+
+    def logits(model, batch):
+        inputs = AttentionInputs(batch["segment_ids"], batch["positions"])
+        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "segment_ids", "positions")}
+        return model.logits(model.hidden_states(batch["input_ids"], inputs, **extra))
+    return logits
+
+
+def test_per_row_batch_matches_flat_call_and_trains(hf_tied):
+    """host_batch + hidden_states on the collator's per-row layout (pixel_values [B, max_images, ...], padded
+    images) inside jit give the flat public call's logits on real tokens, and gradients are finite."""
+    model = load_pretrained(hf_tied[1])
+    collated, (ids, mask, token_type_ids, pixels) = _row_batch()
+    batch = Gemma3ForConditionalGeneration.host_batch(model.config, collated)
+    assert set(batch) == {"input_ids", "labels", "segment_ids", "positions", "token_type_ids", "pixel_values",
+                          "image_mask"}
+    assert batch["pixel_values"].shape == (2, 3, 3, 32, 32) and batch["image_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
+    logits_fn = _row_logits_fn()
+    out = np.asarray(nnx.jit(logits_fn)(model, batch))
+    real = mask.astype(bool)
+    flat = np.asarray(_logits(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels),
+                              jnp.asarray(token_type_ids)))
+    np.testing.assert_allclose(out[:, :ids.shape[1]][real], flat[real], atol=1e-5, rtol=0)
+    # image_mask picks the images: row 0's second image moved to slot 2 (garbage in slot 1) gives the same logits.
+    moved = dict(batch, pixel_values=batch["pixel_values"].copy(), image_mask=batch["image_mask"].copy())
+    moved["pixel_values"][0, 2], moved["pixel_values"][0, 1] = batch["pixel_values"][0, 1], 7.0
+    moved["image_mask"][0] = [True, False, True]
+    np.testing.assert_allclose(np.asarray(nnx.jit(logits_fn)(model, moved)), out, atol=1e-6, rtol=0)
+
+    def loss(m, batch):
+        logp = jax.nn.log_softmax(logits_fn(m, batch), axis=-1)
+        labels = batch["labels"]
+        nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(labels >= 0, nll, 0)) / jnp.sum(labels >= 0)
+
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model, batch)
+    leaves = jax.tree.leaves(nnx.to_pure_dict(grads))
+    assert np.isfinite(float(value)) and all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    assert float(jnp.abs(grads.vision_tower.embeddings.patch_embedding.kernel[...]).max()) > 0
+
+
+def test_host_batch_rejects_mismatched_images(hf_tied):
+    model = load_pretrained(hf_tied[1])
+    collated, _ = _row_batch()
+    collated["image_mask"][1, 1] = True
+    with pytest.raises(ValueError, match=r"batch row 1: 4 image tokens \(id 290\) but 2 real images x 4 tokens"):
+        Gemma3ForConditionalGeneration.host_batch(model.config, collated)
+    with pytest.raises(ValueError, match=r"lacks \['image_mask'\]"):
+        Gemma3ForConditionalGeneration.host_batch(model.config, {k: v for k, v in collated.items()
+                                                                 if k != "image_mask"})

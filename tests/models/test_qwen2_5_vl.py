@@ -264,3 +264,75 @@ def test_unsupported_config_values_are_clear_errors(change, message):
     hf.update(change)
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_config(hf)
+
+
+MAX_PATCHES = 80  # row 0: 48 + 24 patches, row 1: 32
+
+
+def _row_batch():
+    """`_batch(left_pad_row=False)` in the VLM collator's per-row layout: row 0 two images of different sizes, row 1
+    one image then right padding; max_images 3, max_patches 80, 3 more padding slots. Also returns the flat batch."""
+    from automodel_jax.data.vlm import VLMCollator
+    flat = _batch(left_pad_row=False)
+    ids, mask, pixels, grids = flat
+    samples, first_patch, first_image = [], 0, 0
+    for r, count in enumerate([2, 1]):
+        n, row_grids = int(mask[r].sum()), grids[first_image:first_image + count]
+        patches = int(row_grids.prod(axis=1).sum())
+        labels = np.where(ids[r, :n] == IMAGE, -100, np.roll(ids[r, :n], -1))
+        samples.append(dict(input_ids=ids[r, :n], labels=labels, token_type_ids=(ids[r, :n] == IMAGE).astype(int),
+                            pixel_values=pixels[first_patch:first_patch + patches], image_grid_thw=row_grids))
+        first_patch, first_image = first_patch + patches, first_image + count
+    collate = VLMCollator(model_type="qwen2_5_vl", seq_len=ids.shape[1] + 3, max_images=3, pad_id=PAD,
+                          pixel_shape=(PATCH_DIM,), max_patches=MAX_PATCHES)
+    return collate(samples), flat
+
+
+def _row_logits(model, batch):
+    inputs = AttentionInputs(batch["segment_ids"], batch["positions"])
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "segment_ids", "positions")}
+    return model.logits(model.hidden_states(batch["input_ids"], inputs, **extra))
+
+
+def test_per_row_batch_matches_flat_call_and_trains(hf_vl):
+    """host_batch + hidden_states on the collator's per-row layout (each row its own padded vision sequence,
+    positions [B, 3, S]) inside jit give the flat public call's logits on real tokens, and gradients are finite."""
+    _, path = hf_vl
+    model = AutoModelForCausalLM.from_pretrained(path)
+    collated, (ids, mask, pixels, grids) = _row_batch()
+    batch = Qwen2_5_VLForConditionalGeneration.host_batch(model.config, collated)
+    b, s, p = 2, ids.shape[1] + 3, MAX_PATCHES
+    assert {k: v.shape for k, v in batch.items()} == {
+        "input_ids": (b, s), "labels": (b, s), "segment_ids": (b, s), "positions": (b, 3, s),
+        "pixel_values": (b, p, PATCH_DIM), "vision_window_index": (b, p // 4), "vision_reverse_index": (b, p // 4),
+        "vision_positions": (b, 2, p), "vision_window_segments": (b, p), "vision_full_segments": (b, p)}
+    real = mask.astype(bool)
+    flat_positions = rope_index(ids, grids, mask, model.config)[0]
+    np.testing.assert_array_equal(batch["positions"][:, :, :ids.shape[1]].transpose(1, 0, 2)[:, real],
+                                  flat_positions[:, real])
+    out = np.asarray(nnx.jit(_row_logits)(model, batch))
+    flat = nnx.jit(lambda m, px: m(ids, mask, pixel_values=px, image_grid_thw=grids))(model, pixels)
+    np.testing.assert_allclose(out[:, :ids.shape[1]][real], np.asarray(flat)[real], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=rf"positions \[B, 3, T\] = \[2, 3, {s}\] .*; got \[3, 2, {s}\]"):
+        _row_logits(model, dict(batch, positions=batch["positions"].transpose(1, 0, 2)))  # rope_index's layout
+
+    def loss(m, batch):
+        logp = jax.nn.log_softmax(_row_logits(m, batch), axis=-1)
+        labels = batch["labels"]
+        nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(labels >= 0, nll, 0)) / jnp.sum(labels >= 0)
+
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model, batch)
+    leaves = jax.tree.leaves(nnx.to_pure_dict(grads))
+    assert np.isfinite(float(value)) and all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    assert float(jnp.abs(grads["visual"]["patch_embed"]["proj"]["kernel"][...]).max()) > 0
+
+
+def test_host_batch_rejects_mismatched_images():
+    cfg = Qwen2_5_VLConfig.from_hf(_hf_config().to_dict())
+    collated, _ = _row_batch()
+    collated["image_mask"][1, 1] = True
+    collated["image_grid_thw"][1, 1] = GRIDS[3]
+    with pytest.raises(ValueError, match=r"batch row 1: 8 image tokens \(id 120\) but its image_grid_thw "
+                                         r"\[\[1, 8, 4\], \[1, 4, 4\]\] describes 12 image features"):
+        Qwen2_5_VLForConditionalGeneration.host_batch(cfg, collated)

@@ -298,16 +298,116 @@ def task_rows(split: str, image_dir: str | Path | None = None, base_dir: str | P
 
 
 def _fingerprint() -> str:
-    blob = json.dumps([CANVAS, COLOURS, SHAPES, PLACES, PRETRAIN_TASKS, TASKS, SPLIT_SIZES], sort_keys=True)
+    blob = json.dumps([CANVAS, COLOURS, SHAPES, PLACES, PRETRAIN_TASKS, TASKS, SPLIT_SIZES, PRETRAIN,
+                       sorted(MODEL_NAMES), MODEL_VERSION], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def materialize(name: str) -> str:
-    """Local jsonl path for `embedded:shapes/<split>`, rendered on first use (atomically: parallel runs are safe)."""
+def tiny_hf_config(info: dict) -> dict:
+    """The HF config.json of the embedded tiny model for a processor's `info` (build_processor's result): a small
+    vision tower and a 4-layer text decoder, sized to learn the shapes task on a CPU in minutes."""
+    text = dict(vocab_size=info["vocab_size"], hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.02,
+                pad_token_id=info["pad_token_id"], eos_token_id=info["eos_token_id"],
+                bos_token_id=info["bos_token_id"])
+    if info["model_type"] == "gemma3":
+        return dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"],
+                    text_config=dict(text, model_type="gemma3_text", head_dim=32, sliding_window=512,
+                                     query_pre_attn_scalar=32, rope_parameters=None),
+                    vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, image_size=info["image_size"],
+                                       patch_size=8, vision_use_head=False),
+                    mm_tokens_per_image=info["mm_tokens_per_image"], image_token_index=info["image_token_index"],
+                    boi_token_index=info["boi_token_index"], eoi_token_index=info["eoi_token_index"],
+                    tie_word_embeddings=True, torch_dtype="float32")
+    return dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+                text_config=dict(text, model_type="qwen2_5_vl_text",
+                                 rope_parameters=dict(rope_type="default", mrope_section=[4, 6, 6],
+                                                      rope_theta=10000.0)),
+                vision_config=dict(model_type="qwen2_5_vl", depth=2, hidden_size=64, intermediate_size=128,
+                                   num_heads=4, patch_size=info["patch_size"],
+                                   temporal_patch_size=info["temporal_patch_size"],
+                                   spatial_merge_size=info["spatial_merge_size"], window_size=112,
+                                   out_hidden_size=128, fullatt_block_indexes=[1]),
+                image_token_id=info["image_token_id"], video_token_id=info["video_token_id"],
+                vision_start_token_id=info["vision_start_token_id"], vision_end_token_id=info["vision_end_token_id"],
+                tie_word_embeddings=True, torch_dtype="float32")
+
+
+MODEL_NAMES = {"tiny-gemma3": "gemma3", "tiny-qwen2_5_vl": "qwen2_5_vl"}
+MODEL_VERSION = 1  # bump when tiny_hf_config changes, so cached models are rebuilt
+PRETRAIN = dict(steps=600, learning_rate=2e-3, warmup_steps=30, global_batch_size=32)
+
+
+def pretrain_config(cfg, init_dir: Path, run_dir: Path):
+    """`cfg` (the recipe's default config) set for full SFT of the random init on the single-skill questions, every
+    group unfrozen, float32 on the CPU."""
+    cfg.run_dir = str(run_dir)
+    cfg.model.update(path=str(init_dir), dtype="float32", param_dtype="float32", freeze_vision_tower=False,
+                     freeze_embeddings=False, freeze_language_model=False)
+    cfg.peft.method = "none"
+    cfg.data.seq_len = 96
+    cfg.data.train.path = f"{SCHEME}{TASK_NAME}/pretrain"
+    cfg.data.validation.path = f"{SCHEME}{TASK_NAME}/pretrain-validation"
+    import jax
+    devices = jax.device_count()
+    if PRETRAIN["global_batch_size"] % devices:
+        raise ValueError(f"the embedded VLM is pre-trained with batch {PRETRAIN['global_batch_size']}, which {devices} "
+                         f"devices do not divide; build it once on one device (JAX_PLATFORMS=cpu)")
+    cfg.train.update(global_batch_size=PRETRAIN["global_batch_size"],
+                     micro_batch_size=PRETRAIN["global_batch_size"] // devices, max_steps=PRETRAIN["steps"],
+                     val_every=0, log_every=50)
+    cfg.evaluation.samples = 32
+    cfg.optim.update(name="adamw", learning_rate=PRETRAIN["learning_rate"], weight_decay=0.0)
+    cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"],
+                              min_learning_rate=PRETRAIN["learning_rate"] / 10)
+    cfg.mesh.update(data=-1, fsdp=1)
+    cfg.checkpoint.enabled = False
+    cfg.export.when = "never"
+    cfg.logging.tensorboard = False
+    return cfg
+
+
+def _build_model(name: str, root: Path, target: Path, default_config, run) -> None:
+    """Processor + random init in HF format, pre-trained with the recipe (`default_config`, `run`), exported."""
+    import jax
+
+    from automodel_jax.auto import save_pretrained
+    from automodel_jax.models.base import build_model
+    if jax.process_count() > 1:
+        raise ValueError("the embedded VLM is built by a single process; run the command once without multiple "
+                         "processes first (it is cached), or set model.path to a real checkpoint")
+    init_dir, processor_dir = root / f"{name}-init", root / f"{name}-processor"
+    shutil.rmtree(processor_dir, ignore_errors=True)
+    info = build_processor(MODEL_NAMES[name], processor_dir)
+    save_pretrained(build_model(tiny_hf_config(info)), init_dir, overwrite=True)
+    for f in processor_dir.iterdir():  # processor files beside the weights, as on the Hub
+        shutil.move(str(f), init_dir / f.name)
+    processor_dir.rmdir()
+    print(f"building the embedded VLM {name}: pre-training {init_dir} on {sorted(PRETRAIN_TASKS)} "
+          f"({PRETRAIN['steps']} steps, once; cached in {root})", flush=True)
+    result = run(pretrain_config(default_config(), init_dir, root / f"{name}-pretrain-run"))
+    save_pretrained(result["model"], target, overwrite=True)
+    shutil.rmtree(init_dir)
+
+
+def materialize(name: str, default_config=None, run=None) -> str:
+    """Local path for an `embedded:` name, built on first use (atomically: parallel runs are safe): the rendered
+    `shapes/<split>` rows (jsonl + PNGs) or a tiny model (`tiny-gemma3`, `tiny-qwen2_5_vl`: processor + weights,
+    pre-trained by the recipe whose `default_config` and `run` are given, so this module never imports it)."""
     what = name[len(SCHEME):] if name.startswith(SCHEME) else name
+    if what in MODEL_NAMES:
+        if run is None:
+            raise ValueError(f"{name} is built by the VLM recipe; resolve it through "
+                             f"automodel_jax.recipes.vlm.finetune.resolve_path")
+        root = cache_dir() / _fingerprint()
+        target = root / what
+        if not (target / "config.json").is_file():
+            _build_model(what, root, target, default_config, run)
+        return str(target)
     task, _, split = what.partition("/")
     if task != TASK_NAME or split not in SPLIT_SIZES:
-        known = ", ".join(f"{SCHEME}{TASK_NAME}/{s}" for s in SPLIT_SIZES)
+        known = ", ".join([f"{SCHEME}{m}" for m in MODEL_NAMES] + [f"{SCHEME}{TASK_NAME}/{s}" for s in SPLIT_SIZES])
         raise ValueError(f"unknown embedded VLM asset {name!r}; known: {known}")
     root = cache_dir() / _fingerprint()
     target = root / f"{TASK_NAME}-{split}.jsonl"
@@ -329,5 +429,6 @@ def materialize(name: str) -> str:
     return str(target)
 
 
-def resolve(path: str) -> str:
-    return materialize(path) if isinstance(path, str) and path.startswith(SCHEME) else path
+def resolve(path: str, default_config=None, run=None) -> str:
+    """`path` itself, or the local path of an `embedded:` asset (see `materialize`)."""
+    return materialize(path, default_config, run) if isinstance(path, str) and path.startswith(SCHEME) else path

@@ -1,0 +1,250 @@
+"""Vision-language fine-tuning recipe (LoRA or full SFT) for Gemma 3 and Qwen2.5-VL, the second recipe of NeMo
+Automodel (`recipes/vlm/finetune.py` there), run by `python -m automodel_jax.finetune --config configs/gemma3_vl_lora.py`
+(the entry point picks this recipe when the config has a `vlm` marker; see `automodel_jax.cli.finetune`).
+
+`run(cfg)` reads top to bottom in named phases, sharing the train loop with the LLM recipe:
+  setup       processes and mesh, model (+ adapters, freezing), processor, image-text data and per-model collation,
+              checkpoints to resume, optimizer and the jitted steps on declared shardings                -> `Run`
+  validate    token-weighted validation loss (automodel_jax.training.trainer)
+  train_loop  the jitted step over global batches (automodel_jax.training.trainer)
+  finish      final validation and checkpoint, held-out answers and accuracy, plot, HF / PEFT export
+
+Freezing follows NeMo Automodel's `freeze_config`: `model.freeze_vision_tower` (default true),
+`model.freeze_embeddings` (default true), `model.freeze_language_model` (default false). Full SFT trains every
+parameter outside the frozen groups; LoRA adapts `peft.target_modules` outside them (so, by default, the language
+model only; set freeze_vision_tower=false to adapt the vision tower too).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from ml_collections import config_dict
+
+from automodel_jax.checkpoint.export import export_dir, export_model
+from automodel_jax.checkpoint.hf import load_pretrained, read_hf_config, resolve_checkpoint_dir
+from automodel_jax.checkpoint.orbax_io import TrainCheckpoints
+from automodel_jax.config import ConfigError, save_config, validate_choice
+from automodel_jax.data import DataError
+from automodel_jax.data.vlm import (build_vlm_dataset, load_processor, make_collator, make_vlm_loader,
+                                    vlm_dataset_defaults)
+from automodel_jax.generation.vlm import generate_with_images
+from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
+from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout, mesh_from_config, tree_shardings
+from automodel_jax.peft.lora import apply_lora, lora_defaults, split_model
+from automodel_jax.training.metrics import MetricsLogger
+from automodel_jax.training.optim import build_optimizer
+from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
+from automodel_jax.training.trainer import Run, train_loop, trainer_defaults, validate
+
+from automodel_jax.recipes.vlm import embedded
+
+log = logging.getLogger("automodel_jax.finetune")
+
+VLM_MODEL_TYPES = ("gemma3", "qwen2_5_vl")
+FREEZE_GROUPS = ("vision_tower", "embeddings", "language_model")
+# NeMo Automodel's freeze groups as module paths of each architecture (our paths are HF's checkpoint names).
+MODULE_GROUPS = {
+    "gemma3": dict(vision_tower=("vision_tower",), embeddings=("language_model.model.embed_tokens",),
+                   language_model=("language_model",)),
+    "qwen2_5_vl": dict(vision_tower=("visual",), embeddings=("model.embed_tokens",),
+                       language_model=("model", "lm_head")),
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the recipe reads, with defaults: the embedded tiny Gemma 3 on the rendered shapes task."""
+    cfg = trainer_defaults("runs/vlm_finetune")
+    cfg.vlm = True  # marks a config of this recipe for the `finetune` entry point
+    cfg.model = dict(path="embedded:tiny-gemma3", dtype="bfloat16", param_dtype="float32", remat="none",
+                     attention="auto", freeze_vision_tower=True, freeze_embeddings=True,
+                     freeze_language_model=False)
+    cfg.peft = lora_defaults()
+    cfg.data = dict(train=vlm_dataset_defaults("vlm_chat", "embedded:shapes/train", "train"),
+                    validation=vlm_dataset_defaults("vlm_chat", "embedded:shapes/validation", "train"),
+                    seq_len=128, max_images=1, max_patches=config_dict.placeholder(int), truncation="error",
+                    pad_token_id=config_dict.placeholder(int))
+    # Held-out answers: greedy answers to the first `samples` validation prompts, exact-match accuracy.
+    cfg.evaluation = dict(samples=64, batch_size=16, max_new_tokens=24, print=4)
+    return cfg
+
+
+def resolve_path(path: str) -> str:
+    """A model or data path as given, or the local path of an `embedded:` asset (built on first use; its base model
+    is pre-trained by this recipe)."""
+    return embedded.resolve(path, default_config, run)
+
+
+def frozen_module_patterns(model_type: str, cfg) -> tuple[str, ...]:
+    """`re:` patterns matching the module paths of the frozen groups (and everything below them)."""
+    groups = MODULE_GROUPS[model_type]
+    prefixes = [p for g in FREEZE_GROUPS if cfg.model[f"freeze_{g}"] for p in groups[g]]
+    return tuple("re:" + re.escape(p) + r"(\..*)?" for p in prefixes)
+
+
+def check_run_config(cfg) -> None:
+    validate_choice(cfg, "peft.method", ("lora", "none"))
+    validate_choice(cfg, "loss.impl", ("naive", "chunked", "pallas"))
+    validate_choice(cfg, "data.truncation", ("truncate", "drop", "error"))
+    if cfg.data.max_images < 1:
+        raise ConfigError(f"data.max_images must be >= 1, got {cfg.data.max_images}")
+    if cfg.peft.method == "none" and all(cfg.model[f"freeze_{g}"] for g in FREEZE_GROUPS):
+        raise ConfigError("model.freeze_vision_tower, freeze_embeddings and freeze_language_model are all true: "
+                          "full SFT would train nothing but the projector; unfreeze a group or use peft.method=lora")
+
+
+def batch_geometry(cfg, mesh) -> tuple[int, int]:
+    """(gradient-accumulation steps, per-process batch) from global and micro batch sizes."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if global_batch % (micro * dp) or global_batch % jax.process_count():
+        raise ConfigError(f"train.global_batch_size {global_batch} must be a multiple of train.micro_batch_size "
+                          f"{micro} x data-parallel size {dp} and of the process count {jax.process_count()}")
+    return global_batch // (micro * dp), global_batch // jax.process_count()
+
+
+def setup(cfg, model=None) -> Run:
+    """Processes and mesh -> model (+ adapters, freezing) -> processor and data -> checkpoints -> optimizer, state
+    and jitted steps. `model`: an already built VLM (benchmarks) instead of loading model.path's weights."""
+    check_run_config(cfg)
+    export_to = export_dir(cfg)
+    initialize_distributed(cfg.distributed.timeout_s)
+    primary = jax.process_index() == 0
+    run_dir = Path(cfg.run_dir)
+    if primary:
+        save_config(cfg, run_dir)
+    mesh, rules = mesh_from_config(cfg.mesh)
+    describe_topology(mesh)
+
+    # Model, processor, adapters and freezing.
+    model_path = resolve_path(cfg.model.path)
+    hf = read_hf_config(resolve_checkpoint_dir(model_path))
+    if hf.get("model_type") not in VLM_MODEL_TYPES:
+        raise ConfigError(f"model.path {model_path}: model_type {hf.get('model_type')!r} is not a vision-language "
+                          f"model ({', '.join(VLM_MODEL_TYPES)}); use an LLM config (without `vlm`) for it")
+    text = hf.get("text_config") or hf
+    heads = text.get("num_attention_heads", 8)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    check_mesh_fits(mesh.shape, num_heads=heads, num_kv_heads=text.get("num_key_value_heads") or heads,
+                    seq_len=cfg.data.seq_len, batch_rows=cfg.train.micro_batch_size * dp)
+    check_process_layout(mesh, rules)
+    processor = load_processor(model_path)
+    if model is None:
+        model = load_pretrained(model_path, dtype=jax.numpy.dtype(cfg.model.dtype),
+                                param_dtype=jax.numpy.dtype(cfg.model.param_dtype), mesh=mesh, rules=rules,
+                                model_overrides=dict(remat=cfg.model.remat, attention_impl=cfg.model.attention))
+    frozen_patterns = frozen_module_patterns(hf["model_type"], cfg)
+    lora = cfg.peft.method == "lora"
+    if lora:
+        apply_lora(model, r=cfg.peft.r, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
+                   target_modules=cfg.peft.target_modules,
+                   exclude_modules=tuple(cfg.peft.exclude_modules) + frozen_patterns, seed=cfg.seed)
+
+    # Data: rows through the processor, per-model collation, the model's host-side inputs.
+    seq_len, data_cfg = cfg.data.seq_len, cfg.data
+    for split in ("train", "validation"):
+        data_cfg[split].path = resolve_path(data_cfg[split].path)
+    train_set = build_vlm_dataset(data_cfg.train, processor, seq_len, data_cfg.truncation)
+    val_set = build_vlm_dataset(data_cfg.validation, processor, seq_len, data_cfg.truncation)
+    pad_id = data_cfg.pad_token_id if data_cfg.pad_token_id is not None else processor.tokenizer.pad_token_id
+    if pad_id is None:
+        raise DataError(f"{model_path}: the tokenizer has no pad token; set data.pad_token_id")
+    max_patches = data_cfg.max_patches or max(train_set.max_patches, val_set.max_patches)
+    collate = make_collator(train_set, seq_len=seq_len, pad_id=pad_id, max_images=data_cfg.max_images,
+                            max_patches=max_patches)
+    accum, process_batch = batch_geometry(cfg, mesh)
+    loader = make_vlm_loader(train_set, collate, batch_size=process_batch, seed=cfg.seed,
+                             shard_index=jax.process_index(), shard_count=jax.process_count())
+    steps_per_epoch = max(len(train_set) // cfg.train.global_batch_size, 1)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.num_epochs
+    model_cls, model_config = type(model), model.config
+
+    def prepare(batch: dict) -> dict:
+        return model_cls.host_batch(model_config, batch)
+
+    val_rows = len(val_set) if not cfg.train.val_max_samples else min(cfg.train.val_max_samples, len(val_set))
+    val_loader = make_vlm_loader([val_set[i] for i in range(val_rows)], collate,
+                                 batch_size=max(cfg.train.micro_batch_size * dp // jax.process_count(), 1), seed=0,
+                                 shuffle=False, num_epochs=1, shard_index=jax.process_index(),
+                                 shard_count=jax.process_count(), drop_remainder=False) if val_rows else []
+    val_batches = [prepare(b) for b in val_loader]
+    example = prepare(collate([train_set[0]]))
+    batch_ranks = {k: v.ndim - 1 for k, v in example.items()}
+
+    # Checkpoints, optimizer, state, jitted steps.
+    checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
+    optimizer, schedule = build_optimizer(cfg.optim, total_steps)
+    graphdef, trainable, frozen = split_model(model, lora, frozen=() if lora else frozen_patterns)
+    state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
+    frozen_shardings = tree_shardings(model, frozen, mesh, rules)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=True)
+    train_step, eval_step, batch_3d, batch_2d = compile_steps(
+        make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
+        make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules, batch_ranks)
+    del model, trainable
+    state = checkpoints.restore(state, state_shardings, loader)
+    logger = MetricsLogger(run_dir, enabled=primary, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                           total_steps=total_steps, run_config=cfg.to_dict())
+    return Run(cfg, mesh, primary, run_dir, export_to, model_path, processor, graphdef, state, frozen, train_step,
+               eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps, checkpoints, logger, prepare)
+
+
+def held_out_answers(run: Run, title: str) -> float:
+    """Greedy answers to the first evaluation.samples validation prompts; prints a few and the exact-match accuracy
+    (answers compared after stripping whitespace). Every process takes part; only process 0 prints."""
+    cfg = run.cfg
+    from automodel_jax.data.vlm import conversation_prompts
+    prompts = conversation_prompts(cfg.data.validation, cfg.evaluation.samples)
+    if not prompts:
+        return float("nan")
+    model_now = nnx.merge(run.graphdef, run.state["params"], run.frozen)
+    answers = []
+    for start in range(0, len(prompts), cfg.evaluation.batch_size):
+        chunk = prompts[start:start + cfg.evaluation.batch_size]
+        answers += generate_with_images(model_now, run.tokenizer, [p["messages"] for p in chunk],
+                                        [p["images"] for p in chunk], max_new_tokens=cfg.evaluation.max_new_tokens)
+    correct = np.mean([a.strip() == p["answer"].strip() for a, p in zip(answers, prompts)])
+    with contextlib.nullcontext() if run.primary else contextlib.redirect_stdout(io.StringIO()):
+        print(f"--- held-out answers {title} ---", flush=True)
+        for p, a in list(zip(prompts, answers))[:cfg.evaluation.print]:
+            print(f"{p['question']!r} -> {a!r} (expected {p['answer']!r})", flush=True)
+        print(f"held-out accuracy {title}: {correct:.1%} of {len(prompts)}", flush=True)
+    run.logger.log(int(run.state["step"]), {"accuracy": float(correct)}, "val")
+    return float(correct)
+
+
+def finish(run: Run, first_val: float, first_accuracy: float) -> dict:
+    """Final validation and checkpoint, held-out answers, loss plot, export; the run's results."""
+    cfg, total_steps = run.cfg, run.total_steps
+    final_val = validate(run, total_steps)
+    run.checkpoints.save(total_steps, run.state, run.loader, final_val, final=True)
+    accuracy = held_out_answers(run, "after fine-tuning")
+    if run.primary:
+        print(f"validation loss: {first_val:.4f} before -> {final_val:.4f} after {total_steps} steps; held-out "
+              f"accuracy {first_accuracy:.1%} -> {accuracy:.1%}", flush=True)
+    run.logger.plot_losses()
+    run.logger.close()
+    run.checkpoints.close()
+    trained = nnx.merge(run.graphdef, run.state["params"], run.frozen)
+    if run.export_to is not None:
+        export_model(trained, run.export_to, base_model_name_or_path=run.model_path,
+                     merge_lora=cfg.export.merge_lora, overwrite=cfg.export.overwrite)
+    return dict(val_loss_before=first_val, val_loss_after=final_val, steps=total_steps, model=trained,
+                accuracy_before=first_accuracy, accuracy_after=accuracy)
+
+
+def run(cfg) -> dict:
+    """Train as `cfg` says; returns validation loss and held-out accuracy before/after, steps, the trained model."""
+    run_ = setup(cfg)
+    first_val = validate(run_, int(run_.state["step"]))
+    first_accuracy = held_out_answers(run_, "before fine-tuning")
+    train_loop(run_)
+    return finish(run_, first_val, first_accuracy)

@@ -69,12 +69,23 @@ def torch_inputs(inputs: dict) -> dict:
     return {k: torch.tensor(v) for k, v in inputs.items()}
 
 
+def _checkpoint(model_type, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(model_type)
+    hf, info = tiny_vlm(model_type, directory)
+    return model_type, directory, hf, info
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    """("gemma3", checkpoint dir with processor, torch HF model, build_processor's ids)."""
+    return _checkpoint("gemma3", tmp_path_factory)
+
+
 @pytest.fixture(scope="module", params=["gemma3", "qwen2_5_vl"])
 def vlm(request, tmp_path_factory):
     """(model_type, checkpoint dir with processor, torch HF model, build_processor's ids)."""
-    directory = tmp_path_factory.mktemp(request.param)
-    hf, info = tiny_vlm(request.param, directory)
-    return request.param, directory, hf, info
+    return request.getfixturevalue("gemma") if request.param == "gemma3" else _checkpoint(request.param,
+                                                                                          tmp_path_factory)
 
 
 def _hf_generate(hf, inputs: dict, eos) -> list[int]:
@@ -106,8 +117,8 @@ def test_greedy_generation_with_images_matches_hf_generate(vlm):
     assert all(len(row) == NEW_TOKENS for row in ours)  # no early EOS: every step was compared
 
 
-def test_cli_generates_with_images_as_hf(vlm, tmp_path, capsys):
-    model_type, directory, hf, info = vlm
+def test_cli_generates_with_images_as_hf(gemma, tmp_path, capsys):
+    model_type, directory, hf, info = gemma
     paths = []
     for i, image in enumerate(images(3)):
         paths += ["--image", str(tmp_path / f"{i}.png")]
@@ -126,16 +137,9 @@ def test_cli_generates_with_images_as_hf(vlm, tmp_path, capsys):
     assert printed == expected or (expected.endswith("\ufffd") and expected.startswith(printed))
 
 
-@pytest.fixture(scope="module")
-def gemma_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("gemma3_cli")
-    tiny_vlm("gemma3", directory)
-    return directory
-
-
 @pytest.mark.parametrize("kind", ["missing", "not an image"])
-def test_cli_bad_image_is_one_error_line_naming_the_file(gemma_dir, tmp_path, capsys, kind):
-    path = tmp_path / "picture.png"
+def test_cli_bad_image_is_one_error_line_naming_the_file(gemma, tmp_path, capsys, kind):
+    gemma_dir, path = gemma[1], tmp_path / "picture.png"
     if kind == "not an image":
         path.write_text("this is text, not a PNG\n")
     assert main(["--model", str(gemma_dir), "--image", str(path), "--prompt", "Hi"]) == 2
@@ -146,6 +150,7 @@ def test_cli_bad_image_is_one_error_line_naming_the_file(gemma_dir, tmp_path, ca
 def test_cli_image_with_a_text_model_names_the_vlm_types(hf_model_factory, tmp_path, capsys):
     _, directory = hf_model_factory("LlamaForCausalLM", "LlamaConfig")
     images()[0].save(tmp_path / "a.png")
+    capsys.readouterr()
     assert main(["--model", str(directory), "--image", str(tmp_path / "a.png"), "--prompt", "Hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'llama' is not a vision-language model" in err and "gemma3, qwen2_5_vl" in err
@@ -153,8 +158,8 @@ def test_cli_image_with_a_text_model_names_the_vlm_types(hf_model_factory, tmp_p
         AutoModelForImageTextToText.from_pretrained(directory)
 
 
-def test_checkpoint_without_processor_is_one_error_line(gemma_dir, tmp_path, capsys):
-    bare = tmp_path / "bare"
+def test_checkpoint_without_processor_is_one_error_line(gemma, tmp_path, capsys):
+    gemma_dir, bare = gemma[1], tmp_path / "bare"
     bare.mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(gemma_dir / name, bare / name)

@@ -21,14 +21,18 @@ from automodel_jax.parallel.sharding import (DEFAULT_RULES, activation_sharding,
                                              with_sharding_rules)
 
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+# Per-token arrays [batch, seq]; a VLM's other inputs (pixel values, image masks, vision index arrays) are per image
+# or per patch and shard over the batch axis only.
+TOKEN_KEYS = BATCH_KEYS + ("token_type_ids",)
 # Per-row ranks (without the batch axis) of an LLM batch; a VLM batch adds its model inputs (pixel_values, ...).
 LLM_BATCH = {key: 1 for key in BATCH_KEYS}
 
 
 def batch_axes(key: str, rank: int) -> tuple[str | None, ...]:
-    """Logical axes of one batch array of per-row rank `rank`: tokens are [batch, seq]; M-RoPE positions
-    [batch, 3, seq]; everything else (pixel values, image masks, ...) is sharded over the batch axis only."""
-    if rank == 1 and key not in ("image_mask", "patch_mask"):
+    """Logical axes of one batch array of per-row rank `rank`: TOKEN_KEYS are [batch, seq]; M-RoPE positions
+    [batch, 3, seq]; everything else (pixel values, image masks, vision index arrays) is sharded over the batch axis
+    only."""
+    if rank == 1 and key in TOKEN_KEYS:
         return ("batch", "seq")
     if key == "positions" and rank == 2:
         return ("batch", None, "seq")

@@ -336,3 +336,11 @@ def test_host_batch_rejects_mismatched_images(hf_tied):
     with pytest.raises(ValueError, match=r"lacks \['image_mask'\]"):
         Gemma3ForConditionalGeneration.host_batch(model.config, {k: v for k, v in collated.items()
                                                                  if k != "image_mask"})
+
+
+def test_per_row_batch_sharded_over_eight_devices_matches_one_device():
+    """8 rows of 0-2 images, batch axis over data x fsdp = 8 simulated devices (vlm_batch_program.py)."""
+    from vlm_batch_program import run  # tests/models is on sys.path (pytest prepend import mode)
+    record = run("gemma3")
+    assert record["devices"] == 8 and record["finite"] and record["spec"] == "(('data', 'fsdp'),)"
+    assert record["max_diff"] < 1e-5

@@ -336,3 +336,11 @@ def test_host_batch_rejects_mismatched_images():
     with pytest.raises(ValueError, match=r"batch row 1: 8 image tokens \(id 120\) but its image_grid_thw "
                                          r"\[\[1, 8, 4\], \[1, 4, 4\]\] describes 12 image features"):
         Qwen2_5_VLForConditionalGeneration.host_batch(cfg, collated)
+
+
+def test_per_row_batch_sharded_over_eight_devices_matches_one_device():
+    """8 rows of 0-2 images, batch axis over data x fsdp = 8 simulated devices (vlm_batch_program.py)."""
+    from vlm_batch_program import run  # tests/models is on sys.path (pytest prepend import mode)
+    record = run("qwen2_5_vl")
+    assert record["devices"] == 8 and record["finite"] and record["spec"] == "(('data', 'fsdp'),)"
+    assert record["max_diff"] < 1e-5

@@ -4,8 +4,8 @@
 rows of different image counts (and, for Qwen2.5-VL, image sizes) in the VLM collator's per-row layout, turns them
 into step inputs with the model's `host_batch`, and computes the logits inside jit on one device and with every batch
 array sharded over its leading axis on a data=4 x fsdp=2 mesh (parameters sharded by the rule table, activations
-constrained as in training). Prints one JSON line: devices, the
-largest logit difference on real tokens, and the logits' sharding spec. test_gemma3_vl.py / test_qwen2_5_vl.py check it.
+constrained as in training). Prints one JSON line: devices, the largest logit difference on real tokens, the logits'
+batch-axis sharding and whether they are finite; `run` (used by test_gemma3_vl.py / test_qwen2_5_vl.py) returns it.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ if __name__ == "__main__":  # before jax is imported
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -29,6 +30,7 @@ from automodel_jax.models.attention import AttentionInputs  # noqa: E402
 from automodel_jax.parallel.sharding import (DEFAULT_RULES, activation_sharding, make_mesh,  # noqa: E402
                                              tree_shardings, with_sharding_rules)
 
+REPO = Path(__file__).resolve().parents[2]
 ROWS = 8
 STEP_KEYS = ("input_ids", "labels", "segment_ids", "positions")
 GEMMA = dict(model_type="gemma3", mm_tokens_per_image=4, image_token_index=290, boi_token_index=288,
@@ -47,6 +49,15 @@ QWEN = dict(model_type="qwen2_5_vl", image_token_id=120, video_token_id=121, vis
                                temporal_patch_size=2, spatial_merge_size=2, window_size=16, out_hidden_size=64,
                                fullatt_block_indexes=[1]))
 QWEN_GRIDS = np.array([[1, 4, 4], [1, 4, 8], [1, 8, 4]])
+
+
+def run(model_type: str) -> dict:
+    """This program's JSON record for `model_type`, from a fresh process (the caller's jax keeps its devices)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    done = subprocess.run([sys.executable, "-m", "tests.models.vlm_batch_program", model_type], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def collated(model_type: str) -> dict[str, np.ndarray]:
@@ -104,7 +115,7 @@ def main(model_type: str) -> None:
     real = batch["segment_ids"] != 0
     print(json.dumps(dict(devices=len(jax.devices()), max_diff=float(np.abs(np.asarray(out) - one)[real].max()),
                           spec=str(tuple(out.sharding.spec)[:1]), finite=bool(np.isfinite(one).all()),
-                          images=list(batch["pixel_values"].shape[:2]))))
+                          pixel_values=list(batch["pixel_values"].shape))))
 
 
 if __name__ == "__main__":

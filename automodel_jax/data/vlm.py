@@ -630,7 +630,7 @@ def conversation_prompts(ds_cfg, limit: int) -> list[dict]:
     held-out answers and accuracy. Raises DataError for rows the builders would refuse."""
     given = {**vlm_dataset_defaults(ds_cfg["kind"], path="", split="train"), **dict(ds_cfg)}
     cfg = ml_collections.ConfigDict(given)
-    rows, base, source = _rows_and_base(cfg.path, cfg.split, limit)
+    rows, base, source = _rows_and_base(cfg.path, cfg.split, min(limit, cfg.limit or limit))
     out = []
     for i, row in enumerate(rows):
         where = f"{source} row {i}"

@@ -335,18 +335,20 @@ def tiny_hf_config(info: dict) -> dict:
 
 
 MODEL_NAMES = {"tiny-gemma3": "gemma3", "tiny-qwen2_5_vl": "qwen2_5_vl"}
+# Token length of the longest rendered-task conversation, rounded up to 8 (Qwen's template adds a system turn).
+SEQ_LEN = {"gemma3": 96, "qwen2_5_vl": 136}
 MODEL_VERSION = 1  # bump when tiny_hf_config changes, so cached models are rebuilt
 PRETRAIN = dict(steps=600, learning_rate=2e-3, warmup_steps=30, global_batch_size=32)
 
 
-def pretrain_config(cfg, init_dir: Path, run_dir: Path):
+def pretrain_config(cfg, init_dir: Path, run_dir: Path, model_type: str):
     """`cfg` (the recipe's default config) set for full SFT of the random init on the single-skill questions, every
     group unfrozen, float32 on the CPU."""
     cfg.run_dir = str(run_dir)
     cfg.model.update(path=str(init_dir), dtype="float32", param_dtype="float32", freeze_vision_tower=False,
                      freeze_embeddings=False, freeze_language_model=False)
     cfg.peft.method = "none"
-    cfg.data.seq_len = 96
+    cfg.data.seq_len = SEQ_LEN[model_type]
     cfg.data.train.path = f"{SCHEME}{TASK_NAME}/pretrain"
     cfg.data.validation.path = f"{SCHEME}{TASK_NAME}/pretrain-validation"
     import jax
@@ -386,7 +388,7 @@ def _build_model(name: str, root: Path, target: Path, default_config, run) -> No
     processor_dir.rmdir()
     print(f"building the embedded VLM {name}: pre-training {init_dir} on {sorted(PRETRAIN_TASKS)} "
           f"({PRETRAIN['steps']} steps, once; cached in {root})", flush=True)
-    result = run(pretrain_config(default_config(), init_dir, root / f"{name}-pretrain-run"))
+    result = run(pretrain_config(default_config(), init_dir, root / f"{name}-pretrain-run", MODEL_NAMES[name]))
     save_pretrained(result["model"], target, overwrite=True)
     shutil.rmtree(init_dir)
 

@@ -33,8 +33,8 @@ from automodel_jax.checkpoint.hf import load_pretrained, read_hf_config, resolve
 from automodel_jax.checkpoint.orbax_io import TrainCheckpoints
 from automodel_jax.config import ConfigError, save_config, validate_choice
 from automodel_jax.data import DataError
-from automodel_jax.data.vlm import (build_vlm_dataset, load_processor, make_collator, make_vlm_loader,
-                                    vlm_dataset_defaults)
+from automodel_jax.data.vlm import (build_vlm_dataset, conversation_prompts, load_processor, make_collator,
+                                    make_vlm_loader, vlm_dataset_defaults)
 from automodel_jax.generation.vlm import generate_with_images
 from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout, mesh_from_config, tree_shardings
@@ -201,10 +201,9 @@ def held_out_answers(run: Run, title: str) -> float:
     """Greedy answers to the first evaluation.samples validation prompts; prints a few and the exact-match accuracy
     (answers compared after stripping whitespace). Every process takes part; only process 0 prints."""
     cfg = run.cfg
-    from automodel_jax.data.vlm import conversation_prompts
-    prompts = conversation_prompts(cfg.data.validation, cfg.evaluation.samples)
-    if not prompts:
+    if cfg.evaluation.samples < 1:
         return float("nan")
+    prompts = conversation_prompts(cfg.data.validation, cfg.evaluation.samples)
     model_now = nnx.merge(run.graphdef, run.state["params"], run.frozen)
     answers = []
     for start in range(0, len(prompts), cfg.evaluation.batch_size):

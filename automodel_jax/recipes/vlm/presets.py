@@ -7,6 +7,7 @@ language model's *_proj layers (vision tower and embeddings frozen), Adam, cosin
 """
 from __future__ import annotations
 
+from automodel_jax.recipes.vlm.embedded import SEQ_LEN
 from automodel_jax.recipes.vlm.finetune import default_config
 
 EMBEDDED_MODELS = {"gemma3": "embedded:tiny-gemma3", "qwen2_5_vl": "embedded:tiny-qwen2_5_vl"}
@@ -17,7 +18,7 @@ def embedded_default(run_dir: str, model_type: str, *, learning_rate: float = 5e
     cfg.run_dir = run_dir
     cfg.model.update(path=EMBEDDED_MODELS[model_type], dtype="float32", param_dtype="float32")
     cfg.peft.update(method="lora", r=16, alpha=32.0, target_modules=("*_proj",))
-    cfg.data.seq_len = 96  # the longest rendered-task conversation is 95 tokens with either processor
+    cfg.data.seq_len = SEQ_LEN[model_type]
     cfg.train.update(global_batch_size=32, micro_batch_size=32, max_steps=300, val_every=100, log_every=20)
     cfg.optim.update(name="adamw", learning_rate=learning_rate, weight_decay=0.0)
     cfg.optim.schedule.update(name="cosine", warmup_steps=20, min_learning_rate=learning_rate / 10)

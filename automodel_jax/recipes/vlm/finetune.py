@@ -205,11 +205,16 @@ def held_out_answers(run: Run, title: str) -> float:
         return float("nan")
     prompts = conversation_prompts(cfg.data.validation, cfg.evaluation.samples)
     model_now = nnx.merge(run.graphdef, run.state["params"], run.frozen)
-    answers = []
+    processor, answers = run.tokenizer, []
     for start in range(0, len(prompts), cfg.evaluation.batch_size):
         chunk = prompts[start:start + cfg.evaluation.batch_size]
-        answers += generate_with_images(model_now, run.tokenizer, [p["messages"] for p in chunk],
-                                        [p["images"] for p in chunk], max_new_tokens=cfg.evaluation.max_new_tokens)
+        texts = [processor.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
+                 for p in chunk]
+        inputs = processor(text=texts, images=[p["images"] for p in chunk], padding=True, add_special_tokens=False,
+                           return_tensors="np")
+        new = generate_with_images(model_now, processor.tokenizer, dict(inputs),
+                                   max_new_tokens=cfg.evaluation.max_new_tokens)
+        answers += [processor.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
     correct = np.mean([a.strip() == p["answer"].strip() for a, p in zip(answers, prompts)])
     with contextlib.nullcontext() if run.primary else contextlib.redirect_stdout(io.StringIO()):
         print(f"--- held-out answers {title} ---", flush=True)

@@ -116,14 +116,8 @@ def run(shape_name: str, batch: int | None, steps: int, warmup: int, grad_ckpt: 
     cfg = hf_config(shape)
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = "sdpa"
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly (no fp32 copy of the weights)
-    try:
-        with device:
-            model = Gemma3ForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model.to(torch.bfloat16)
+    with device:  # as peer_hf.py: initialise in float32, keep bf16 weights (peak memory is reset after)
+        model = Gemma3ForConditionalGeneration(cfg).to(torch.bfloat16)
     if grad_ckpt:
         model.gradient_checkpointing_enable()
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,

@@ -2,7 +2,9 @@
 
 A LoRA run exports a PEFT adapter directory (for `peft.PeftModel.from_pretrained`), or with --merge-lora the base model
 with the adapters folded in; a full fine-tuning run exports the whole model. Full models are HF checkpoints (sharded
-safetensors, index, config, generation config, tokenizer files) for `transformers.AutoModelForCausalLM`.
+safetensors, index, config, generation config, tokenizer files) for `transformers.AutoModelForCausalLM`, or for a VLM
+its transformers class (Gemma3ForConditionalGeneration, Qwen2_5_VLForConditionalGeneration) with the processor files;
+VLM adapters use the module names PEFT gives transformers' model (`peft_io.PEFT_MODULE_NAMES`).
 """
 from __future__ import annotations
 

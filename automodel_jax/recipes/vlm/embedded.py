@@ -78,8 +78,9 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
 
-GEMMA3_IMAGE = dict(image_size=64, image_seq_length=16)  # 16 soft tokens = 4 x 4 after the model's pooling
-QWEN2_5_VL_IMAGE = dict(patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=56 * 56, max_pixels=112 * 112)
+GEMMA3_IMAGE = dict(image_size=64, image_seq_length=4)  # 4 soft tokens = 2 x 2 after pooling: one per quadrant
+QWEN2_5_VL_IMAGE = dict(patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=56 * 56,
+                        max_pixels=56 * 56)  # 56 px: 4 x 4 patches, 2 x 2 merged tokens, one per quadrant
 
 
 def build_tokenizer(model_type: str):
@@ -299,7 +300,7 @@ def task_rows(split: str, image_dir: str | Path | None = None, base_dir: str | P
 
 def _fingerprint() -> str:
     blob = json.dumps([CANVAS, COLOURS, SHAPES, PLACES, PRETRAIN_TASKS, TASKS, SPLIT_SIZES, PRETRAIN,
-                       sorted(MODEL_NAMES), MODEL_VERSION], sort_keys=True)
+                       sorted(MODEL_NAMES), MODEL_VERSION, GEMMA3_IMAGE, QWEN2_5_VL_IMAGE], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -337,7 +338,7 @@ def tiny_hf_config(info: dict) -> dict:
 MODEL_NAMES = {"tiny-gemma3": "gemma3", "tiny-qwen2_5_vl": "qwen2_5_vl"}
 # Token length of the longest rendered-task conversation, rounded up to 8 (Qwen's template adds a system turn).
 SEQ_LEN = {"gemma3": 96, "qwen2_5_vl": 136}
-MODEL_VERSION = 1  # bump when tiny_hf_config changes, so cached models are rebuilt
+MODEL_VERSION = 2  # bump when tiny_hf_config changes, so cached models are rebuilt
 PRETRAIN = dict(steps=600, learning_rate=2e-3, warmup_steps=30, global_batch_size=32)
 
 

@@ -219,7 +219,8 @@ def cache_dir() -> Path:
 def _scene(rng: random.Random, task: str) -> dict:
     """Random scene parameters for a task: the image is a pure function of them."""
     colour = rng.choice(sorted(COLOURS))
-    size, dx, dy = rng.randint(10, 18), rng.randint(-6, 6), rng.randint(-6, 6)
+    # Large shapes (radius 20-25 px of a 56 px quadrant): a quadrant's image token then clearly says what it holds.
+    size, dx, dy = rng.randint(20, 25), rng.randint(-3, 3), rng.randint(-3, 3)
     if task in ("count", "tally"):
         cells = sorted(rng.sample(range(4), rng.randint(1, 4)))
         return dict(shape="square", colour=colour, cells=cells, size=size, dx=dx, dy=dy)
@@ -338,7 +339,7 @@ def tiny_hf_config(info: dict) -> dict:
 MODEL_NAMES = {"tiny-gemma3": "gemma3", "tiny-qwen2_5_vl": "qwen2_5_vl"}
 # Token length of the longest rendered-task conversation, rounded up to 8 (Qwen's template adds a system turn).
 SEQ_LEN = {"gemma3": 96, "qwen2_5_vl": 136}
-MODEL_VERSION = 2  # bump when tiny_hf_config changes, so cached models are rebuilt
+MODEL_VERSION = 3  # bump when the task or the tiny models change, so cached assets are rebuilt
 PRETRAIN = dict(steps=600, learning_rate=2e-3, warmup_steps=30, global_batch_size=32)
 
 

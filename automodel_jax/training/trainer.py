@@ -17,12 +17,18 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from automodel_jax.checkpoint.export import export_defaults
+from automodel_jax.checkpoint.export import export_defaults, export_dir
+from automodel_jax.checkpoint.hf import load_pretrained
 from automodel_jax.checkpoint.orbax_io import TrainCheckpoints, checkpoint_defaults
+from automodel_jax.config import ConfigError, save_config
+from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
+from automodel_jax.parallel.sharding import mesh_from_config, tree_shardings
+from automodel_jax.peft.lora import split_model
 from automodel_jax.training.loop import TrainingError, check_metrics, global_batch, validation_loss
 from automodel_jax.training.metrics import MetricsLogger, wandb_defaults
-from automodel_jax.training.optim import optim_defaults
+from automodel_jax.training.optim import build_optimizer, optim_defaults
 from automodel_jax.training.profile import StepProfiler, profile_defaults
+from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("automodel_jax.finetune")
 
@@ -71,6 +77,77 @@ class Run:
     checkpoints: TrainCheckpoints
     logger: MetricsLogger
     prepare: Callable[[dict], dict] | None = None  # host transform of each loader batch (e.g. a VLM's host_batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """A run's first phase done: export directory checked, processes joined, config saved, mesh built."""
+    export_to: Path | None
+    primary: bool
+    run_dir: Path
+    mesh: Any
+    rules: dict
+
+
+def start(cfg) -> Started:
+    """Check the export directory (nothing is trained into an export that would fail), join the other processes,
+    save the resolved config (process 0), build the mesh and print the topology."""
+    export_to = export_dir(cfg)
+    initialize_distributed(cfg.distributed.timeout_s)
+    primary = jax.process_index() == 0
+    run_dir = Path(cfg.run_dir)
+    if primary:
+        save_config(cfg, run_dir)
+    mesh, rules = mesh_from_config(cfg.mesh)
+    describe_topology(mesh)
+    return Started(export_to, primary, run_dir, mesh, rules)
+
+
+def load_model(cfg, model_path: str, started: Started):
+    """model.path's HF checkpoint streamed onto the mesh, in model.dtype over model.param_dtype, with the config's
+    activation checkpointing and attention implementation."""
+    return load_pretrained(model_path, dtype=jax.numpy.dtype(cfg.model.dtype),
+                           param_dtype=jax.numpy.dtype(cfg.model.param_dtype), mesh=started.mesh, rules=started.rules,
+                           model_overrides=dict(remat=cfg.model.remat, attention_impl=cfg.model.attention))
+
+
+def batch_geometry(cfg, mesh) -> tuple[int, int]:
+    """(gradient-accumulation steps, per-process batch) from global and micro batch sizes (NeMo Automodel's way).
+    Raises ConfigError when the sizes do not divide."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if global_batch % (micro * dp):
+        raise ConfigError(f"train.global_batch_size {global_batch} must be a multiple of train.micro_batch_size "
+                          f"{micro} x data-parallel size {dp}")
+    if global_batch % jax.process_count():
+        raise ConfigError(f"train.global_batch_size {global_batch} must be divisible by the process count "
+                          f"{jax.process_count()}")
+    return global_batch // (micro * dp), global_batch // jax.process_count()
+
+
+def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, tokenizer, loader, val_batches: list,
+              accum: int, total_steps: int, right_padded: bool, frozen: tuple[str, ...] = (),
+              batch_ranks: dict[str, int] | None = None, prepare: Callable[[dict], dict] | None = None) -> Run:
+    """Checkpoints (finding the one to resume, checked against the model) -> optimizer, train state and jitted steps
+    on their declared shardings -> restored state and data position -> metrics logger: the `Run` to train.
+    `frozen`: module patterns full SFT keeps frozen; `batch_ranks`: the batch's keys and per-row ranks."""
+    mesh, rules = started.mesh, started.rules
+    checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
+    optimizer, schedule = build_optimizer(cfg.optim, total_steps)
+    graphdef, trainable, frozen_params = split_model(model, lora, frozen)
+    state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
+    frozen_shardings = tree_shardings(model, frozen_params, mesh, rules)
+    frozen_params = jax.device_put(frozen_params, frozen_shardings)
+    step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=right_padded)
+    train_step, eval_step, batch_3d, batch_2d = compile_steps(
+        make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
+        make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules, batch_ranks)
+    state = checkpoints.restore(state, state_shardings, loader)  # train state and data position, onto this mesh
+    logger = MetricsLogger(started.run_dir, enabled=started.primary, tensorboard=cfg.logging.tensorboard,
+                           wandb=cfg.logging.wandb, total_steps=total_steps, run_config=cfg.to_dict())
+    return Run(cfg, mesh, started.primary, started.run_dir, started.export_to, model_path, tokenizer, graphdef, state,
+               frozen_params, train_step, eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps,
+               checkpoints, logger, prepare)
 
 
 def validate(run: Run, step: int) -> float:

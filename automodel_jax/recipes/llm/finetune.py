@@ -14,25 +14,20 @@ import contextlib
 import io
 import json
 import logging
-from pathlib import Path
 
 import jax
 import ml_collections
 from flax import nnx
 
-from automodel_jax.checkpoint.export import export_dir, export_model
-from automodel_jax.checkpoint.hf import load_pretrained, read_hf_config, resolve_checkpoint_dir
-from automodel_jax.checkpoint.orbax_io import TrainCheckpoints
-from automodel_jax.config import ConfigError, save_config, validate_choice
+from automodel_jax.checkpoint.export import export_model
+from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
+from automodel_jax.config import ConfigError, validate_choice
 from automodel_jax.data import build_dataset, data_defaults, load_rows, make_loader, resolve_pad_id
-from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
-from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout, mesh_from_config, tree_shardings
-from automodel_jax.peft.lora import apply_lora, lora_defaults, split_model
+from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
+from automodel_jax.peft.lora import apply_lora, lora_defaults
 from automodel_jax.training import loop
-from automodel_jax.training.metrics import MetricsLogger
-from automodel_jax.training.optim import build_optimizer
-from automodel_jax.training.trainer import Run, train_loop, trainer_defaults, validate
-from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
+from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, train_loop,
+                                            trainer_defaults, validate)
 
 from automodel_jax.recipes.llm import embedded
 
@@ -62,19 +57,6 @@ def resolve_path(path: str) -> str:
     return embedded.resolve(path, default_config, run)
 
 
-def batch_geometry(cfg, mesh) -> tuple[int, int]:
-    """(gradient-accumulation steps, per-process batch) from global and micro batch sizes (NeMo Automodel's way)."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    if global_batch % (micro * dp):
-        raise ConfigError(f"train.global_batch_size {global_batch} must be a multiple of train.micro_batch_size "
-                          f"{micro} x data-parallel size {dp}")
-    if global_batch % jax.process_count():
-        raise ConfigError(f"train.global_batch_size {global_batch} must be divisible by the process count "
-                          f"{jax.process_count()}")
-    return global_batch // (micro * dp), global_batch // jax.process_count()
-
-
 def check_parallelism(cfg, mesh, rules, model_path: str) -> None:
     """The mesh against the model's heads, the sequence, the batch and the processes, before loading or compiling."""
     hf = read_hf_config(resolve_checkpoint_dir(model_path))
@@ -101,23 +83,14 @@ def setup(cfg, model=None) -> Run:
     weights; the tokenizer still comes from model.path.
     """
     check_run_config(cfg)
-    export_to = export_dir(cfg)
-    initialize_distributed(cfg.distributed.timeout_s)
-    primary = jax.process_index() == 0
-    run_dir = Path(cfg.run_dir)
-    if primary:
-        save_config(cfg, run_dir)
-    mesh, rules = mesh_from_config(cfg.mesh)
-    describe_topology(mesh)
+    started = start(cfg)
+    mesh, rules = started.mesh, started.rules
 
     # Model, tokenizer, adapters.
     model_path = resolve_path(cfg.model.path)
     check_parallelism(cfg, mesh, rules, model_path)
     tokenizer = load_tokenizer(model_path)
-    if model is None:
-        model = load_pretrained(model_path, dtype=jax.numpy.dtype(cfg.model.dtype),
-                                param_dtype=jax.numpy.dtype(cfg.model.param_dtype), mesh=mesh, rules=rules,
-                                model_overrides=dict(remat=cfg.model.remat, attention_impl=cfg.model.attention))
+    model = load_model(cfg, model_path, started) if model is None else model
     lora = cfg.peft.method == "lora"
     if lora:
         apply_lora(model, r=cfg.peft.r, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
@@ -140,25 +113,10 @@ def setup(cfg, model=None) -> Run:
     val_batches = loop.validation_batches(val_set, cfg.train.val_max_samples, cfg.train.micro_batch_size * dp,
                                           seq_len, pad_id)
 
-    # Checkpoints: find the one to resume (the run's latest, else checkpoint.restore_from); it must fit the model.
-    checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
-
-    # Optimizer, state, jitted steps.
-    optimizer, schedule = build_optimizer(cfg.optim, total_steps)
-    graphdef, trainable, frozen = split_model(model, lora)
-    state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
-    frozen_shardings = tree_shardings(model, frozen, mesh, rules)
-    frozen = jax.device_put(frozen, frozen_shardings)
-    step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=not data_cfg.packing)
-    train_step, eval_step, batch_3d, batch_2d = compile_steps(
-        make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
-        make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules)
-    del model, trainable
-    state = checkpoints.restore(state, state_shardings, loader)  # train state and data position, onto this mesh
-    logger = MetricsLogger(run_dir, enabled=primary, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                           total_steps=total_steps, run_config=cfg.to_dict())
-    return Run(cfg, mesh, primary, run_dir, export_to, model_path, tokenizer, graphdef, state, frozen, train_step,
-               eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps, checkpoints, logger)
+    # Checkpoints, optimizer, state and jitted steps.
+    return build_run(cfg, started, model=model, lora=lora, model_path=model_path, tokenizer=tokenizer, loader=loader,
+                     val_batches=val_batches, accum=accum, total_steps=total_steps,
+                     right_padded=not data_cfg.packing)
 
 
 def generations(run: Run, title: str) -> None:

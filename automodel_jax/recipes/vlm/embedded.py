@@ -7,8 +7,8 @@ vocabulary size and the special token ids a matching tiny model config must use.
 
 `embedded:shapes/{pretrain,pretrain-validation,train,validation}` are conversation rows over 112 x 112 images of
 simple shapes drawn with PIL, deterministic by seed. The pre-training splits ask single-skill questions (colour,
-shape, count, position); the fine-tuning splits ask NEW instructions that combine those skills ("Describe the
-shape." -> "a red circle at the top left", "Count the squares and name their colour." -> "3 blue"). Validation
+shape, count, position); the fine-tuning splits ask NEW instructions that combine those skills ("Say the colour and
+place of the shape." -> "red, top left", "Count the squares and name their colour." -> "3 blue"). Validation
 scenes (shape, colour, place, size, offset) never occur in any training split, so validation measures what
 fine-tuning really learned.
 """
@@ -208,7 +208,7 @@ PLACES = ("top left", "top right", "bottom left", "bottom right")
 # Pre-training: one skill per question. Fine-tuning: new instructions whose answers combine those skills.
 PRETRAIN_TASKS = {"colour": "What colour is the shape?", "shape": "What shape is this?",
                   "count": "How many squares are there?", "position": "Where is the circle?"}
-TASKS = {"describe": "Describe the shape.", "tally": "Count the squares and name their colour."}
+TASKS = {"describe": "Say the colour and place of the shape.", "tally": "Count the squares and name their colour."}
 SPLIT_SIZES = {"pretrain": 4000, "pretrain-validation": 128, "train": 2000, "validation": 128}
 
 
@@ -253,7 +253,7 @@ def render(scene: dict):
 def answer(task: str, scene: dict) -> str:
     place, count = PLACES[scene["cells"][0]], len(scene["cells"])
     return {"colour": scene["colour"], "shape": scene["shape"], "count": str(count), "position": place,
-            "describe": f"a {scene['colour']} {scene['shape']} at the {place}",
+            "describe": f"{scene['colour']}, {place}",
             "tally": f"{count} {scene['colour']}"}[task]
 
 

@@ -20,7 +20,6 @@ import contextlib
 import io
 import logging
 import re
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -28,21 +27,17 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
-from automodel_jax.checkpoint.export import export_dir, export_model
-from automodel_jax.checkpoint.hf import load_pretrained, read_hf_config, resolve_checkpoint_dir
-from automodel_jax.checkpoint.orbax_io import TrainCheckpoints
-from automodel_jax.config import ConfigError, save_config, validate_choice
+from automodel_jax.checkpoint.export import export_model
+from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
+from automodel_jax.config import ConfigError, validate_choice
 from automodel_jax.data import DataError
 from automodel_jax.data.vlm import (build_vlm_dataset, conversation_prompts, load_processor, make_collator,
                                     make_vlm_loader, vlm_dataset_defaults)
 from automodel_jax.generation.vlm import generate_with_images
-from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
-from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout, mesh_from_config, tree_shardings
-from automodel_jax.peft.lora import apply_lora, lora_defaults, split_model
-from automodel_jax.training.metrics import MetricsLogger
-from automodel_jax.training.optim import build_optimizer
-from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
-from automodel_jax.training.trainer import Run, train_loop, trainer_defaults, validate
+from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
+from automodel_jax.peft.lora import apply_lora, lora_defaults
+from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, train_loop,
+                                            trainer_defaults, validate)
 
 from automodel_jax.recipes.vlm import embedded
 
@@ -72,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
                     seq_len=128, max_images=1, max_patches=config_dict.placeholder(int), truncation="error",
                     pad_token_id=config_dict.placeholder(int))
     # Held-out answers: greedy answers to the first `samples` validation prompts, exact-match accuracy.
-    cfg.evaluation = dict(samples=64, batch_size=16, max_new_tokens=24, print=4)
+    cfg.evaluation = dict(samples=64, batch_size=16, max_new_tokens=32, print=4)
     return cfg
 
 
@@ -100,28 +95,12 @@ def check_run_config(cfg) -> None:
                           "full SFT would train nothing but the projector; unfreeze a group or use peft.method=lora")
 
 
-def batch_geometry(cfg, mesh) -> tuple[int, int]:
-    """(gradient-accumulation steps, per-process batch) from global and micro batch sizes."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    if global_batch % (micro * dp) or global_batch % jax.process_count():
-        raise ConfigError(f"train.global_batch_size {global_batch} must be a multiple of train.micro_batch_size "
-                          f"{micro} x data-parallel size {dp} and of the process count {jax.process_count()}")
-    return global_batch // (micro * dp), global_batch // jax.process_count()
-
-
 def setup(cfg, model=None) -> Run:
     """Processes and mesh -> model (+ adapters, freezing) -> processor and data -> checkpoints -> optimizer, state
     and jitted steps. `model`: an already built VLM (benchmarks) instead of loading model.path's weights."""
     check_run_config(cfg)
-    export_to = export_dir(cfg)
-    initialize_distributed(cfg.distributed.timeout_s)
-    primary = jax.process_index() == 0
-    run_dir = Path(cfg.run_dir)
-    if primary:
-        save_config(cfg, run_dir)
-    mesh, rules = mesh_from_config(cfg.mesh)
-    describe_topology(mesh)
+    started = start(cfg)
+    mesh, rules = started.mesh, started.rules
 
     # Model, processor, adapters and freezing.
     model_path = resolve_path(cfg.model.path)
@@ -136,10 +115,7 @@ def setup(cfg, model=None) -> Run:
                     seq_len=cfg.data.seq_len, batch_rows=cfg.train.micro_batch_size * dp)
     check_process_layout(mesh, rules)
     processor = load_processor(model_path)
-    if model is None:
-        model = load_pretrained(model_path, dtype=jax.numpy.dtype(cfg.model.dtype),
-                                param_dtype=jax.numpy.dtype(cfg.model.param_dtype), mesh=mesh, rules=rules,
-                                model_overrides=dict(remat=cfg.model.remat, attention_impl=cfg.model.attention))
+    model = load_model(cfg, model_path, started) if model is None else model
     frozen_patterns = frozen_module_patterns(hf["model_type"], cfg)
     lora = cfg.peft.method == "lora"
     if lora:
@@ -178,23 +154,10 @@ def setup(cfg, model=None) -> Run:
     example = prepare(collate([train_set[0]]))
     batch_ranks = {k: v.ndim - 1 for k, v in example.items()}
 
-    # Checkpoints, optimizer, state, jitted steps.
-    checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
-    optimizer, schedule = build_optimizer(cfg.optim, total_steps)
-    graphdef, trainable, frozen = split_model(model, lora, frozen=() if lora else frozen_patterns)
-    state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
-    frozen_shardings = tree_shardings(model, frozen, mesh, rules)
-    frozen = jax.device_put(frozen, frozen_shardings)
-    step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=True)
-    train_step, eval_step, batch_3d, batch_2d = compile_steps(
-        make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
-        make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules, batch_ranks)
-    del model, trainable
-    state = checkpoints.restore(state, state_shardings, loader)
-    logger = MetricsLogger(run_dir, enabled=primary, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                           total_steps=total_steps, run_config=cfg.to_dict())
-    return Run(cfg, mesh, primary, run_dir, export_to, model_path, processor, graphdef, state, frozen, train_step,
-               eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps, checkpoints, logger, prepare)
+    # Checkpoints, optimizer, state and jitted steps.
+    return build_run(cfg, started, model=model, lora=lora, model_path=model_path, tokenizer=processor, loader=loader,
+                     val_batches=val_batches, accum=accum, total_steps=total_steps, right_padded=True,
+                     frozen=() if lora else frozen_patterns, batch_ranks=batch_ranks, prepare=prepare)
 
 
 def held_out_answers(run: Run, title: str) -> float:
@@ -206,8 +169,8 @@ def held_out_answers(run: Run, title: str) -> float:
     prompts = conversation_prompts(cfg.data.validation, cfg.evaluation.samples)
     model_now = nnx.merge(run.graphdef, run.state["params"], run.frozen)
     processor, answers = run.tokenizer, []
-    for start in range(0, len(prompts), cfg.evaluation.batch_size):
-        chunk = prompts[start:start + cfg.evaluation.batch_size]
+    for first in range(0, len(prompts), cfg.evaluation.batch_size):
+        chunk = prompts[first:first + cfg.evaluation.batch_size]
         texts = [processor.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
                  for p in chunk]
         inputs = processor(text=texts, images=[p["images"] for p in chunk], padding=True, add_special_tokens=False,

@@ -1,11 +1,13 @@
 """Run in a fresh process with 8 simulated CPU devices (XLA_FLAGS is set before jax is imported).
 
-`python -m tests.models.vlm_batch_program MODEL_TYPE` (gemma3 or qwen2_5_vl) builds a tiny random VLM, collates 8
+`python -m tests.models.vlm_batch_program MODEL_TYPE [train]` (gemma3 or qwen2_5_vl) builds a tiny random VLM, collates 8
 rows of different image counts (and, for Qwen2.5-VL, image sizes) in the VLM collator's per-row layout, turns them
 into step inputs with the model's `host_batch`, and computes the logits inside jit on one device and with every batch
 array sharded over its leading axis on a data=4 x fsdp=2 mesh (parameters sharded by the rule table, activations
 constrained as in training). Prints one JSON line: devices, the largest logit difference on real tokens, the logits'
 batch-axis sharding and whether they are finite; `run` (used by test_gemma3_vl.py / test_qwen2_5_vl.py) returns it.
+With `train`: 3 full-SFT steps of the training step (vision tower included) on one device, on fsdp=8 and on
+fsdp=4 x tensor=2; prints the largest difference of each step's loss and of the final parameters from one device.
 """
 from __future__ import annotations
 
@@ -51,11 +53,11 @@ QWEN = dict(model_type="qwen2_5_vl", image_token_id=120, video_token_id=121, vis
 QWEN_GRIDS = np.array([[1, 4, 4], [1, 4, 8], [1, 8, 4]])
 
 
-def run(model_type: str) -> dict:
+def run(model_type: str, *mode: str) -> dict:
     """This program's JSON record for `model_type`, from a fresh process (the caller's jax keeps its devices)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    done = subprocess.run([sys.executable, "-m", "tests.models.vlm_batch_program", model_type], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "tests.models.vlm_batch_program", model_type, *mode], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -118,5 +120,45 @@ def main(model_type: str) -> None:
                           pixel_values=list(batch["pixel_values"].shape))))
 
 
+def train(model_type: str, steps: int = 3) -> None:
+    """Losses of `steps` full-SFT steps and the final parameters, per mesh, against one device."""
+    from automodel_jax.peft.lora import split_model
+    from automodel_jax.training.optim import build_optimizer, optim_defaults
+    from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
+    hf_config = GEMMA if model_type == "gemma3" else QWEN
+    probe = AutoModelForCausalLM.from_config(hf_config)
+    batch = type(probe).host_batch(probe.config, collated(model_type))
+    ranks = {k: v.ndim - 1 for k, v in batch.items()}
+    batch = {k: v[None] for k, v in batch.items()}  # one micro-batch: [accum=1, rows, ...]
+    optim = optim_defaults()
+    optim.update(name="adamw", learning_rate=1e-4)
+
+    def trained(shape):
+        model = AutoModelForCausalLM.from_config(hf_config)
+        mesh, rules = make_mesh(shape, jax.devices() if shape else None), DEFAULT_RULES
+        optimizer, schedule = build_optimizer(optim, 10)
+        graphdef, trainable, frozen = split_model(model, lora=False)
+        state, shardings = init_state(trainable, optimizer, 0, tree_shardings(model, trainable, mesh, rules))
+        kw = dict(loss_impl="chunked", right_padded=True)
+        step, _, batch_3d, _ = compile_steps(make_train_step(graphdef, optimizer, schedule,
+                                                             grad_shardings=shardings["params"], **kw),
+                                             make_eval_step(graphdef, **kw), shardings, {}, mesh, rules, ranks)
+        placed = {k: jax.device_put(v, batch_3d[k]) for k, v in batch.items()}
+        losses = []
+        for _ in range(steps):
+            state, metrics = step(state, {}, placed)
+            losses.append(float(metrics["loss"]))
+        return losses, jax.tree.leaves(jax.device_get(state["params"]))
+
+    one_losses, one_params = trained(None)
+    record = dict(devices=len(jax.devices()), losses=one_losses)
+    for name, shape in (("fsdp8", dict(fsdp=8)), ("fsdp4_tensor2", dict(fsdp=4, tensor=2))):
+        losses, params = trained(shape)
+        record[name] = dict(loss_diff=max(abs(a - b) for a, b in zip(losses, one_losses)),
+                            param_diff=max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                                           for a, b in zip(params, one_params)))
+    print(json.dumps(record))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    train(sys.argv[1]) if sys.argv[2:] == ["train"] else main(sys.argv[1])

@@ -39,6 +39,13 @@ EXPECTED = {
     ("phi3_lora.py", ""): ("microsoft/Phi-3-mini-4k-instruct", "lora"),
     ("phi3_lora.py", "phi3-mini-4k"): ("microsoft/Phi-3-mini-4k-instruct", "lora"),
 }
+# The VLM recipe's config files: (file, preset) -> (model.path, peft.method).
+EXPECTED_VLM = {
+    ("gemma3_vl_lora.py", ""): ("embedded:tiny-gemma3", "lora"),
+    ("gemma3_vl_lora.py", "gemma3-4b"): ("google/gemma-3-4b-it", "lora"),
+    ("qwen2_5_vl_lora.py", ""): ("embedded:tiny-qwen2_5_vl", "lora"),
+    ("qwen2_5_vl_lora.py", "qwen2.5-vl-3b"): ("Qwen/Qwen2.5-VL-3B-Instruct", "lora"),
+}
 # family config -> (tiny HF config of that family: config class and overrides, layer names LoRA must adapt)
 FAMILY_MODELS = {
     "llama_lora.py": ("LlamaConfig", {}, SEPARATE),
@@ -56,7 +63,7 @@ def spec(file: str, preset: str = "") -> str:
 
 
 def presets_of(file: str) -> list[str]:
-    return [preset for f, preset in EXPECTED if f == file]
+    return [preset for f, preset in {**EXPECTED, **EXPECTED_VLM} if f == file]
 
 
 def declared_presets(file: str) -> tuple[str, ...]:
@@ -68,7 +75,7 @@ def declared_presets(file: str) -> tuple[str, ...]:
 
 def test_every_config_file_and_preset_is_covered():
     on_disk = {path.name for path in CONFIGS.glob("*.py")}
-    assert on_disk == {file for file, _ in EXPECTED}
+    assert on_disk == {file for file, _ in {**EXPECTED, **EXPECTED_VLM}}
     for file in on_disk:
         assert set(presets_of(file)) == set(declared_presets(file)), file
 
@@ -90,8 +97,38 @@ def test_preset_loads_with_its_model_and_method(file, preset):
         assert cfg.optim.learning_rate == 1e-5 and cfg.optim.schedule.min_learning_rate == 1e-6
 
 
+@pytest.mark.parametrize(("file", "preset"), sorted(EXPECTED_VLM))
+def test_vlm_preset_loads_the_vlm_recipe_with_its_model(file, preset):
+    cfg = parse_config(["--config", spec(file, preset)])
+    assert cfg.vlm and (cfg.model.path, cfg.peft.method) == EXPECTED_VLM[(file, preset)]
+    assert cfg.model.freeze_vision_tower and cfg.model.freeze_embeddings and not cfg.model.freeze_language_model
+    if preset:  # the published model on CORD-v2 receipts, bf16
+        assert cfg.model.dtype == "bfloat16" and cfg.data.train.kind == cfg.data.validation.kind == "cord"
+    else:  # the CPU default on the rendered shapes task
+        assert cfg.model.dtype == "float32" and cfg.data.train.path == "embedded:shapes/train"
+
+
+@pytest.mark.parametrize("file", sorted({file for file, _ in EXPECTED_VLM}))
+def test_vlm_lora_targets_only_the_language_model_by_default(file):
+    from automodel_jax.models.base import build_model
+    from automodel_jax.recipes.vlm import embedded
+    from automodel_jax.recipes.vlm.finetune import frozen_module_patterns
+    cfg = load_config_file(spec(file))
+    model_type = "gemma3" if file.startswith("gemma3") else "qwen2_5_vl"
+    info = dict(model_type=model_type, vocab_size=300, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                image_token_index=10, boi_token_index=11, eoi_token_index=12, mm_tokens_per_image=4, image_size=32,
+                image_token_id=10, video_token_id=13, vision_start_token_id=11, vision_end_token_id=12,
+                patch_size=4, temporal_patch_size=2, spatial_merge_size=2)
+    model = build_model(embedded.tiny_hf_config(info))
+    targets = find_targets(model, cfg.peft.target_modules,
+                           tuple(cfg.peft.exclude_modules) + frozen_module_patterns(model_type, cfg))
+    language = "language_model." if model_type == "gemma3" else "model."
+    assert targets and all(t.startswith(language) for t in targets)
+    assert {t.rsplit(".", 1)[-1] for t in targets} == SEPARATE
+
+
 def test_every_preset_of_a_file_gets_its_own_run_dir():
-    for file in {file for file, _ in EXPECTED}:
+    for file in {file for file, _ in {**EXPECTED, **EXPECTED_VLM}}:
         named = [preset for preset in presets_of(file) if preset]
         run_dirs = [parse_config(["--config", spec(file, preset)]).run_dir for preset in named]
         assert len(set(run_dirs)) == len(run_dirs), file

@@ -94,7 +94,14 @@ def normalize_messages(messages, where: str) -> list[dict]:
 
 
 def encode_chat(tokenizer, messages: list[dict], template: str) -> tuple[list[int], list[bool]]:
-    """Render with the chat template; loss on each assistant turn's text (the template's own tokens after its header).
+    """Render with the chat template; loss on each assistant turn's text (see `assistant_spans`)."""
+    return encode_spans(tokenizer, *assistant_spans(tokenizer, messages, template))
+
+
+def assistant_spans(tokenizer, messages: list[dict], template: str) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered text, [(start, end) character span of each assistant turn]): the loss goes on each assistant
+    turn's text (the template's own tokens after its header). Raises DataError for a template that is not
+    prefix-stable.
 
     An assistant turn spans from the end of the prefix rendered with the generation prompt (so the "assistant:"
     header stays unsupervised) to the end of the prefix that includes the turn. Templates that rewrite earlier turns
@@ -114,4 +121,4 @@ def encode_chat(tokenizer, messages: list[dict], template: str) -> tuple[list[in
             raise DataError("the chat template does not render a conversation's prefixes as prefixes of the whole "
                             "conversation, so assistant turns cannot be located; use a prefix-stable template")
         spans.append((len(before), len(through)))
-    return encode_spans(tokenizer, text, spans)
+    return text, spans

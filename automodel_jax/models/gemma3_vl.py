@@ -133,7 +133,7 @@ class Gemma3ForConditionalGeneration(CausalLM):
 
     @staticmethod
     def host_batch(config: Gemma3Config, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A VLM collator batch (data.vlm.VLMCollator, gemma3) -> the arrays of one training step, numpy only.
+        """A VLM collator batch (data.vlm_batches.VLMCollator, gemma3) -> the arrays of one training step, numpy only.
 
         Returns, every array with the batch axis B first:
           input_ids, labels, segment_ids, positions: int32 [B, S] as given (positions restart per row);

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from automodel_jax.data import IGNORE, DataError
-from automodel_jax.data import vlm
+from automodel_jax.data import vlm, vlm_batches
 from automodel_jax.recipes.vlm import embedded
 
 VLM = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets" / "data" / "vlm"
@@ -114,9 +114,9 @@ def test_openai_content_parts_with_inline_images(built):
 def test_batches_have_static_shapes(built):
     model_type, info, processor = built
     ds = vlm.build_vlm_dataset(dict(kind="vlm_chat", path=str(MLLM)), processor, seq_len=1024, truncation="error")
-    collate = vlm.make_collator(ds, seq_len=1024, pad_id=info["pad_token_id"], max_images=3,
+    collate = vlm_batches.make_collator(ds, seq_len=1024, pad_id=info["pad_token_id"], max_images=3,
                                 max_patches=3 * 64 if model_type == "qwen2_5_vl" else None)
-    loader = vlm.make_vlm_loader(ds, collate, batch_size=4, seed=0, drop_remainder=False, num_epochs=1)
+    loader = vlm_batches.make_vlm_loader(ds, collate, batch_size=4, seed=0, drop_remainder=False, num_epochs=1)
     batches = list(loader)
     assert len(batches) == 2
     shapes = {k: (v.shape, v.dtype) for k, v in batches[0].items()}

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from automodel_jax import AutoModelForCausalLM  # noqa: E402
-from automodel_jax.data.vlm import VLMCollator  # noqa: E402
+from automodel_jax.data.vlm_batches import VLMCollator  # noqa: E402
 from automodel_jax.models.attention import AttentionInputs  # noqa: E402
 from automodel_jax.parallel.sharding import (DEFAULT_RULES, activation_sharding, make_mesh,  # noqa: E402
                                              tree_shardings, with_sharding_rules)

@@ -122,3 +122,18 @@ def test_a_model_without_a_processor_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(tmp_path / "model") in err
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("--config.data.max_images=0", "data.max_images must be >= 1"),
+    ("--config.peft.method=none --config.model.freeze_vision_tower=true --config.model.freeze_embeddings=true "
+     "--config.model.freeze_language_model=true", "full SFT would train nothing"),
+    ("--config.data.truncation=cut", "data.truncation"),
+])
+def test_bad_vlm_settings_are_one_clear_error(tmp_path, capsys, override, fragment):
+    code = finetune_cli.main(["--config", str(REPO / "configs" / "gemma3_vl_lora.py"),
+                              f"--config.run_dir={tmp_path / 'run'}", *override.split()])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and fragment in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

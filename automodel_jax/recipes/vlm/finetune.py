@@ -31,8 +31,8 @@ from automodel_jax.checkpoint.export import export_model
 from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
 from automodel_jax.config import ConfigError, validate_choice
 from automodel_jax.data import DataError
-from automodel_jax.data.vlm import (build_vlm_dataset, conversation_prompts, load_processor, make_collator,
-                                    make_vlm_loader, vlm_dataset_defaults)
+from automodel_jax.data.vlm import build_vlm_dataset, conversation_prompts, load_processor, vlm_dataset_defaults
+from automodel_jax.data.vlm_batches import make_collator, make_vlm_loader
 from automodel_jax.generation.vlm import generate_with_images
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
 from automodel_jax.peft.lora import apply_lora, lora_defaults

@@ -190,3 +190,19 @@ def test_tied_head_and_embeddings_are_clear_errors(hf_llama_factory, tmp_path):
     ref.save_pretrained(tmp_path / "peft")
     with pytest.raises(CheckpointError, match=r"module lm_head has a LoRA adapter, .*tie_word_embeddings=true"):
         load_peft_adapter(AutoModelForCausalLM.from_pretrained(path), tmp_path / "peft")
+
+
+def test_lm_head_adapter_dropout_applies_in_training_only(hf_llama_factory):
+    """PEFT's lora_dropout on lm_head's adapter input: a training call (with a dropout key) differs, inference does
+    not, and a fresh adapter (B = 0) is a no-op either way."""
+    _, path = hf_llama_factory(vocab_size=VOCAB)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = jnp.asarray(_batch()["input_ids"])
+    base = np.asarray(model(ids))
+    apply_lora(model, r=4, alpha=8.0, dropout=0.5, target_modules=["lm_head"])
+    np.testing.assert_array_equal(np.asarray(model(ids, dropout_rng=jax.random.key(0))), base)
+    _randomize_adapters(model)
+    adapted = np.asarray(model(ids))
+    assert np.abs(adapted - base).max() > 0.1
+    np.testing.assert_array_equal(np.asarray(model(ids)), adapted)
+    assert np.abs(np.asarray(model(ids, dropout_rng=jax.random.key(0))) - adapted).max() > 1e-3

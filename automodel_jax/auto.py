@@ -102,10 +102,11 @@ def find_checkpoint_dir(path) -> Path | str:
     return found[-1]
 
 
-def load_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
-    """(model, tokenizer) from an HF checkpoint or run directory, with an optional PEFT adapter put into it."""
+def load_for_inference(model_path, adapter=None, *, dtype: str = "float32", mesh=None):
+    """(model, tokenizer) from an HF checkpoint or run directory, with an optional PEFT adapter put into it; the
+    parameters, adapter included, are sharded over `mesh` (None = one device)."""
     directory = find_checkpoint_dir(model_path)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, mesh=mesh)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model.hf_source.directory)
     except (OSError, ValueError) as e:
@@ -116,13 +117,14 @@ def load_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
     return model, tokenizer
 
 
-def load_vlm_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
-    """(model, processor) of a VLM checkpoint or run directory, with an optional PEFT adapter put into it.
+def load_vlm_for_inference(model_path, adapter=None, *, dtype: str = "float32", mesh=None):
+    """(model, processor) of a VLM checkpoint or run directory, with an optional PEFT adapter put into it (sharded
+    over `mesh` as in load_for_inference).
 
     ValueError for a text-only model_type or a directory without processor files (processor_config.json or
     preprocessor_config.json with the tokenizer)."""
     directory = find_checkpoint_dir(model_path)
-    model = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype, mesh=mesh)
     processor = load_processor(model.hf_source.directory)
     if adapter is not None:
         load_peft_adapter(model, adapter)

@@ -202,7 +202,10 @@ def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_last_good_state
     (["--config.data.seq_len=8", "--config.data.truncation=drop"],
      ["{train}: no sample is left after fitting to seq_len 8", "'dropped_too_long': 400", "data.seq_len"]),
     (["--config.data.pad_with_eos=false"], ["has no pad token", "data.pad_token_id", "data.pad_with_eos=True"]),
-], ids=["missing_model", "unknown_method", "missing_column", "empty_dataset", "all_too_long", "no_pad_token"])
+    (["--config.peft.target_modules=('*_proj','lm_head')"],  # stories260K ties lm_head to its embeddings
+     ["'lm_head' names lm_head", "tie_word_embeddings=true", "peft.exclude_modules"]),
+], ids=["missing_model", "unknown_method", "missing_column", "empty_dataset", "all_too_long", "no_pad_token",
+        "tied_lm_head_target"])
 def test_bad_input_is_one_error_line_and_leaves_the_export_alone(hellaswag, tmp_path, capsys, overrides, fragments):
     train, validation = hellaswag
     empty = tmp_path / "empty.jsonl"

@@ -25,10 +25,10 @@ from test_vlm_generate import images, tiny_vlm, torch_inputs
 HF_CLASS = {"gemma3": transformers.Gemma3ForConditionalGeneration,
             "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}
 PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-# Adapted layers: every Linear of both towers and the decoder, except Gemma 3's projector (a bare parameter in HF) and
-# lm_head (the models' logits read its kernel directly, so an adapter there would not run).
-TARGETS = ("*_proj", "fc1", "fc2", "qkv", "proj", r"re:.*merger\.mlp\.[02]")
-EXCLUDE = ("mm_input_projection_weight", "lm_head")
+# Adapted layers: every Linear of both towers, the decoder and the (untied) lm_head, except Gemma 3's projector (a bare
+# parameter in HF).
+TARGETS = ("*_proj", "fc1", "fc2", "qkv", "proj", r"re:.*merger\.mlp\.[02]", "lm_head")
+EXCLUDE = ("mm_input_projection_weight",)
 
 
 @nnx.jit
@@ -112,13 +112,14 @@ def test_peft_adapter_export_loads_in_peft_with_equal_logits(adapted, tmp_path):
 def test_adapter_made_with_peft_loads_into_ours_with_equal_logits(adapted, tmp_path):
     model_type, base, _, inputs, _ = adapted
     torch.manual_seed(1)
-    targets = ["q_proj", "v_proj", "fc1", "qkv", "down_proj"]  # both towers' attention and MLP
+    targets = ["q_proj", "v_proj", "fc1", "qkv", "down_proj", "lm_head"]  # both towers' attention and MLP, the head
     hf = peft.get_peft_model(HF_CLASS[model_type].from_pretrained(base).eval(),
                              peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False))
     hf.save_pretrained(tmp_path / "adapter")
     model = AutoModelForImageTextToText.from_pretrained(base)
     loaded = load_peft_adapter(model, tmp_path / "adapter")
     assert any(t.startswith(("vision_tower.", "visual.")) for t in loaded) and any("down_proj" in t for t in loaded)
+    assert any(t.endswith("lm_head") for t in loaded)
     np.testing.assert_allclose(our_logits(model, inputs), hf_logits(hf.eval(), inputs), atol=2e-4, rtol=0)
 
 

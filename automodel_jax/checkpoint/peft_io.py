@@ -11,22 +11,30 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from automodel_jax.checkpoint.hf import commit_output_dir, copy_tokenizer_files, host_array, prepare_output_dir
 from automodel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_file
-from automodel_jax.models.layers import LoRAParam
-from automodel_jax.peft.lora import adapters, apply_lora, linear_modules, lora_settings
+from automodel_jax.models.layers import Linear, LoRAParam
+from automodel_jax.models.params import path_str
+from automodel_jax.parallel.sharding import DEFAULT_RULES, param_shardings, params_mesh
+from automodel_jax.peft.lora import adapters, apply_lora, linear_modules, lora_settings, unadaptable_modules
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.default)?\.weight")
+# A LoRA factor, or (factor None) the weight of an adapted layer that PEFT saves with adapters on an output or input
+# embedding (`save_embedding_layers`, e.g. LoRA on lm_head): it replaces the base model's weight when loaded.
+PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?:lora_(?P<factor>[AB])(?:\.default)?|base_layer)\.weight")
 # PEFT options that change the adapter's maths beyond plain LoRA, with the value that keeps it plain.
 PLAIN_LORA = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
 # Our module path prefix -> the name PEFT gives it on transformers' model, by model_type; a prefix ending in "." renames
@@ -109,21 +117,28 @@ def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, 
 
 
 def _read_factors(weights: Path, model_type: str | None) -> dict[str, dict[str, np.ndarray]]:
-    """{our module path: {"A": [r, in], "B": [out, r]}} of a PEFT weights file."""
+    """{our module path: {"A": [r, in], "B": [out, r]} and, where PEFT saved the adapted layer's own weight,
+    "base": [out, in]} of a PEFT weights file."""
     file, factors = SafetensorsFile(weights), {}
     for key in file.keys():
         match = PEFT_KEY.fullmatch(key)
         if match is None:
             raise CheckpointError(f"{weights}: tensor {key} is not a LoRA weight (base_model.model.<module>.lora_A"
-                                  f".weight or .lora_B.weight); only plain LoRA adapters can be loaded")
-        factors.setdefault(from_peft_name(match["module"], model_type), {})[match["factor"]] = np.asarray(file.get(key))
+                                  f".weight, .lora_B.weight or .base_layer.weight); only plain LoRA adapters can be "
+                                  f"loaded")
+        factor = match["factor"] or "base"
+        factors.setdefault(from_peft_name(match["module"], model_type), {})[factor] = np.asarray(file.get(key))
     return factors
 
 
-def load_peft_adapter(model: nnx.Module, adapter_dir) -> list[str]:
+def load_peft_adapter(model: nnx.Module, adapter_dir, *, mesh: Mesh | None = None,
+                      rules: Mapping = DEFAULT_RULES) -> list[str]:
     """Attach the PEFT LoRA adapter in `adapter_dir` to the model's Linear layers (in place); returns their paths.
 
-    lora_a = A.T, lora_b = B.T, scale lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), dropout lora_dropout.
+    lora_a = A.T, lora_b = B.T, scale lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), dropout lora_dropout;
+    an adapted layer's weight saved with the adapter (PEFT's `base_layer.weight`, e.g. for lm_head) replaces the base
+    model's, as PEFT does (a warning names it when they differ). The factors are placed on their `param_shardings`
+    (`rules`) over `mesh`, by default the mesh the model's parameters are on; a replaced weight keeps its sharding.
     """
     directory = Path(adapter_dir)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -151,24 +166,46 @@ def load_peft_adapter(model: nnx.Module, adapter_dir) -> list[str]:
     factors = _read_factors(weights, model_type_of(model))
     if not factors:
         raise CheckpointError(f"{weights}: holds no LoRA weights")
-    linears, r = linear_modules(model), int(config["r"])
+    linears, r, unadaptable = linear_modules(model), int(config["r"]), unadaptable_modules(model)
     for module, pair in sorted(factors.items()):
+        if module in unadaptable:
+            raise CheckpointError(f"{weights}: module {module} has a LoRA adapter, which this "
+                                  f"{type(model).__name__} cannot apply: {unadaptable[module]}")
         if module not in linears:
             raise CheckpointError(f"{weights}: module {module} is not a Linear layer of this "
                                   f"{type(model).__name__}; was the adapter trained for another model?")
         layer = linears[module]
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             raise CheckpointError(f"{weights}: module {module} lacks lora_{({'A', 'B'} - set(pair)).pop()}")
+        if "base" in pair and pair["base"].shape != (layer.out_features, layer.in_features):
+            raise CheckpointError(f"{weights}: module {module} has base_layer.weight {list(pair['base'].shape)}; the "
+                                  f"layer needs [{layer.out_features}, {layer.in_features}]")
         if pair["A"].shape != (r, layer.in_features) or pair["B"].shape != (layer.out_features, r):
             raise CheckpointError(f"{weights}: module {module} has lora_A {list(pair['A'].shape)} and lora_B "
                                   f"{list(pair['B'].shape)}; r={r} and the layer need [{r}, {layer.in_features}] "
                                   f"and [{layer.out_features}, {r}]")
     targets = apply_lora(model, r=r, alpha=float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
                          target_modules=sorted(factors))
+    mesh = params_mesh(model) if mesh is None else mesh
+    paths = {path_str(p): tuple(p) for p, node in nnx.iter_graph(model) if isinstance(node, Linear)}
+    shardings = param_shardings(model, {paths[m] + (leaf,): getattr(linears[m], leaf)[...].shape
+                                        for m in targets for leaf in ("lora_a", "lora_b")}, mesh, rules)
     for module in targets:
-        layer = linears[module]
-        layer.lora_a = LoRAParam(jnp.asarray(factors[module]["A"].T, layer.lora_a[...].dtype))
-        layer.lora_b = LoRAParam(jnp.asarray(factors[module]["B"].T, layer.lora_b[...].dtype))
+        layer, pair = linears[module], factors[module]
+        layer.lora_a = LoRAParam(_placed(pair["A"].T, layer.lora_a[...].dtype, shardings[paths[module] + ("lora_a",)]))
+        layer.lora_b = LoRAParam(_placed(pair["B"].T, layer.lora_b[...].dtype, shardings[paths[module] + ("lora_b",)]))
         if config.get("use_rslora"):
             layer.lora_scale = float(config["lora_alpha"]) / r ** 0.5
+        if "base" in pair:
+            kernel = layer.kernel[...]
+            if not np.array_equal(host_array(kernel), pair["base"].T.astype(kernel.dtype)):
+                log.warning("%s: %s.base_layer.weight differs from the base model's %s weight; using the adapter's, "
+                            "as PEFT does", weights, to_peft_name(module, model_type_of(model)), module)
+            layer.kernel = nnx.Param(_placed(pair["base"].T, kernel.dtype, kernel.sharding))
     return targets
+
+
+def _placed(host: np.ndarray, dtype, sharding) -> jax.Array:
+    """`host` cast to `dtype` as a global array with `sharding` (each process supplies its own shards)."""
+    host = np.ascontiguousarray(host).astype(dtype)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

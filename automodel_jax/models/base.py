@@ -87,22 +87,26 @@ class CausalLM(nnx.Module):
                                        cache_index=None if cache is None else cache.index)
         out = self.hidden_states(input_ids, inputs, cache)
         if cache is None:
-            return self.logits(out)
+            return self.logits(out, dropout_rng)
         h, cache = out
-        return self.logits(h), cache
+        return self.logits(h, dropout_rng), cache
 
     @property
     def logit_softcap(self) -> float | None:
         """Final-logit soft-cap c (logits = c * tanh(logits / c); Gemma) for losses that compute logits themselves."""
         return self.config.final_logit_softcap
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        logits = jnp.dot(h, self.output_kernel().astype(h.dtype))
+    def logits(self, h: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Logits [..., vocab] of final hidden states h [..., hidden] (soft-capped where the family caps them)."""
+        hidden, kernel = self.output_head(h, dropout_rng)
+        logits = jnp.dot(hidden, kernel.astype(hidden.dtype))
         cap = self.logit_softcap
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 
-    def output_kernel(self) -> jax.Array:
-        """The lm_head as [hidden, vocab] (the tied embedding transposed when embeddings are tied)."""
+    def output_head(self, h: jax.Array, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(hidden [..., H'], kernel [H', vocab]) whose product is the logits before soft-capping, for the logits and
+        every fused loss: h and the tied embedding transposed, or the lm_head's `Linear.matmul_operands` (with a LoRA
+        adapter on lm_head, H' = hidden + r and the adapter takes part, as in PEFT)."""
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
+            return h, self.model.embed_tokens.embedding[...].T
+        return self.lm_head.matmul_operands(h, dropout_rng)

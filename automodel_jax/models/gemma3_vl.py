@@ -127,7 +127,7 @@ class Gemma3ForConditionalGeneration(CausalLM):
     """`vision_tower` (SigLIP), `multi_modal_projector`, `language_model` (a Gemma3ForCausalLM: `model`, `lm_head`).
 
     Training calls `hidden_states(input_ids, inputs, **model_inputs)` then `logits(h)` (or a fused loss with
-    `output_kernel()` and `logit_softcap`) like any CausalLM, where model_inputs are `host_batch`'s keys other than
+    `output_head(h)` and `logit_softcap`) like any CausalLM, where model_inputs are `host_batch`'s keys other than
     input_ids, labels, segment_ids and positions (those build `inputs`)."""
     config_class = Gemma3Config
 
@@ -196,9 +196,9 @@ class Gemma3ForConditionalGeneration(CausalLM):
         out = self.hidden_states(input_ids, inputs, cache, pixel_values=pixel_values, token_type_ids=token_type_ids,
                                  image_mask=image_mask)
         if cache is None:
-            return self.logits(out)
+            return self.logits(out, dropout_rng)
         h, cache = out
-        return self.logits(h), cache
+        return self.logits(h, dropout_rng), cache
 
     def image_features(self, pixel_values: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         """pixel_values [num_images, channels, H, W] -> soft tokens [num_images, mm_tokens_per_image, hidden]; per
@@ -271,9 +271,9 @@ class Gemma3ForConditionalGeneration(CausalLM):
             h, cache = self.language_model.model(input_ids, inputs, cache, inputs_embeds=x)
         return h if cache is None else (h, cache)
 
-    def output_kernel(self) -> jax.Array:
-        """The lm_head as [hidden, vocab] (the tied embedding transposed when embeddings are tied)."""
-        return self.language_model.output_kernel()
+    def output_head(self, h: jax.Array, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The language model's `output_head` (see CausalLM.output_head)."""
+        return self.language_model.output_head(h, dropout_rng)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` tokens (dtype default: the compute dtype)."""

@@ -47,14 +47,34 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
-            h = x
-            if self.lora_dropout > 0.0 and dropout_rng is not None:
-                keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, self.lora_salt),
-                                            1.0 - self.lora_dropout, x.shape)
-                h = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
-            h = jnp.dot(h, self.lora_a[...].astype(self.dtype))
+            h = self.lora_input(x, dropout_rng)
             y = y + jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
         return y
+
+    def lora_input(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """dropout(x) @ lora_a [..., r] in the compute dtype: the adapter's path before lora_b and the scale (PEFT's
+        lora_A(dropout(x))); dropout only with a `dropout_rng`."""
+        h = x.astype(self.dtype)
+        if self.lora_dropout > 0.0 and dropout_rng is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, self.lora_salt),
+                                        1.0 - self.lora_dropout, x.shape)
+            h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+        return jnp.dot(h, self.lora_a[...].astype(self.dtype))
+
+    def matmul_operands(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(x' [..., in'], kernel' [in', out]) whose product x' @ kernel' is this bias-free layer's output, for callers
+        that fuse the matmul with what follows (the lm_head into the loss): x (compute dtype) and the kernel, or with
+        an adapter x' = [x, scale * dropout(x) @ lora_a] and kernel' = [kernel; lora_b] (in' = in + r), so that
+        gradients reach lora_a through x' and lora_b through kernel'. Raises ValueError for a layer with a bias."""
+        if self.bias is not None:
+            raise ValueError("matmul_operands: the layer has a bias; call the layer instead")
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...]
+        if self.lora_a is None:
+            return x, kernel
+        h = self.lora_input(x, dropout_rng) * jnp.asarray(self.lora_scale, self.dtype)
+        return (jnp.concatenate([x, h], axis=-1),
+                jnp.concatenate([kernel, self.lora_b[...].astype(kernel.dtype)], axis=0))
 
 
 class Embedding(nnx.Module):

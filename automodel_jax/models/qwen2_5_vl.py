@@ -313,9 +313,9 @@ class Qwen2_5_VLForConditionalGeneration(DecoderLM):
         out = self.hidden_states(input_ids, inputs, cache, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                  vision=vision)
         if cache is None:
-            return self.logits(out)
+            return self.logits(out, dropout_rng)
         h, cache = out
-        return self.logits(h), cache
+        return self.logits(h, dropout_rng), cache
 
     def _check_image_tokens(self, input_ids, image_grid_thw) -> None:
         try:

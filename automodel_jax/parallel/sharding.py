@@ -165,6 +165,15 @@ def param_axes(module: nnx.Module) -> dict[tuple, tuple]:
     return out
 
 
+def params_mesh(module: nnx.Module) -> Mesh:
+    """The mesh `module`'s parameters are sharded over (a one-device mesh when none has a NamedSharding)."""
+    for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return make_mesh()
+
+
 def param_shardings(module: nnx.Module, shapes: Mapping[tuple, Sequence[int]], mesh: Mesh,
                     rules: Mapping = DEFAULT_RULES) -> dict[tuple, NamedSharding]:
     """{param path: NamedSharding} for the paths in `shapes`."""

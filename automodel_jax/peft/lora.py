@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from automodel_jax.models.layers import Linear, LoRAParam
+from automodel_jax.models.layers import Embedding, Linear, LoRAParam
 from automodel_jax.models.params import path_str, pure_dict
 
 ALL_LINEAR = "all-linear"
@@ -46,6 +46,23 @@ def linear_modules(model: nnx.Module) -> dict[str, Linear]:
     return {path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, Linear)}
 
 
+def unadaptable_modules(model: nnx.Module) -> dict[str, str]:
+    """{module path: why} of the modules a target pattern may name that have no Linear to adapt: embeddings, and on a
+    model with tied embeddings its output head (`lm_head`, which reads the embedding table). PEFT would wrap them
+    (LoRA on nn.Embedding; an lm_head sharing the embedding weight); naming one is an error here, never a no-op."""
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    out = {}
+    for p, node in nnx.iter_graph(model):
+        if isinstance(node, Embedding):
+            name = path_str(p)
+            out[name] = "LoRA on embeddings is not supported (only Linear layers are adapted)"
+            if tied and name.endswith("model.embed_tokens"):
+                out[name[:-len("model.embed_tokens")] + "lm_head"] = (
+                    f"the model ties its output head to {name} (tie_word_embeddings=true), so there is no lm_head "
+                    f"layer to adapt")
+    return out
+
+
 def find_targets(model: nnx.Module, target_modules: str | Sequence[str],
                  exclude_modules: Sequence[str] = ()) -> list[str]:
     """Module paths (HF names such as `model.layers.0.self_attn.q_proj`) of the Linear layers to adapt."""
@@ -56,6 +73,12 @@ def find_targets(model: nnx.Module, target_modules: str | Sequence[str],
     else:
         chosen = [n for n in linears if any(_matches(n, p) for p in patterns)]
     chosen = [n for n in chosen if not any(_matches(n, p) for p in exclude_modules)]
+    if ALL_LINEAR not in patterns:
+        for name, why in unadaptable_modules(model).items():
+            hit = next((p for p in patterns if _matches(name, p)), None)
+            if hit is not None and not any(_matches(name, p) for p in exclude_modules):
+                raise ValueError(f"peft.target_modules pattern {hit!r} names {name}, which LoRA cannot adapt here: "
+                                 f"{why}; remove it from peft.target_modules or add it to peft.exclude_modules")
     if not chosen:
         names = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ValueError(f"peft.target_modules {patterns} matches no Linear layer; layer names are {names}")

@@ -48,8 +48,8 @@ def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, right_padd
     model = nnx.merge(graphdef, trainable, frozen)
     inputs = AttentionInputs(batch["segment_ids"], batch["positions"], dropout_rng, right_padded=right_padded)
     extra = {k: v for k, v in batch.items() if k not in BATCH_KEYS}
-    h = model.hidden_states(batch["input_ids"], inputs, **extra)
-    return linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.output_kernel(), batch["labels"].reshape(-1),
+    hidden, kernel = model.output_head(model.hidden_states(batch["input_ids"], inputs, **extra), dropout_rng)
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), kernel, batch["labels"].reshape(-1),
                                 impl=loss_impl, chunk_size=chunk_size,
                                 logit_softcap=getattr(model, "logit_softcap", None))
 

@@ -221,7 +221,7 @@ def test_greedy_generation_with_kv_cache_matches_hf_generate(hf_tied):
 
 
 def test_training_api_and_hf_config_defaults():
-    """hidden_states/logits/output_kernel as the training step uses them; a published-style config.json (text_config
+    """hidden_states/logits/output_head as the training step uses them; a published-style config.json (text_config
     listing only a few fields) gets HF's defaults."""
     _, cfg = family_config({"model_type": "gemma3", "text_config": {"hidden_size": 2560, "num_hidden_layers": 34,
                                                                      "intermediate_size": 10240, "sliding_window": 1024,
@@ -261,7 +261,7 @@ def test_hidden_states_takes_attention_inputs_like_causal_lm(hf_tied):
         model, jnp.asarray(ids), inputs, jnp.asarray(pixels), jnp.asarray(token_type_ids))
     logits = model.logits(h)
     assert model.logit_softcap is None  # transformers' Gemma3ForConditionalGeneration ignores final_logit_softcapping
-    direct = jnp.dot(h, model.output_kernel())
+    direct = jnp.dot(*model.output_head(h))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(direct), atol=1e-5)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[real], _hf_logits(hf, ids, mask, token_type_ids, pixels)[real],

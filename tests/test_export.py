@@ -2,6 +2,7 @@
 checkpoints as a PEFT adapter or a merged model that transformers and peft load with the trained model's logits."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -87,6 +88,25 @@ def test_the_cli_exports_checkpoints_as_adapters_or_merged_models(trained, tmp_p
     assert files(merged) == files(run_dir / "export")
     assert export_main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "checkpoint " + str(tmp_path / "nowhere") + " does not exist" in capsys.readouterr().err
+
+
+def wrong_modes(root: Path, umask: int) -> list[tuple[str, str]]:
+    """Paths under `root` whose mode is not the umask's default (0777 / 0666 less the umask), as transformers'."""
+    want = {True: 0o777 & ~umask, False: 0o666 & ~umask}
+    return [(str(p.relative_to(root.parent)), oct(p.stat().st_mode & 0o777)) for p in [root, *root.rglob("*")]
+            if p.stat().st_mode & 0o777 != want[p.is_dir()]]
+
+
+def test_run_dirs_and_exports_have_the_umask_default_modes(trained, tmp_path):
+    run_dir, _ = trained
+    umask = os.umask(0o027)
+    try:
+        assert not wrong_modes(run_dir, umask)  # the fixture ran under the umask it restores here
+        for name, args in [("adapter", []), ("merged", ["--merge-lora"])]:
+            assert export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / name), *args]) == 0
+            assert not wrong_modes(tmp_path / name, 0o027), name
+    finally:
+        os.umask(umask)
 
 
 def test_the_recipe_checks_export_and_checkpoint_settings_before_training(trained, tmp_path):

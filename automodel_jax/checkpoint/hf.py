@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -223,10 +223,18 @@ def refuse_non_empty(out_dir, overwrite: bool,
 
 
 def prepare_output_dir(out_dir, overwrite: bool) -> Path:
-    """Refuse a non-empty directory unless overwrite; return a fresh temporary sibling to write into."""
+    """Refuse a non-empty directory unless overwrite; return a fresh temporary sibling to write into. It is made
+    with the umask's default mode (as transformers' directories are), not tempfile's private 0700, because it is
+    renamed into the output that servers running as other users read."""
     out = refuse_non_empty(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    while True:
+        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def commit_output_dir(tmp: Path, out_dir) -> None:

@@ -2,6 +2,7 @@
 checkpoints as a PEFT adapter or a merged model that transformers and peft load with the trained model's logits."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from automodel_jax.checkpoint.safetensors_io import CheckpointError
 from automodel_jax.config import ConfigError, load_config_file
 from automodel_jax.cli.export import main as export_main
+from automodel_jax.cli.generate import main as generate_main
 from automodel_jax.recipes.llm.finetune import resolve_path, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +90,36 @@ def test_the_cli_exports_checkpoints_as_adapters_or_merged_models(trained, tmp_p
     assert files(merged) == files(run_dir / "export")
     assert export_main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "checkpoint " + str(tmp_path / "nowhere") + " does not exist" in capsys.readouterr().err
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def test_the_training_chat_template_travels_with_every_export(tmp_path, capsys):
+    import transformers
+    rows = [json.loads(line) for line in Path(resolve_path("embedded:word-tasks/train")).read_text().splitlines()]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                                      {"role": "assistant", "content": r["output"]}]}) + "\n"
+                             for r in rows[:64]))
+    cfg = lora_config(tmp_path / "run")
+    cfg.train.max_steps = 2
+    for split in ("train", "validation"):
+        cfg.data[split].update(kind="chat", path=str(chats), chat_template=CHAT_TEMPLATE)
+    base = resolve_path("embedded:tiny-llama")
+    assert transformers.AutoTokenizer.from_pretrained(base).chat_template is None
+    run(cfg)
+    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--merge-lora"]) == 0
+    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "adapter")]) == 0
+    for export in ("run/export", "adapter", "merged"):
+        assert transformers.AutoTokenizer.from_pretrained(tmp_path / export).chat_template == CHAT_TEMPLATE, export
+    capsys.readouterr()
+    replies = []
+    for model in (["--model", str(tmp_path / "merged")], ["--model", base, "--adapter", str(tmp_path / "run/export")]):
+        assert generate_main([*model, "--prompt", "caps hello", "--chat", "--max-new-tokens", "4"]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0].startswith("[user] caps hello\n[assistant] ") and replies[0] == replies[1], replies
 
 
 def wrong_modes(root: Path, umask: int) -> list[tuple[str, str]]:

@@ -41,8 +41,9 @@ HF_KEY_ALIASES = {"gemma3": ((r"^model\.language_model\.", "language_model.model
                              (r"^vision_tower\.vision_model\.", "vision_tower."))}
 # Buffers that old HF checkpoints carry but that are recomputed, never learned.
 IGNORED_HF_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+                   "added_tokens.json", "vocab.json", "merges.txt", CHAT_TEMPLATE_FILE, "chat_template.json")
 # A VLM's processor (image processor settings, processor class and options); copied with the tokenizer files.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
@@ -246,8 +247,9 @@ def commit_output_dir(tmp: Path, out_dir) -> None:
 
 
 def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_shard_size: int | str = "5GB",
-                    params: dict | None = None) -> None:
-    """Write `model` (or `params`, a {path: array} override such as merged LoRA weights) as an HF checkpoint.
+                    params: dict | None = None, chat_template: str | None = None) -> None:
+    """Write `model` (or `params`, a {path: array} override such as merged LoRA weights) as an HF checkpoint, with
+    the source's tokenizer files (`chat_template` replacing theirs: see copy_tokenizer_files).
 
     Tensors are gathered one at a time; only process 0 writes; dtypes follow the source checkpoint when known.
     """
@@ -292,7 +294,7 @@ def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_sh
                 weight_map[e[0]] = fname
                 total += int(np.prod(e[1])) * e[2].itemsize
         if primary:
-            _write_metadata(model, tmp, weight_map, total, len(shards))
+            _write_metadata(model, tmp, weight_map, total, len(shards), chat_template)
             commit_output_dir(tmp, out_dir)
     except BaseException:
         if tmp is not None:
@@ -300,7 +302,8 @@ def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_sh
         raise
 
 
-def _write_metadata(model: CausalLM, out: Path, weight_map: dict, total: int, n_shards: int) -> None:
+def _write_metadata(model: CausalLM, out: Path, weight_map: dict, total: int, n_shards: int,
+                    chat_template: str | None) -> None:
     if n_shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -317,13 +320,25 @@ def _write_metadata(model: CausalLM, out: Path, weight_map: dict, total: int, n_
         text = config.get("text_config") or {}  # a VLM keeps its special token ids there
         ids = {k: config[k] if k in config else text[k] for k in keys if k in config or k in text}
         (out / "generation_config.json").write_text(json.dumps(ids) + "\n")
-    copy_tokenizer_files(source, out)
+    copy_tokenizer_files(source, out, chat_template)
 
 
-def copy_tokenizer_files(source: Path | None, out: Path) -> list[str]:
+def copy_tokenizer_files(source: Path | None, out: Path, chat_template: str | None = None) -> list[str]:
     """Copy the tokenizer, chat template and (VLM) processor files that `source` has into `out`; returns their names.
-    A None source (a model built from a config) copies nothing."""
+    A None source (a model built from a config) copies nothing.
+
+    `chat_template` (the one a run trained with, if it replaced the tokenizer's) becomes the exported tokenizer's:
+    written to chat_template.jinja, which transformers reads before tokenizer_config.json's `chat_template`, and
+    put in that key too where the source has it (older readers), so the two never disagree."""
     copied = [name for name in TOKENIZER_FILES + PROCESSOR_FILES if source is not None and (source / name).is_file()]
     for name in copied:
         shutil.copyfile(source / name, out / name)
+    if chat_template is not None:
+        (out / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+        config_file = out / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        if "chat_template" in config:
+            config["chat_template"] = chat_template
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        copied = sorted({*copied, CHAT_TEMPLATE_FILE})
     return copied

@@ -137,3 +137,23 @@ def test_export_refuses_non_empty_dir_unless_overwrite(hf_llama_factory, tmp_pat
     save_pretrained(model, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_given_chat_template_replaces_the_sources_in_the_export(assets, tmp_path, legacy):
+    """chat_template.jinja (read first by transformers) and, where the source keeps one there, tokenizer_config.json's
+    `chat_template` (older readers) both become the given template."""
+    source = tmp_path / "source"
+    shutil.copytree(STORIES, source)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    if legacy:
+        (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 'old' }}"}))
+    else:
+        (source / "chat_template.jinja").write_text("{{ 'old' }}")
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    save_pretrained(AutoModelForCausalLM.from_pretrained(source), tmp_path / "out", chat_template=template)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == template
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()).get("chat_template") == (
+        template if legacy else None)
+    save_pretrained(AutoModelForCausalLM.from_pretrained(source), tmp_path / "kept")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "kept").chat_template == "{{ 'old' }}"

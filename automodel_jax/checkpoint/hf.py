@@ -5,7 +5,9 @@ transposed; `embedding` and `scale` are HF's `weight` as they are; `bias` is `bi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import re
 import secrets
@@ -23,6 +25,8 @@ from automodel_jax.checkpoint.safetensors_io import (DTYPES, CheckpointError, Sa
 from automodel_jax.models.params import flatten, path_str, pure_dict, unflatten
 from automodel_jax.models.base import CausalLM, HFSource, family_config
 from automodel_jax.parallel.sharding import DEFAULT_RULES, make_mesh, param_shardings
+
+log = logging.getLogger("automodel_jax.checkpoint")
 
 LEAF_TO_HF = {"kernel": ("weight", True), "embedding": ("weight", False), "scale": ("weight", False),
               "bias": ("bias", False)}
@@ -138,6 +142,64 @@ def _to_param(x, *, transpose, dtype, sharding):
     return jax.lax.with_sharding_constraint((x.T if transpose else x).astype(dtype), sharding)
 
 
+def _is_head(name: str) -> bool:
+    """Whether `name` is an output head's weight (`lm_head.weight`, a VLM's `language_model.lm_head.weight`)."""
+    return name == "lm_head.weight" or name.endswith(".lm_head.weight")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _untie_stored_head(directory: Path, tensors: CheckpointTensors, on_disk: dict) -> bool:
+    """For a config that ties the output head to the input embedding, settle a stored head as transformers does:
+    the only one of the pair stored -> it is the shared weight; equal to the embedding -> tied (nothing is lost);
+    different -> untied, with a warning naming both (True). Edits `on_disk` ({our name: stored name}) to match."""
+    head = next((n for n in on_disk if _is_head(n)), None)
+    if head is None:
+        return False
+    embed = head[:-len("lm_head.weight")] + "model.embed_tokens.weight"
+    if embed not in on_disk:
+        on_disk[embed] = on_disk.pop(head)
+        return False
+    a, b = tensors.get(on_disk[head])[0], tensors.get(on_disk[embed])[0]
+    if a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8)):
+        del on_disk[head]
+        return False
+    log.warning("%s: config.json ties %s to %s (tie_word_embeddings), but the checkpoint stores both with different "
+                "values; they are loaded untied, as transformers does. Set tie_word_embeddings=false in config.json "
+                "to silence this warning", directory, on_disk[head], on_disk[embed])
+    return True
+
+
+def _untied_config(hf_config: dict) -> dict:
+    """`hf_config` with tie_word_embeddings false (top level, and in text_config where a VLM keeps it)."""
+    untied = {**hf_config, "tie_word_embeddings": False}
+    if "tie_word_embeddings" in (hf_config.get("text_config") or {}):
+        untied["text_config"] = {**hf_config["text_config"], "tie_word_embeddings": False}
+    return untied
+
+
+def _check_tensor_names(directory: Path, model_class: str, expected: set, on_disk: dict) -> None:
+    """CheckpointError naming the tensors the model needs but the checkpoint lacks, or the checkpoint has but the
+    model lacks: transformers would initialise the first randomly and drop the second, with a warning."""
+    missing = sorted(expected - set(on_disk))
+    if len(missing) == 1 and _is_head(missing[0]):
+        raise CheckpointError(f"{directory}: config.json has tie_word_embeddings=false but the checkpoint has no "
+                              f"{missing[0]} (transformers would initialise it randomly); set tie_word_embeddings="
+                              f"true in config.json if the output head is the input embedding, or use the complete "
+                              f"checkpoint")
+    if missing:
+        raise CheckpointError(f"{directory}: the checkpoint lacks {len(missing)} tensor(s) that the {model_class} of "
+                              f"its config.json needs: {_names(missing)} (transformers would initialise them "
+                              f"randomly); use the complete checkpoint, or the config.json it was saved with")
+    unexpected = sorted(on_disk[n] for n in on_disk if n not in expected)
+    if unexpected:
+        raise CheckpointError(f"{directory}: the checkpoint has {len(unexpected)} tensor(s) that the {model_class} of "
+                              f"its config.json does not: {_names(unexpected)} (transformers would drop them); use "
+                              f"the config.json the checkpoint was saved with, or a checkpoint without them")
+
+
 def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None, rules=DEFAULT_RULES,
                     model_overrides: dict | None = None) -> CausalLM:
     """Build the model for `path`'s config and stream its safetensors onto the mesh (one device when mesh is None).
@@ -149,21 +211,15 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
     hf_config = read_hf_config(directory)
     cls, cfg = family_config(hf_config, str(directory / "config.json"), model_overrides)
     tensors = CheckpointTensors(directory)
+    on_disk = {our_key(n, hf_config.get("model_type")): n for n in tensors.names()}
+    if cfg.tie_word_embeddings and _untie_stored_head(directory, tensors, on_disk):
+        cfg, hf_config = dataclasses.replace(cfg, tie_word_embeddings=False), _untied_config(hf_config)
     mesh = mesh or make_mesh()
     abstract, graphdef, shapes = _abstract_model(cls, cfg, dtype, param_dtype)
     shardings = param_shardings(abstract, {p: s for p, (s, _) in shapes.items()}, mesh, rules)
     expected = {hf_name(p)[0]: p for p in shapes}
-    on_disk = {our_key(n, hf_config.get("model_type")): n for n in tensors.names()}
-    missing = sorted(set(expected) - set(on_disk))
-    if missing:
-        raise CheckpointError(f"{directory}: tensor {missing[0]} is missing from the checkpoint "
-                              f"({len(missing)} missing); is this checkpoint for this config.json?")
-    unexpected = sorted(on_disk[n] for n in on_disk if n not in expected and not IGNORED_HF_KEYS.match(n)
-                        and not ((n == "lm_head.weight" or n.endswith(".lm_head.weight"))
-                                 and cfg.tie_word_embeddings))
-    if unexpected:
-        raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all) that this "
-                              f"{cls.__name__} does not have; does config.json match the weights?")
+    _check_tensor_names(directory, cls.__name__, set(expected),
+                        {n: on_disk[n] for n in on_disk if not IGNORED_HF_KEYS.match(n)})
     def settle(entry):
         if entry is not None:
             entry[1].block_until_ready()

@@ -117,7 +117,13 @@ class CheckpointTensors:
                     if pickles else "no model.safetensors or model.safetensors.index.json")
             raise CheckpointError(f"{directory}: {hint}")
         self.files = {name: SafetensorsFile(directory / name) for name in files}
-        self.where = {key: f for f in self.files.values() for key in f.keys()}
+        self.where = {}
+        for f in self.files.values():
+            for key in f.keys():
+                if key in self.where:
+                    raise CheckpointError(f"{directory}: tensor {key} is stored in both {self.where[key].path.name} "
+                                          f"and {f.path.name}, so which one is meant is unclear; keep it in one shard")
+                self.where[key] = f
 
     def names(self):
         return self.where.keys()

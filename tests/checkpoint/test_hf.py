@@ -229,3 +229,16 @@ def test_tensors_that_transformers_would_invent_or_drop_are_a_clear_error(hf_lla
     with pytest.raises(CheckpointError, match=match) as error:
         AutoModelForCausalLM.from_pretrained(path)
     assert "\n" not in str(error.value)
+
+
+def test_a_tensor_stored_in_two_shards_is_a_clear_error(hf_llama_factory):
+    """transformers silently keeps one of the two (the later shard's); which was meant is unknowable, so refuse."""
+    from safetensors.numpy import load_file, save_file
+    _, path = hf_llama_factory(max_shard_size="20KB")
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    other = max(set(weight_map.values()) - {weight_map[name]})
+    tensors = load_file(path / other)
+    save_file({**tensors, name: np.ones((80, 48), np.float32)}, path / other, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor {name} is stored in both {weight_map[name]} and {other}"):
+        AutoModelForCausalLM.from_pretrained(path)

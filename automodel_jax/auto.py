@@ -104,14 +104,17 @@ def find_checkpoint_dir(path) -> Path | str:
 
 def load_for_inference(model_path, adapter=None, *, dtype: str = "float32", mesh=None):
     """(model, tokenizer) from an HF checkpoint or run directory, with an optional PEFT adapter put into it; the
-    parameters, adapter included, are sharded over `mesh` (None = one device)."""
+    parameters, adapter included, are sharded over `mesh` (None = one device). The tokenizer is the adapter's when it
+    has one (ours carry the chat template they were trained with), else the model's."""
     directory = find_checkpoint_dir(model_path)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, mesh=mesh)
+    source = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() \
+        else model.hf_source.directory
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model.hf_source.directory)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{model.hf_source.directory}: no usable tokenizer ({type(e).__name__}); the "
-                                "checkpoint directory needs its tokenizer files (tokenizer.json or tokenizer.model)")
+        raise FileNotFoundError(f"{source}: no usable tokenizer ({type(e).__name__}); the checkpoint directory "
+                                "needs its tokenizer files (tokenizer.json or tokenizer.model)")
     if adapter is not None:
         load_peft_adapter(model, adapter)
     return model, tokenizer

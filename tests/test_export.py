@@ -2,6 +2,8 @@
 checkpoints as a PEFT adapter or a merged model that transformers and peft load with the trained model's logits."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import torch
 from automodel_jax.checkpoint.safetensors_io import CheckpointError
 from automodel_jax.config import ConfigError, load_config_file
 from automodel_jax.cli.export import main as export_main
+from automodel_jax.cli.generate import main as generate_main
 from automodel_jax.recipes.llm.finetune import resolve_path, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +90,55 @@ def test_the_cli_exports_checkpoints_as_adapters_or_merged_models(trained, tmp_p
     assert files(merged) == files(run_dir / "export")
     assert export_main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "checkpoint " + str(tmp_path / "nowhere") + " does not exist" in capsys.readouterr().err
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def test_the_training_chat_template_travels_with_every_export(tmp_path, capsys):
+    import transformers
+    rows = [json.loads(line) for line in Path(resolve_path("embedded:word-tasks/train")).read_text().splitlines()]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                                      {"role": "assistant", "content": r["output"]}]}) + "\n"
+                             for r in rows[:64]))
+    cfg = lora_config(tmp_path / "run")
+    cfg.train.max_steps = 2
+    for split in ("train", "validation"):
+        cfg.data[split].update(kind="chat", path=str(chats), chat_template=CHAT_TEMPLATE)
+    base = resolve_path("embedded:tiny-llama")
+    assert transformers.AutoTokenizer.from_pretrained(base).chat_template is None
+    run(cfg)
+    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--merge-lora"]) == 0
+    assert export_main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "adapter")]) == 0
+    for export in ("run/export", "adapter", "merged"):
+        assert transformers.AutoTokenizer.from_pretrained(tmp_path / export).chat_template == CHAT_TEMPLATE, export
+    capsys.readouterr()
+    replies = []
+    for model in (["--model", str(tmp_path / "merged")], ["--model", base, "--adapter", str(tmp_path / "run/export")]):
+        assert generate_main([*model, "--prompt", "caps hello", "--chat", "--max-new-tokens", "4"]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0].startswith("[user] caps hello\n[assistant] ") and replies[0] == replies[1], replies
+
+
+def wrong_modes(root: Path, umask: int) -> list[tuple[str, str]]:
+    """Paths under `root` whose mode is not the umask's default (0777 / 0666 less the umask), as transformers'."""
+    want = {True: 0o777 & ~umask, False: 0o666 & ~umask}
+    return [(str(p.relative_to(root.parent)), oct(p.stat().st_mode & 0o777)) for p in [root, *root.rglob("*")]
+            if p.stat().st_mode & 0o777 != want[p.is_dir()]]
+
+
+def test_run_dirs_and_exports_have_the_umask_default_modes(trained, tmp_path):
+    run_dir, _ = trained
+    umask = os.umask(0o027)
+    try:
+        assert not wrong_modes(run_dir, umask)  # the fixture ran under the umask it restores here
+        for name, args in [("adapter", []), ("merged", ["--merge-lora"])]:
+            assert export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / name), *args]) == 0
+            assert not wrong_modes(tmp_path / name, 0o027), name
+    finally:
+        os.umask(umask)
 
 
 def test_the_recipe_checks_export_and_checkpoint_settings_before_training(trained, tmp_path):

@@ -41,21 +41,26 @@ def export_dir(cfg) -> Path | None:
 
 
 def export_model(model: nnx.Module, out_dir, *, base_model_name_or_path: str, merge_lora: bool = False,
-                 overwrite: bool = False, max_shard_size: int | str = "5GB") -> Path:
-    """A PEFT adapter (LoRA, unmerged) or an HF checkpoint (full model, or LoRA merged into the base)."""
+                 overwrite: bool = False, max_shard_size: int | str = "5GB", chat_template: str | None = None) -> Path:
+    """A PEFT adapter (LoRA, unmerged) or an HF checkpoint (full model, or LoRA merged into the base); either has the
+    base's tokenizer files, with `chat_template` (the one training used, if it replaced the tokenizer's) as theirs."""
     if adapters(model) and not merge_lora:
-        return save_peft_adapter(model, out_dir, base_model_name_or_path, overwrite=overwrite)
+        return save_peft_adapter(model, out_dir, base_model_name_or_path, overwrite=overwrite,
+                                 chat_template=chat_template)
     params = flatten(pure_dict(model, nnx.Param))
     params.update(merged_kernels(model))
-    save_pretrained(model, out_dir, overwrite=overwrite, max_shard_size=max_shard_size, params=params)
+    save_pretrained(model, out_dir, overwrite=overwrite, max_shard_size=max_shard_size, params=params,
+                    chat_template=chat_template)
     return Path(out_dir)
 
 
 def export_checkpoint(checkpoint, out_dir, *, merge_lora: bool = False, overwrite: bool = False,
                       max_shard_size: int | str = "5GB", mesh=None) -> Path:
-    """Export an Orbax checkpoint (a run directory's latest, or a step directory) as `export_model` does."""
+    """Export an Orbax checkpoint (a run directory's latest, or a step directory) as `export_model` does, with the
+    chat template its run trained with (recorded in the checkpoint's meta)."""
     refuse_non_empty(out_dir, overwrite, "choose another directory or pass --overwrite to replace it",
                      what="export directory")
     model, meta = load_checkpoint_model(checkpoint, mesh=mesh)
     return export_model(model, out_dir, base_model_name_or_path=meta["model_path"],
-                        merge_lora=merge_lora, overwrite=overwrite, max_shard_size=max_shard_size)
+                        merge_lora=merge_lora, overwrite=overwrite, max_shard_size=max_shard_size,
+                        chat_template=meta.get("chat_template"))

@@ -5,11 +5,13 @@ transposed; `embedding` and `scale` are HF's `weight` as they are; `bias` is `bi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -23,6 +25,8 @@ from automodel_jax.checkpoint.safetensors_io import (DTYPES, CheckpointError, Sa
 from automodel_jax.models.params import flatten, path_str, pure_dict, unflatten
 from automodel_jax.models.base import CausalLM, HFSource, family_config
 from automodel_jax.parallel.sharding import DEFAULT_RULES, make_mesh, param_shardings
+
+log = logging.getLogger("automodel_jax.checkpoint")
 
 LEAF_TO_HF = {"kernel": ("weight", True), "embedding": ("weight", False), "scale": ("weight", False),
               "bias": ("bias", False)}
@@ -41,8 +45,9 @@ HF_KEY_ALIASES = {"gemma3": ((r"^model\.language_model\.", "language_model.model
                              (r"^vision_tower\.vision_model\.", "vision_tower."))}
 # Buffers that old HF checkpoints carry but that are recomputed, never learned.
 IGNORED_HF_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+                   "added_tokens.json", "vocab.json", "merges.txt", CHAT_TEMPLATE_FILE, "chat_template.json")
 # A VLM's processor (image processor settings, processor class and options); copied with the tokenizer files.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
@@ -112,7 +117,13 @@ class CheckpointTensors:
                     if pickles else "no model.safetensors or model.safetensors.index.json")
             raise CheckpointError(f"{directory}: {hint}")
         self.files = {name: SafetensorsFile(directory / name) for name in files}
-        self.where = {key: f for f in self.files.values() for key in f.keys()}
+        self.where = {}
+        for f in self.files.values():
+            for key in f.keys():
+                if key in self.where:
+                    raise CheckpointError(f"{directory}: tensor {key} is stored in both {self.where[key].path.name} "
+                                          f"and {f.path.name}, so which one is meant is unclear; keep it in one shard")
+                self.where[key] = f
 
     def names(self):
         return self.where.keys()
@@ -137,6 +148,64 @@ def _to_param(x, *, transpose, dtype, sharding):
     return jax.lax.with_sharding_constraint((x.T if transpose else x).astype(dtype), sharding)
 
 
+def _is_head(name: str) -> bool:
+    """Whether `name` is an output head's weight (`lm_head.weight`, a VLM's `language_model.lm_head.weight`)."""
+    return name == "lm_head.weight" or name.endswith(".lm_head.weight")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _untie_stored_head(directory: Path, tensors: CheckpointTensors, on_disk: dict) -> bool:
+    """For a config that ties the output head to the input embedding, settle a stored head as transformers does:
+    the only one of the pair stored -> it is the shared weight; equal to the embedding -> tied (nothing is lost);
+    different -> untied, with a warning naming both (True). Edits `on_disk` ({our name: stored name}) to match."""
+    head = next((n for n in on_disk if _is_head(n)), None)
+    if head is None:
+        return False
+    embed = head[:-len("lm_head.weight")] + "model.embed_tokens.weight"
+    if embed not in on_disk:
+        on_disk[embed] = on_disk.pop(head)
+        return False
+    a, b = tensors.get(on_disk[head])[0], tensors.get(on_disk[embed])[0]
+    if a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8)):
+        del on_disk[head]
+        return False
+    log.warning("%s: config.json ties %s to %s (tie_word_embeddings), but the checkpoint stores both with different "
+                "values; they are loaded untied, as transformers does. Set tie_word_embeddings=false in config.json "
+                "to silence this warning", directory, on_disk[head], on_disk[embed])
+    return True
+
+
+def _untied_config(hf_config: dict) -> dict:
+    """`hf_config` with tie_word_embeddings false (top level, and in text_config where a VLM keeps it)."""
+    untied = {**hf_config, "tie_word_embeddings": False}
+    if "tie_word_embeddings" in (hf_config.get("text_config") or {}):
+        untied["text_config"] = {**hf_config["text_config"], "tie_word_embeddings": False}
+    return untied
+
+
+def _check_tensor_names(directory: Path, model_class: str, expected: set, on_disk: dict) -> None:
+    """CheckpointError naming the tensors the model needs but the checkpoint lacks, or the checkpoint has but the
+    model lacks: transformers would initialise the first randomly and drop the second, with a warning."""
+    missing = sorted(expected - set(on_disk))
+    if len(missing) == 1 and _is_head(missing[0]):
+        raise CheckpointError(f"{directory}: config.json has tie_word_embeddings=false but the checkpoint has no "
+                              f"{missing[0]} (transformers would initialise it randomly); set tie_word_embeddings="
+                              f"true in config.json if the output head is the input embedding, or use the complete "
+                              f"checkpoint")
+    if missing:
+        raise CheckpointError(f"{directory}: the checkpoint lacks {len(missing)} tensor(s) that the {model_class} of "
+                              f"its config.json needs: {_names(missing)} (transformers would initialise them "
+                              f"randomly); use the complete checkpoint, or the config.json it was saved with")
+    unexpected = sorted(on_disk[n] for n in on_disk if n not in expected)
+    if unexpected:
+        raise CheckpointError(f"{directory}: the checkpoint has {len(unexpected)} tensor(s) that the {model_class} of "
+                              f"its config.json does not: {_names(unexpected)} (transformers would drop them); use "
+                              f"the config.json the checkpoint was saved with, or a checkpoint without them")
+
+
 def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None, rules=DEFAULT_RULES,
                     model_overrides: dict | None = None) -> CausalLM:
     """Build the model for `path`'s config and stream its safetensors onto the mesh (one device when mesh is None).
@@ -148,21 +217,15 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
     hf_config = read_hf_config(directory)
     cls, cfg = family_config(hf_config, str(directory / "config.json"), model_overrides)
     tensors = CheckpointTensors(directory)
+    on_disk = {our_key(n, hf_config.get("model_type")): n for n in tensors.names()}
+    if cfg.tie_word_embeddings and _untie_stored_head(directory, tensors, on_disk):
+        cfg, hf_config = dataclasses.replace(cfg, tie_word_embeddings=False), _untied_config(hf_config)
     mesh = mesh or make_mesh()
     abstract, graphdef, shapes = _abstract_model(cls, cfg, dtype, param_dtype)
     shardings = param_shardings(abstract, {p: s for p, (s, _) in shapes.items()}, mesh, rules)
     expected = {hf_name(p)[0]: p for p in shapes}
-    on_disk = {our_key(n, hf_config.get("model_type")): n for n in tensors.names()}
-    missing = sorted(set(expected) - set(on_disk))
-    if missing:
-        raise CheckpointError(f"{directory}: tensor {missing[0]} is missing from the checkpoint "
-                              f"({len(missing)} missing); is this checkpoint for this config.json?")
-    unexpected = sorted(on_disk[n] for n in on_disk if n not in expected and not IGNORED_HF_KEYS.match(n)
-                        and not ((n == "lm_head.weight" or n.endswith(".lm_head.weight"))
-                                 and cfg.tie_word_embeddings))
-    if unexpected:
-        raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all) that this "
-                              f"{cls.__name__} does not have; does config.json match the weights?")
+    _check_tensor_names(directory, cls.__name__, set(expected),
+                        {n: on_disk[n] for n in on_disk if not IGNORED_HF_KEYS.match(n)})
     def settle(entry):
         if entry is not None:
             entry[1].block_until_ready()
@@ -223,10 +286,18 @@ def refuse_non_empty(out_dir, overwrite: bool,
 
 
 def prepare_output_dir(out_dir, overwrite: bool) -> Path:
-    """Refuse a non-empty directory unless overwrite; return a fresh temporary sibling to write into."""
+    """Refuse a non-empty directory unless overwrite; return a fresh temporary sibling to write into. It is made
+    with the umask's default mode (as transformers' directories are), not tempfile's private 0700, because it is
+    renamed into the output that servers running as other users read."""
     out = refuse_non_empty(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    while True:
+        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def commit_output_dir(tmp: Path, out_dir) -> None:
@@ -238,8 +309,9 @@ def commit_output_dir(tmp: Path, out_dir) -> None:
 
 
 def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_shard_size: int | str = "5GB",
-                    params: dict | None = None) -> None:
-    """Write `model` (or `params`, a {path: array} override such as merged LoRA weights) as an HF checkpoint.
+                    params: dict | None = None, chat_template: str | None = None) -> None:
+    """Write `model` (or `params`, a {path: array} override such as merged LoRA weights) as an HF checkpoint, with
+    the source's tokenizer files (`chat_template` replacing theirs: see copy_tokenizer_files).
 
     Tensors are gathered one at a time; only process 0 writes; dtypes follow the source checkpoint when known.
     """
@@ -284,7 +356,7 @@ def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_sh
                 weight_map[e[0]] = fname
                 total += int(np.prod(e[1])) * e[2].itemsize
         if primary:
-            _write_metadata(model, tmp, weight_map, total, len(shards))
+            _write_metadata(model, tmp, weight_map, total, len(shards), chat_template)
             commit_output_dir(tmp, out_dir)
     except BaseException:
         if tmp is not None:
@@ -292,7 +364,8 @@ def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_sh
         raise
 
 
-def _write_metadata(model: CausalLM, out: Path, weight_map: dict, total: int, n_shards: int) -> None:
+def _write_metadata(model: CausalLM, out: Path, weight_map: dict, total: int, n_shards: int,
+                    chat_template: str | None) -> None:
     if n_shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -309,13 +382,25 @@ def _write_metadata(model: CausalLM, out: Path, weight_map: dict, total: int, n_
         text = config.get("text_config") or {}  # a VLM keeps its special token ids there
         ids = {k: config[k] if k in config else text[k] for k in keys if k in config or k in text}
         (out / "generation_config.json").write_text(json.dumps(ids) + "\n")
-    copy_tokenizer_files(source, out)
+    copy_tokenizer_files(source, out, chat_template)
 
 
-def copy_tokenizer_files(source: Path | None, out: Path) -> list[str]:
+def copy_tokenizer_files(source: Path | None, out: Path, chat_template: str | None = None) -> list[str]:
     """Copy the tokenizer, chat template and (VLM) processor files that `source` has into `out`; returns their names.
-    A None source (a model built from a config) copies nothing."""
+    A None source (a model built from a config) copies nothing.
+
+    `chat_template` (the one a run trained with, if it replaced the tokenizer's) becomes the exported tokenizer's:
+    written to chat_template.jinja, which transformers reads before tokenizer_config.json's `chat_template`, and
+    put in that key too where the source has it (older readers), so the two never disagree."""
     copied = [name for name in TOKENIZER_FILES + PROCESSOR_FILES if source is not None and (source / name).is_file()]
     for name in copied:
         shutil.copyfile(source / name, out / name)
+    if chat_template is not None:
+        (out / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+        config_file = out / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        if "chat_template" in config:
+            config["chat_template"] = chat_template
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        copied = sorted({*copied, CHAT_TEMPLATE_FILE})
     return copied

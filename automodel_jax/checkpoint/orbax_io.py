@@ -6,7 +6,8 @@ A checkpoint is a step directory RUN_DIR/checkpoints/STEP holding the items
   data    the data loader's position (JSON),
   config  the run's resolved config (JSON),
   meta    what the parameters belong to (JSON): the base model's HF config and tensor dtypes, its path, the LoRA
-          settings. Checked on restore, so a checkpoint of another model or LoRA shape fails with a clear message.
+          settings, the chat template training used in place of the tokenizer's (None: the tokenizer's; exports
+          write it into their tokenizer files). Checked on restore, so a checkpoint of another model or LoRA shape fails with a clear message.
 The frozen base weights are never saved (they come from the HF checkpoint). Orbax writes STEP.orbax-checkpoint-tmp and
 renames it when complete, so an interrupted save is never taken for a step (and is deleted on the next start).
 Parameter checkpoints (converters/hf_to_orbax.py) hold only params and meta.
@@ -30,6 +31,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy
 from automodel_jax.checkpoint.hf import commit_output_dir, load_pretrained, prepare_output_dir
 from automodel_jax.checkpoint.safetensors_io import CheckpointError
 from automodel_jax.config import ConfigError
+from automodel_jax.data.builders import training_chat_template
 from automodel_jax.models.base import HFSource, build_model
 from automodel_jax.parallel.sharding import tree_shardings
 from automodel_jax.peft.lora import adapters, apply_lora, lora_settings, split_model
@@ -164,7 +166,8 @@ class TrainCheckpoints:
                 raise ConfigError(f"checkpoint.{key} must be >= {low}, got {ck[key]}")
         self.every, self.total_steps, self.config = ck.every_steps, total_steps, cfg.to_dict()
         self.directory = Path(cfg.run_dir).absolute() / CHECKPOINT_DIR
-        self.meta = model_meta(model, cfg.model.path if model_path is None else model_path)
+        self.meta = {**model_meta(model, cfg.model.path if model_path is None else model_path),
+                     "chat_template": training_chat_template(cfg.data)}
         self.manager = _manager(self.directory, keep=ck.keep, keep_best=ck.keep_best,
                                 async_save=ck.async_save) if ck.enabled else None
         self._pending = None

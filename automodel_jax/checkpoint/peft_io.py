@@ -77,9 +77,10 @@ def from_peft_name(module: str, model_type: str | None) -> str:
     return _rename(module, [(t, s) for s, t in PEFT_MODULE_NAMES.get(model_type, ())])
 
 
-def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, overwrite: bool = False) -> Path:
+def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, overwrite: bool = False,
+                      chat_template: str | None = None) -> Path:
     """Write the model's LoRA adapters as a PEFT adapter directory (with the base model's tokenizer and processor
-    files). Module names are PEFT's (`to_peft_name`); ValueError for an adapter PEFT cannot hold (see NOT_PEFT_LINEAR).
+    files, `chat_template` replacing theirs: see hf.copy_tokenizer_files). Module names are PEFT's (`to_peft_name`); ValueError for an adapter PEFT cannot hold (see NOT_PEFT_LINEAR).
 
     Atomic (a temporary sibling renamed when complete); a non-empty out_dir is refused unless overwrite. Every
     process must call it (adapters are gathered); process 0 writes.
@@ -108,7 +109,8 @@ def save_peft_adapter(model: nnx.Module, out_dir, base_model_name_or_path: str, 
                       target_modules=sorted(map(name, settings["targets"])), bias="none", use_dora=False, use_rslora=False,
                       fan_in_fan_out=False, modules_to_save=None, inference_mode=True, init_lora_weights=True)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        copy_tokenizer_files(Path(model.hf_source.directory) if model.hf_source.directory else None, tmp)
+        copy_tokenizer_files(Path(model.hf_source.directory) if model.hf_source.directory else None, tmp,
+                             chat_template)
         commit_output_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -137,6 +137,13 @@ def build_chat(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDatase
     return fit_samples(cfg.path, encoded, seq_len, truncation)
 
 
+def training_chat_template(data_cfg) -> str | None:
+    """The chat template a run trains with in place of its tokenizer's (data.train.chat_template of a chat dataset),
+    else None. Exports write it into their tokenizer files, so serving uses the prompt format of training."""
+    train = data_cfg.train
+    return train.get("chat_template") if train.get("kind") == "chat" else None
+
+
 def build_mock(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDataset:
     """Seeded uniform random tokens, full rows of seq_len with loss everywhere: for throughput benchmarks."""
     vocab_size = cfg.vocab_size or len(tokenizer)

@@ -137,3 +137,108 @@ def test_export_refuses_non_empty_dir_unless_overwrite(hf_llama_factory, tmp_pat
     save_pretrained(model, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_given_chat_template_replaces_the_sources_in_the_export(assets, tmp_path, legacy):
+    """chat_template.jinja (read first by transformers) and, where the source keeps one there, tokenizer_config.json's
+    `chat_template` (older readers) both become the given template."""
+    source = tmp_path / "source"
+    shutil.copytree(STORIES, source)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    if legacy:
+        (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 'old' }}"}))
+    else:
+        (source / "chat_template.jinja").write_text("{{ 'old' }}")
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    save_pretrained(AutoModelForCausalLM.from_pretrained(source), tmp_path / "out", chat_template=template)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == template
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()).get("chat_template") == (
+        template if legacy else None)
+    save_pretrained(AutoModelForCausalLM.from_pretrained(source), tmp_path / "kept")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "kept").chat_template == "{{ 'old' }}"
+
+
+IDS = np.random.default_rng(1).integers(0, 101, size=(2, 9))
+
+
+def _doctor(path, tie: bool, edit) -> None:
+    """Set config.json's tie_word_embeddings and edit the stored tensors ({name: array}) in place."""
+    from safetensors.numpy import load_file, save_file
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": tie}))
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _same_logits_as_transformers(path):
+    """Our model of `path`, after checking its logits equal transformers' (which loads it with its own rules)."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(IDS)).logits.numpy()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS))), ref, atol=1e-5, rtol=1e-5)
+    return model
+
+
+def test_a_tied_config_with_a_different_stored_head_loads_untied_with_a_warning(hf_llama_factory, tmp_path, caplog):
+    _, path = hf_llama_factory()
+    _doctor(path, True, lambda t: None)
+    model = _same_logits_as_transformers(path)
+    assert not model.config.tie_word_embeddings
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "lm_head.weight" in warning and "model.embed_tokens.weight" in warning and "tie_word_embeddings=false" \
+        in warning
+    save_pretrained(model, tmp_path / "out")  # the export says what it is: untied, both tensors stored
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    caplog.clear()
+    _same_logits_as_transformers(tmp_path / "out")
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("stored", ["equal_head", "head_only"])
+def test_a_tied_config_ties_a_stored_head_equal_to_the_embedding_or_stored_alone(hf_llama_factory, caplog, stored):
+    def edit(t):
+        if stored == "equal_head":
+            t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+        else:
+            del t["model.embed_tokens.weight"]
+    _, path = hf_llama_factory()
+    _doctor(path, True, edit)
+    assert _same_logits_as_transformers(path).config.tie_word_embeddings
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("tie, edit, kind, match", [
+    (False, lambda t: t.pop("lm_head.weight"), "missing_keys",
+     r"tie_word_embeddings=false but the checkpoint has no lm_head\.weight .*set tie_word_embeddings=true"),
+    (False, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "missing_keys",
+     r"lacks 1 tensor\(s\) .*: model\.layers\.1\.mlp\.up_proj\.weight \(transformers would initialise"),
+    (False, lambda t: t.update({f"model.extra.{i}.weight": np.ones((3, 3), np.float32) for i in range(5)}),
+     "unexpected_keys", r"has 5 tensor\(s\) .*: model\.extra\.0\.weight, model\.extra\.1\.weight, "
+                        r"model\.extra\.2\.weight and 2 more \(transformers would drop them\)"),
+    (True, lambda t: [t.pop("model.embed_tokens.weight"), t.pop("lm_head.weight")], "missing_keys",
+     r"lacks 1 tensor\(s\) .*: model\.embed_tokens\.weight"),
+], ids=["untied_without_head", "missing_layer_weight", "extra_tensors", "tied_without_either"])
+def test_tensors_that_transformers_would_invent_or_drop_are_a_clear_error(hf_llama_factory, tie, edit, kind, match):
+    _, path = hf_llama_factory()
+    _doctor(path, tie, edit)
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert info[kind], info  # transformers loads it anyway: randomly initialised or dropped tensors
+    with pytest.raises(CheckpointError, match=match) as error:
+        AutoModelForCausalLM.from_pretrained(path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_tensor_stored_in_two_shards_is_a_clear_error(hf_llama_factory):
+    """transformers silently keeps one of the two (the later shard's); which was meant is unknowable, so refuse."""
+    from safetensors.numpy import load_file, save_file
+    _, path = hf_llama_factory(max_shard_size="20KB")
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    other = max(set(weight_map.values()) - {weight_map[name]})
+    tensors = load_file(path / other)
+    save_file({**tensors, name: np.ones((80, 48), np.float32)}, path / other, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor {name} is stored in both {weight_map[name]} and {other}"):
+        AutoModelForCausalLM.from_pretrained(path)

@@ -344,3 +344,20 @@ def test_per_row_batch_sharded_over_eight_devices_matches_one_device():
     record = run("gemma3")
     assert record["devices"] == 8 and record["finite"] and record["spec"] == "(('data', 'fsdp'),)"
     assert record["max_diff"] < 1e-5
+
+
+def test_a_tied_config_with_a_different_stored_head_loads_untied_as_transformers_does(tmp_path, caplog):
+    import transformers
+    _hf_model(tmp_path / "ckpt", tie=False)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
+    model = load_pretrained(tmp_path / "ckpt")
+    assert not model.config.tie_word_embeddings
+    assert any("lm_head.weight" in r.getMessage() and "embed_tokens.weight" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    ids, mask, token_type_ids, pixels = _batch()
+    real = mask.astype(bool)
+    out = np.asarray(_logits(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels),
+                             jnp.asarray(token_type_ids)))
+    np.testing.assert_allclose(out[real], _hf_logits(hf, ids, mask, token_type_ids, pixels)[real], atol=1e-4, rtol=0)

@@ -144,7 +144,8 @@ def finish(run: Run, first_val: float) -> dict:
     trained = nnx.merge(run.graphdef, run.state["params"], run.frozen)
     if run.export_to is not None:
         export_model(trained, run.export_to, base_model_name_or_path=run.model_path,
-                     merge_lora=cfg.export.merge_lora, overwrite=cfg.export.overwrite)
+                     merge_lora=cfg.export.merge_lora, overwrite=cfg.export.overwrite,
+                     chat_template=run.checkpoints.meta["chat_template"])
     scores = {}
     if cfg.evaluation.task != "none":
         from automodel_jax.evaluation import evaluate

@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline assets folder and tiny random HF checkpoints written by transformers itself."""
+"""Shared fixtures: the offline assets folder (tests needing it are skipped with one reason when it is absent) and
+tiny random HF checkpoints written by transformers itself."""
 from __future__ import annotations
 
 import os
@@ -6,20 +7,44 @@ from pathlib import Path
 
 import pytest
 
-from reference import ASSETS, STORIES, TINY
+from reference import ASSETS, ASSETS_ENV, TINY, missing_assets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def require_assets():
-    if not STORIES.is_dir():
-        pytest.fail(f"test assets missing at {ASSETS}: the repository must sit beside shared/assets")
+MISSING_ASSETS = missing_assets()
 
 
-@pytest.fixture
+def skip_without_assets() -> None:
+    """Skip the calling test when the assets are absent (every such skip is raised here, so that pytest's summary
+    folds them into one line); fail it when the folder is there but incomplete."""
+    if MISSING_ASSETS:
+        reason, absent = MISSING_ASSETS
+        (pytest.skip if absent else pytest.fail)(reason)
+
+
+def pytest_report_header(config):
+    return f"offline test assets ({ASSETS_ENV}): {ASSETS}" + (
+        "" if MISSING_ASSETS is None else " (not found)" if MISSING_ASSETS[1] else " (incomplete)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests using the `assets` fixture, directly or through another fixture, carry the `assets` marker too."""
+    for item in items:
+        if "assets" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.assets)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("assets"):
+        skip_without_assets()
+
+
+@pytest.fixture(scope="session")
 def assets() -> Path:
-    require_assets()
+    """The offline assets folder (skips the test when it is absent)."""
+    skip_without_assets()
     return ASSETS
 
 

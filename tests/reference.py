@@ -4,11 +4,32 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO.parent / "shared" / "assets"
+# The offline assets (real weights and data, kept outside the repository): $AUTOMODEL_JAX_ASSETS, else ../shared/assets
+# beside the clone. Tests that read them carry the `assets` marker (or use the `assets` fixture) and are skipped with
+# one reason when they are absent (conftest.py).
+ASSETS_ENV = "AUTOMODEL_JAX_ASSETS"
+ASSETS = Path(os.environ.get(ASSETS_ENV) or REPO.parent / "shared" / "assets").expanduser()
 STORIES = ASSETS / "models" / "stories260K"
+DATA = ASSETS / "data"
+
+
+def missing_assets() -> tuple[str, bool] | None:
+    """None when every file the assets' SHA256SUMS lists is in place, else (one-line reason, whether the folder is
+    absent altogether: tests needing it are skipped; a folder missing some of its files is broken: they fail)."""
+    sums = ASSETS / "SHA256SUMS"
+    hint = f"set {ASSETS_ENV} to the assets folder or place it at ../shared/assets beside the clone"
+    if not sums.is_file():
+        return f"offline test assets not found: {ASSETS} has no SHA256SUMS; {hint} (CONTRIBUTING.md)", True
+    names = [line.split(maxsplit=1)[1].lstrip("*") for line in sums.read_text().splitlines() if line.strip()]
+    missing = [name for name in names if not (ASSETS / name).is_file()]
+    if not missing:
+        return None
+    return (f"offline test assets incomplete: {ASSETS} lacks {len(missing)} of the files its SHA256SUMS lists (first: "
+            f"{missing[0]}); restore them (check with sha256sum -c SHA256SUMS) or {hint}"), False
 
 
 TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,

@@ -3,17 +3,15 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from automodel_jax.cli.evaluate import main
+from reference import DATA, REPO, STORIES
 
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / ".." / "shared" / "assets"
-STORIES = ASSETS / "models" / "stories260K"
-HELLASWAG = ASSETS / "data" / "hellaswag" / "validation.jsonl"
-SQUAD = ASSETS / "data" / "squad" / "validation.jsonl"
+HELLASWAG = DATA / "hellaswag" / "validation.jsonl"
+SQUAD = DATA / "squad" / "validation.jsonl"
+pytestmark = pytest.mark.assets
 
 
 @pytest.mark.slow

@@ -22,10 +22,10 @@ from automodel_jax.recipes.llm import finetune
 from automodel_jax.checkpoint.orbax_io import load_checkpoint_model
 from automodel_jax.config import parse_config
 from automodel_jax.peft.lora import adapters
-from reference import ASSETS, REPO, STORIES
+from reference import DATA, REPO, STORIES
 
-HELLASWAG = ASSETS / "data" / "hellaswag" / "validation.jsonl"
-ALPACA = ASSETS / "data" / "alpaca" / "alpaca_en_demo.json"
+HELLASWAG = DATA / "hellaswag" / "validation.jsonl"
+ALPACA = DATA / "alpaca" / "alpaca_en_demo.json"
 TRAIN_ROWS, VALIDATION_ROWS = slice(0, 400), slice(400, 464)
 SUMMARY = re.compile(r"validation loss: (\S+) before -> (\S+) after (\d+) steps")
 FIT = re.compile(r"dataset (\S+): (\d+) of (\d+) rows kept at seq_len (\d+) \((\d+) truncated, (\d+) dropped as too "
@@ -33,7 +33,7 @@ FIT = re.compile(r"dataset (\S+): (\d+) of (\d+) rows kept at seq_len (\d+) \((\
 
 
 @pytest.fixture(scope="module")
-def hellaswag(tmp_path_factory) -> tuple[Path, Path]:
+def hellaswag(tmp_path_factory, assets) -> tuple[Path, Path]:
     """HellaSwag has one (validation) file: its rows 0-399 train, rows 400-463 validate (no row in both)."""
     lines = HELLASWAG.read_text(encoding="utf-8").splitlines(keepends=True)
     folder = tmp_path_factory.mktemp("hellaswag")

@@ -12,9 +12,9 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from automodel_jax.cli.generate import TerminalStream, main
+from reference import REPO, STORIES
 
-REPO = Path(__file__).resolve().parents[1]
-STORIES = REPO / ".." / "shared" / "assets" / "models" / "stories260K"
+pytestmark = pytest.mark.assets
 CHAT_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
 
 

@@ -1,7 +1,6 @@
 """Generation with the KV cache: token-for-token parity with HF torch `generate` (tiny random Llama, stories260K,
 a PEFT LoRA adapter), the cached decode against an uncached argmax loop, sampling filters against HF's warpers,
 seeding, EOS handling, and the errors of bad input."""
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,8 @@ from automodel_jax import AutoModelForCausalLM
 from automodel_jax.checkpoint.peft_io import load_peft_adapter
 from automodel_jax.auto import find_checkpoint_dir
 from automodel_jax.generation import Sampling, bucket_length, filter_logits, generate
+from reference import STORIES
 
-STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets" / "models" / "stories260K"
 PROMPTS = [[1, 17, 33, 52, 8], [1, 90, 4, 61, 77, 23, 9, 45, 3], [1, 64, 12]]
 NEW = 12
 PAD = 0
@@ -75,6 +74,7 @@ def test_cached_decode_equals_uncached_argmax_loop(tiny):
     assert all(len(row) == NEW for row in ours)
 
 
+@pytest.mark.assets
 def test_greedy_matches_hf_generate_on_stories260k():
     tokenizer = transformers.AutoTokenizer.from_pretrained(STORIES)
     hf = transformers.AutoModelForCausalLM.from_pretrained(STORIES).eval()
@@ -161,6 +161,7 @@ def test_bad_generate_arguments_are_clear_errors(tiny, prompts, kwargs, message)
         generate(model, None, prompts, **{"max_new_tokens": 2, **kwargs})
 
 
+@pytest.mark.assets
 def test_run_directories_resolve_to_their_newest_checkpoint(tmp_path):
     export = tmp_path / "run" / "export" / "final"
     export.mkdir(parents=True)

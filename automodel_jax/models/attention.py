@@ -92,6 +92,23 @@ def _xla_attention(q, k, v, mask, scale, softcap):
     return out.reshape(b, t, n, d).astype(v.dtype)
 
 
+def _cudnn_attention(q, k, v, segment_ids, scale, sliding_window):
+    """cuDNN flash attention of right-padded rows (segment ids 1..1 0..0), causal within each row's valid length.
+
+    cuDNN does not define the slots past a row's length, in the output nor in dq, dk and dv (a bf16 train step on an
+    H200 got NaN gradients from them), so padding is zeroed on the way in and on the way out: `where` passes no
+    cotangent to the slots it does not select, which keeps those values out of every gradient. Padding queries thus
+    get 0 (XLA's attend to earlier tokens); no loss reads them. tests/models/test_attention_gpu.py checks this.
+    """
+    real = segment_ids != 0
+    q, k, v = (jnp.where(real[:, :, None, None], x, jnp.zeros((), x.dtype)) for x in (q, k, v))
+    lengths = jnp.sum(real, axis=1, dtype=jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        local_window_size=None if sliding_window is None else (sliding_window - 1, 0), implementation="cudnn")
+    return jnp.where(real[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
 def _use_cudnn(impl: str, q: jax.Array, softcap) -> bool:
     if impl == "xla":
         return False
@@ -125,10 +142,7 @@ def attention(q, k, v, inputs: AttentionInputs, *, scale: float | None = None, s
                              " use attention 'auto' or 'xla'")
         k, v = gather_kv(k, v)
     elif cache is None and _use_cudnn(impl, q, softcap) and inputs.right_padded and inputs.bidirectional_ids is None:
-        lengths = jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32)
-        return jax.nn.dot_product_attention(
-            q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-            local_window_size=None if sliding_window is None else (sliding_window - 1, 0), implementation="cudnn")
+        return _cudnn_attention(q, k, v, segment_ids, scale, sliding_window)
     bid = inputs.bidirectional_ids
     if cache is None:
         mask = attention_mask(segment_ids, segment_ids, positions, positions, sliding_window=sliding_window,

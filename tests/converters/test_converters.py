@@ -13,9 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from automodel_jax.checkpoint.hf import CheckpointTensors
-
-REPO = Path(__file__).resolve().parents[2]
-STORIES = REPO / ".." / "shared" / "assets" / "models" / "stories260K"
+from reference import REPO, STORIES
 
 
 def converter(name: str):
@@ -35,6 +33,7 @@ def assert_same_checkpoint(original: Path, converted: Path) -> None:
     assert json.loads((converted / "config.json").read_text()) == json.loads((original / "config.json").read_text())
 
 
+@pytest.mark.assets
 def test_stories260k_round_trip_through_a_4_device_mesh_is_bit_identical(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     done = subprocess.run([sys.executable, str(REPO / "converters" / "hf_to_orbax.py"), str(STORIES),
@@ -66,6 +65,7 @@ def test_sharded_bfloat16_checkpoint_round_trips_bit_identically(hf_llama_factor
     assert_same_checkpoint(source, tmp_path / "hf")
 
 
+@pytest.mark.assets
 @pytest.mark.parametrize("name, missing_source", [("hf_to_orbax", "is not a checkpoint directory"),
                                                   ("orbax_to_hf", "does not exist; pass a run directory")])
 def test_help_and_bad_input(name, missing_source, tmp_path, capsys):

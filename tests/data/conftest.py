@@ -1,15 +1,13 @@
 """Shared fixtures for the data tests: the real stories260K tokenizer (no pad token, no chat template)."""
-from pathlib import Path
-
 import pytest
 from transformers import AutoTokenizer
 
-MODEL = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets" / "models" / "stories260K"
+from reference import STORIES
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(MODEL)
+def tokenizer(assets):
+    return AutoTokenizer.from_pretrained(STORIES)
 
 
 @pytest.fixture(scope="session")

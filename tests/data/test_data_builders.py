@@ -1,6 +1,5 @@
 """Dataset builders on the real Alpaca, SQuAD, HellaSwag and chat files with the real stories260K tokenizer."""
 import json
-from pathlib import Path
 
 import datasets
 import ml_collections
@@ -8,8 +7,8 @@ import numpy as np
 import pytest
 
 from automodel_jax.data import IGNORE, DataError, build_dataset, data_defaults, resolve_pad_id
+from reference import DATA
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets" / "data"
 ALPACA = DATA / "alpaca" / "alpaca_en_demo.json"
 SQUAD = DATA / "squad" / "validation.jsonl"
 HELLASWAG = DATA / "hellaswag" / "validation.jsonl"

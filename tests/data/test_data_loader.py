@@ -2,14 +2,14 @@
 import itertools
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from automodel_jax.data import IGNORE, DataError, build_dataset, make_loader
+from reference import DATA
 
-HELLASWAG = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets" / "data" / "hellaswag" / "validation.jsonl"
+HELLASWAG = DATA / "hellaswag" / "validation.jsonl"
 SEQ_LEN, PAD = 256, 2
 
 

@@ -1,19 +1,18 @@
 """load_rows on every supported source (real Alpaca rows re-written as parquet, csv and save_to_disk) and its errors."""
 import json
-from pathlib import Path
 
 import datasets
 import pytest
 
 from automodel_jax.data import DataError, load_rows
 from automodel_jax.data.sources import require_columns
+from reference import DATA
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets" / "data"
 ALPACA = DATA / "alpaca" / "alpaca_en_demo.json"
 
 
 @pytest.fixture(scope="module")
-def alpaca_rows():
+def alpaca_rows(assets):
     return json.loads(ALPACA.read_text(encoding="utf-8"))[:20]
 
 
@@ -38,6 +37,7 @@ def test_every_local_format_gives_the_same_rows(tmp_path, alpaca_rows, fmt):
     assert load_rows(str(target), split="validation").to_list() == alpaca_rows
 
 
+@pytest.mark.assets
 def test_limit_takes_the_first_rows():
     assert len(load_rows(str(ALPACA), limit=7)) == 7
     with pytest.raises(DataError, match="limit must be"):
@@ -80,6 +80,7 @@ def test_empty_path():
         load_rows("")
 
 
+@pytest.mark.assets
 def test_missing_column_names_expected_and_found():
     rows = load_rows(str(ALPACA), limit=3)
     with pytest.raises(DataError, match=r"lacks column\(s\) \['answer'\]: expected \['instruction', 'answer'\], "

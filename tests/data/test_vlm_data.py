@@ -9,8 +9,9 @@ from PIL import Image
 from automodel_jax.data import IGNORE, DataError
 from automodel_jax.data import vlm, vlm_batches
 from automodel_jax.recipes.vlm import embedded
+from reference import DATA
 
-VLM = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets" / "data" / "vlm"
+VLM = DATA / "vlm"
 SROIE = VLM / "sroie_small"
 MLLM = VLM / "mllm_demo" / "mllm_demo.json"
 MODEL_TYPES = ("gemma3", "qwen2_5_vl")
@@ -78,6 +79,7 @@ def test_processor_reloads_with_its_special_tokens(built):
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
+@pytest.mark.assets
 def test_sroie_receipts_learn_the_json2token_answer(built):
     model_type, info, processor = built
     ds = vlm.build_vlm_dataset(dict(kind="cord", path=str(SROIE), limit=8), processor, seq_len=512,
@@ -90,6 +92,7 @@ def test_sroie_receipts_learn_the_json2token_answer(built):
         assert_sample(processor, info, sample, [answer], num_images=1)
 
 
+@pytest.mark.assets
 def test_mllm_demo_chats_label_every_assistant_turn(built):
     model_type, info, processor = built
     ds = vlm.build_vlm_dataset(dict(kind="vlm_chat", path=str(MLLM)), processor, seq_len=1024, truncation="error")
@@ -111,6 +114,7 @@ def test_openai_content_parts_with_inline_images(built):
     assert_sample(processor, info, ds[0], ["red then blue"], num_images=2)
 
 
+@pytest.mark.assets
 def test_batches_have_static_shapes(built):
     model_type, info, processor = built
     ds = vlm.build_vlm_dataset(dict(kind="vlm_chat", path=str(MLLM)), processor, seq_len=1024, truncation="error")
@@ -135,6 +139,7 @@ def test_batches_have_static_shapes(built):
         assert (b["input_ids"][row] == vlm.image_start_id(processor)).sum() == k
 
 
+@pytest.mark.assets
 def test_truncation_never_cuts_through_an_image(built):
     model_type, info, processor = built
     cfg = dict(kind="vlm_chat", path=str(MLLM), limit=1)  # <image> Q A, then Q<image> A
@@ -161,6 +166,7 @@ def write_cord(tmp_path, files: dict[str, bytes | None]):
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@pytest.mark.assets
 def test_bad_rows_name_the_row_and_the_file(built, tmp_path):
     _, _, processor = built
     good = (SROIE / "img" / "000.jpg").read_bytes()

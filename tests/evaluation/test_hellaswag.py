@@ -1,6 +1,5 @@
 """HellaSwag scored as lm-evaluation-harness defines it, checked against a direct torch computation on stories260K."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,15 +9,14 @@ import transformers
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.evaluation import evaluate, hellaswag
 from automodel_jax.evaluation.loglikelihood import score_requests
+from reference import DATA, STORIES
 
-ASSETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets"
-STORIES = ASSETS / "models" / "stories260K"
 ROWS = 3
 
 
 @pytest.fixture(scope="module")
-def stories():
-    lines = (ASSETS / "data" / "hellaswag" / "validation.jsonl").read_text().splitlines()
+def stories(assets):
+    lines = (DATA / "hellaswag" / "validation.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines[:ROWS]]
     return (AutoModelForCausalLM.from_pretrained(STORIES), transformers.AutoTokenizer.from_pretrained(STORIES),
             transformers.AutoModelForCausalLM.from_pretrained(STORIES).eval(), rows)

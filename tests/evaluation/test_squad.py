@@ -1,6 +1,5 @@
 """SQuAD v1.1 exact match / F1 normalisation, and greedy answers on stories260K checked against HF torch generate."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,9 +7,7 @@ import transformers
 
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.evaluation import evaluate, squad
-
-ASSETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets"
-STORIES = ASSETS / "models" / "stories260K"
+from reference import DATA, STORIES
 
 
 @pytest.mark.parametrize("text, normalized", [
@@ -37,6 +34,7 @@ def test_exact_match_and_f1(prediction, golds, em, f1):
     assert squad.f1(prediction, golds) == pytest.approx(f1)
 
 
+@pytest.mark.assets
 def test_long_prompts_keep_bos_and_the_question():
     tokenizer = transformers.AutoTokenizer.from_pretrained(STORIES)
     row = {"context": "Once upon a time there was a cat. " * 40, "question": "Who was there?"}
@@ -45,8 +43,9 @@ def test_long_prompts_keep_bos_and_the_question():
     assert tokenizer.decode(ids).endswith("Question: Who was there? Answer:")
 
 
+@pytest.mark.assets
 def test_greedy_answers_match_hf_and_metrics_follow_them():
-    rows = [json.loads(line) for line in (ASSETS / "data" / "squad" / "validation.jsonl").read_text().splitlines()[:3]]
+    rows = [json.loads(line) for line in (DATA / "squad" / "validation.jsonl").read_text().splitlines()[:3]]
     model = AutoModelForCausalLM.from_pretrained(STORIES)
     tokenizer = transformers.AutoTokenizer.from_pretrained(STORIES)
     hf = transformers.AutoModelForCausalLM.from_pretrained(STORIES).eval()

@@ -1,9 +1,11 @@
 """Run in a fresh process with 8 simulated CPU devices (XLA_FLAGS is set before jax is imported).
 
 `python -m tests.parallel.mesh_program OUT_DIR` trains a tiny Llama for three steps (LoRA with dropout, and full
-SFT) on one device and on each mesh of MESHES, through the recipe's own step builders, and writes per run: losses
-and gradient norms, the final trainable parameters (npz), and the PartitionSpecs of parameters, optimizer moments
-and (under `constrain`) activations as strings (json). tests/parallel/test_mesh_equivalence.py compares them.
+SFT) on one device and on each mesh of MESHES with the naive loss, and on one device and each mesh of
+VARIANT_MESHES with each of VARIANTS (the default chunked loss; packed rows), through the recipe's own step builders,
+and writes per run: losses and gradient norms, the final trainable parameters (npz), and the PartitionSpecs of
+parameters, optimizer moments and (under `constrain`) activations as strings (json).
+tests/parallel/test_mesh_equivalence.py compares them.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from automodel_jax import AutoModelForCausalLM  # noqa: E402
+from automodel_jax.data.loader import make_loader  # noqa: E402
 from automodel_jax.models.params import flatten, path_str  # noqa: E402
 from automodel_jax.parallel.sharding import (check_mesh_fits, constrain, context_parallel, gather_kv,  # noqa: E402
                                              mesh_from_config, sharding_rules, tree_shardings)
@@ -42,6 +45,15 @@ MESHES = {
     "tensor2_context4": dict(tensor=2, context=4),
     "zero3_data4_fsdp2": dict(data=4, fsdp=2, zero3_over_data=True),
 }
+# Loss and batch layouts beyond the naive loss on right-padded rows, run (for `methods`) on one device and
+# VARIANT_MESHES: the default config's loss (chunked, default chunk size), and rows packed by the loader's first-fit
+# packing (several samples a row: segment ids 1..n, positions restarting) through the chunked loss with chunks smaller
+# than a batch (LoRA only: full SFT adds no packing-specific path).
+VARIANTS = {
+    "chunked": dict(methods=("lora", "sft"), settings=dict(loss_impl="chunked", chunk_size=None, packed=False)),
+    "packed": dict(methods=("lora",), settings=dict(loss_impl="chunked", chunk_size=48, packed=True)),
+}
+VARIANT_MESHES = ("fsdp8", "fsdp2_tensor4")
 ACCUM, ROWS, SEQ, STEPS = 2, 8, 16, 3
 # Parameters, optimizer moments and LoRA factors whose specs the test checks.
 SPEC_PATHS = {
@@ -69,6 +81,20 @@ def batches() -> list[dict[str, np.ndarray]]:
     return out
 
 
+def packed_batches() -> list[dict[str, np.ndarray]]:
+    """STEPS global batches [ACCUM, ROWS, SEQ] of rows packed by the data loader from samples of 3 to SEQ // 2 tokens
+    (labels ignored on each sample's first token)."""
+    rng = np.random.default_rng(1)
+    samples = []
+    for length in rng.integers(3, SEQ // 2 + 1, size=200):
+        labels = rng.integers(0, TINY["vocab_size"], length)
+        labels[0] = -100
+        samples.append(dict(input_ids=rng.integers(0, TINY["vocab_size"], length).astype(np.int32),
+                            labels=labels.astype(np.int32)))
+    loader = make_loader(samples, batch_size=ACCUM * ROWS, seq_len=SEQ, pad_id=0, seed=0, packing=True)
+    return [{key: value.reshape(ACCUM, ROWS, SEQ) for key, value in next(loader).items()} for _ in range(STEPS)]
+
+
 def optimizer():
     cfg = optim_defaults()
     cfg.update(name="adamw", learning_rate=1e-2, weight_decay=0.01)
@@ -87,8 +113,10 @@ def normal_spec(spec: tuple) -> str:
     return str(tuple(spec))
 
 
-def train(mesh_cfg: dict | None, lora: bool) -> tuple[dict, dict[str, np.ndarray]]:
-    """Three steps on the mesh (None = one device); (json-able record, final trainable params by path)."""
+def train(mesh_cfg: dict | None, lora: bool, loss_impl: str = "naive", chunk_size: int | None = None,
+          packed: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+    """Three steps on the mesh (None = one device) with the given loss implementation, on right-padded or packed
+    rows; (json-able record, final trainable params by path)."""
     mesh, rules = mesh_from_config(mesh_cfg or {}, devices=None if mesh_cfg else jax.devices()[:1])
     check_mesh_fits(mesh.shape, num_heads=TINY["num_attention_heads"], num_kv_heads=TINY["num_key_value_heads"],
                     seq_len=SEQ, batch_rows=ROWS)
@@ -100,12 +128,12 @@ def train(mesh_cfg: dict | None, lora: bool) -> tuple[dict, dict[str, np.ndarray
     state, shardings = init_state(trainable, opt, 0, tree_shardings(model, trainable, mesh, rules))
     frozen_shardings = tree_shardings(model, frozen, mesh, rules)
     frozen = jax.device_put(frozen, frozen_shardings)
-    kw = dict(loss_impl="naive", right_padded=True)
+    kw = dict(loss_impl=loss_impl, chunk_size=chunk_size, right_padded=not packed)
     train_step, _, batch_3d, _ = compile_steps(
         make_train_step(graphdef, opt, schedule, grad_shardings=shardings["params"], **kw),
         make_eval_step(graphdef, **kw), shardings, frozen_shardings, mesh, rules)
     losses, norms = [], []
-    for batch in batches():
+    for batch in packed_batches() if packed else batches():
         state, metrics = train_step(state, frozen, jax.device_put(batch, batch_3d))
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
@@ -138,11 +166,19 @@ def constrained_specs() -> dict[str, str]:
 
 def main(out_dir: str) -> None:
     out = Path(out_dir)
-    record = {"devices": jax.device_count(), "constrain": constrained_specs()}
+    record = {"devices": jax.device_count(), "constrain": constrained_specs(),
+              "packed_segments": [int(batch["segment_ids"].max()) for batch in packed_batches()]}
     for method in ("lora", "sft"):
         for name, mesh_cfg in {"one": None, **MESHES}.items():
             record[f"{method}/{name}"], params = train(mesh_cfg, method == "lora")
             np.savez(out / f"{method}_{name}.npz", **params)
+        for variant, spec in VARIANTS.items():
+            if method not in spec["methods"]:
+                continue
+            for name in ("one",) + VARIANT_MESHES:
+                record[f"{method}/{variant}/{name}"], params = train(MESHES.get(name), method == "lora",
+                                                                     **spec["settings"])
+                np.savez(out / f"{method}_{variant}_{name}.npz", **params)
     (out / "record.json").write_text(json.dumps(record, indent=1))
 
 

@@ -1,4 +1,5 @@
-"""Every mesh trains exactly like one device, with the parameter layout the rule table asks for.
+"""Every mesh trains exactly like one device, with the parameter layout the rule table asks for; so do fsdp and
+fsdp x tensor with the default chunked loss and with packed rows.
 
 The runs happen in mesh_program.py, in a subprocess with 8 simulated CPU devices (this process may already have
 initialised jax with one device); this file compares what it wrote.
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .mesh_program import MESHES, normal_spec
+from .mesh_program import MESHES, VARIANT_MESHES, VARIANTS, normal_spec
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("lora", "sft")
@@ -52,18 +53,41 @@ def test_program_saw_eight_devices(runs):
     assert runs[0]["devices"] == 8
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("mesh", list(MESHES))
-def test_three_steps_match_one_device(runs, method, mesh):
+def assert_same_training(runs, one: str, sharded: str):
+    """Runs `one` and `sharded` (record keys; their npz files replace "/" by "_") have the same losses, gradient
+    norms and final trainable parameters, and training moved."""
     record, out = runs
-    one, sharded = record[f"{method}/one"], record[f"{method}/{mesh}"]
-    np.testing.assert_allclose(sharded["losses"], one["losses"], rtol=TOLERANCE, atol=TOLERANCE)
-    np.testing.assert_allclose(sharded["grad_norms"], one["grad_norms"], rtol=TOLERANCE, atol=TOLERANCE)
-    assert one["losses"][0] != one["losses"][2]  # training moved: the parameter comparison below means something
-    reference, params = np.load(out / f"{method}_one.npz"), np.load(out / f"{method}_{mesh}.npz")
+    np.testing.assert_allclose(record[sharded]["losses"], record[one]["losses"], rtol=TOLERANCE, atol=TOLERANCE)
+    np.testing.assert_allclose(record[sharded]["grad_norms"], record[one]["grad_norms"], rtol=TOLERANCE,
+                               atol=TOLERANCE)
+    assert record[one]["losses"][0] != record[one]["losses"][2]  # training moved: the parameter comparison matters
+    reference, params = (np.load(out / f"{key.replace('/', '_')}.npz") for key in (one, sharded))
     assert sorted(params.files) == sorted(reference.files) and len(reference.files) > 0
     for name in reference.files:
         np.testing.assert_allclose(params[name], reference[name], rtol=TOLERANCE, atol=TOLERANCE, err_msg=name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_three_steps_match_one_device(runs, method, mesh):
+    assert_same_training(runs, f"{method}/one", f"{method}/{mesh}")
+
+
+@pytest.mark.parametrize("variant, method", [(variant, method) for variant, spec in VARIANTS.items()
+                                             for method in spec["methods"]])
+@pytest.mark.parametrize("mesh", VARIANT_MESHES)
+def test_default_loss_and_packed_rows_match_one_device(runs, variant, method, mesh):
+    assert_same_training(runs, f"{method}/{variant}/one", f"{method}/{variant}/{mesh}")
+
+
+def test_chunked_loss_trains_like_the_naive_one(runs):
+    """The default loss is the naive one computed in chunks: same three steps on the same right-padded batches."""
+    for method in METHODS:
+        assert_same_training(runs, f"{method}/one", f"{method}/chunked/one")
+
+
+def test_packed_batches_hold_several_samples_a_row(runs):
+    assert min(runs[0]["packed_segments"]) >= 3
 
 
 @pytest.mark.parametrize("method", METHODS)

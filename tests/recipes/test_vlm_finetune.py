@@ -89,6 +89,7 @@ def test_full_sft_keeps_frozen_groups_frozen(tiny, tmp_path):
     assert any(".layers." in p and p.endswith("kernel") for p in changed)
 
 
+@pytest.mark.assets
 def test_real_receipts_train_through_the_processor(tmp_path):
     """CORD-v2 style rows (SROIE receipts): the gt_parse JSON is the target; the long targets are truncated."""
     info = embedded.build_processor("gemma3", tmp_path / "processor")
@@ -106,6 +107,7 @@ def test_real_receipts_train_through_the_processor(tmp_path):
     assert np.isfinite(result["val_loss_after"])
 
 
+@pytest.mark.assets
 def test_a_text_only_model_is_a_clear_error(tmp_path, capsys):
     code = finetune_cli.main(["--config", str(REPO / "configs" / "gemma3_vl_lora.py"),
                               f"--config.run_dir={tmp_path / 'run'}", f"--config.model.path={STORIES}"])

@@ -1,0 +1,243 @@
+"""cuDNN attention (the path every GPU training step takes) against the exact XLA path, outputs and gradients.
+
+On a GPU, `attention(impl="cudnn")` and `impl="auto"` run `jax.nn.dot_product_attention(implementation="cudnn")` for
+right-padded bf16/fp16 rows; everything cuDNN cannot take (float32, left padding, packed samples, soft-capping) goes
+to XLA, which the routing tests check in the compiled program. Compared only where the result is defined: the
+outputs of real (non-padding) queries, and gradients of a loss over them; every output, padding included, and every
+gradient must be finite (an all-padding row is what fills the last evaluation batch).
+
+The GPU tests need only pytest and the package (jax[cuda]); on a CPU they are skipped with one reason. The CPU tests
+below them run the same comparisons of our XLA path against jax's own reference implementation, so the harness is
+checked everywhere. On an H200: `pytest tests/models/test_attention_gpu.py -m gpu -v -rs`.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from automodel_jax import AutoModelForCausalLM
+from automodel_jax.models.attention import AttentionInputs, attention, bidirectional_attention
+from automodel_jax.peft.lora import split_model
+from automodel_jax.training.step import token_loss
+
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU: compares cuDNN attention "
+                            "with XLA")
+T, D = 128, 64
+# Right-padded rows: full, partial, a single token, all padding.
+LENGTHS = (128, 77, 1, 0)
+# Relative tolerance (max |a - b| / max |b|) of two 16-bit implementations, float32 accumulation in both.
+TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3, jnp.float32: 1e-4}
+WINDOWS = [None, 16]
+HEADS = [(8, 8), (8, 2), (8, 1)]  # (query heads, kv heads): MHA, GQA, MQA
+
+
+def qkv(batch: int, heads: int, kv_heads: int, dtype, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (batch, T, heads, D), jnp.float32)
+    k = jax.random.normal(keys[1], (batch, T, kv_heads, D), jnp.float32)
+    v = jax.random.normal(keys[2], (batch, T, kv_heads, D), jnp.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def right_padded(lengths) -> AttentionInputs:
+    """Segment ids 1..1 0..0 and positions 0..n-1 then 0 per row, as the unpacked loader writes them."""
+    real = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+    return AttentionInputs(jnp.asarray(real, jnp.int32), jnp.asarray(np.where(real, np.arange(T), 0), jnp.int32),
+                           right_padded=True)
+
+
+def left_padded(lengths) -> AttentionInputs:
+    """A generation-style batch: padding first, positions 0..T-1 (HF semantics, as AttentionInputs.build gives)."""
+    mask = np.arange(T)[None, :] >= T - np.asarray(lengths)[:, None]
+    return AttentionInputs.build(jnp.zeros((len(lengths), T), jnp.int32), jnp.asarray(mask, jnp.int32))
+
+
+def packed() -> AttentionInputs:
+    """Two rows of packed samples (segments 1..n, positions restarting per sample), trailing padding."""
+    sizes = ((40, 50, 30), (128,))
+    segments, positions = np.zeros((2, T), np.int32), np.zeros((2, T), np.int32)
+    for row, row_sizes in enumerate(sizes):
+        start = 0
+        for segment, size in enumerate(row_sizes, 1):
+            segments[row, start:start + size], positions[row, start:start + size] = segment, np.arange(size)
+            start += size
+    return AttentionInputs(jnp.asarray(segments), jnp.asarray(positions))
+
+
+def outputs_and_grads(fn, q, k, v, real):
+    """(output, (dq, dk, dv)) of fn(q, k, v); the gradients are of sum(output * fixed random cotangent) over real
+    query slots, in float32."""
+    cotangent = jax.random.normal(jax.random.key(7), q.shape, jnp.float32) * real[:, :, None, None]
+
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
+    out = jax.jit(fn)(q, k, v)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    return out, grads
+
+
+def rel_err(actual, expected, where=None) -> float:
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    if where is not None:
+        actual, expected = actual[where], expected[where]
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def assert_same_attention(candidate, reference, q, k, v, segment_ids, tolerance):
+    """Outputs on real queries and gradients agree within `tolerance`; everything candidate gives is finite."""
+    real = np.asarray(segment_ids) != 0
+    out, grads = outputs_and_grads(candidate, q, k, v, real)
+    ref_out, ref_grads = outputs_and_grads(reference, q, k, v, real)
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
+    assert np.isfinite(np.asarray(out, np.float32)).all(), "non-finite attention output (padding included)"
+    assert rel_err(out, ref_out, real) < tolerance
+    for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert np.isfinite(np.asarray(grad)).all(), f"non-finite {name}"
+        assert rel_err(grad, ref_grad) < tolerance, name
+
+
+def compiled_text(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def uses_cudnn(fn, *args) -> bool:
+    """Whether the compiled program (forward and backward) calls cuDNN's fused attention."""
+    text = compiled_text(fn, *args) + compiled_text(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
+                                                             argnums=(0, 1, 2)), *args)
+    return "cudnn$fmha" in text
+
+
+def ours(impl, inputs, **kw):
+    return lambda q, k, v: attention(q, k, v, inputs, impl=impl, **kw)
+
+
+# ---------------------------------------------------------------- GPU: cuDNN against XLA
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("heads, kv_heads", HEADS, ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("window", WINDOWS, ids=["causal", "sliding16"])
+@pytest.mark.parametrize("impl", ["cudnn", "auto"])
+def test_cudnn_matches_xla_on_right_padded_rows(impl, window, heads, kv_heads, dtype):
+    """Padded rows, a one-token row and an all-padding row, GQA/MQA, sliding window: forward, dq, dk, dv."""
+    q, k, v = qkv(len(LENGTHS), heads, kv_heads, dtype)
+    inputs = right_padded(LENGTHS)
+    assert uses_cudnn(ours(impl, inputs, sliding_window=window), q, k, v)
+    assert_same_attention(ours(impl, inputs, sliding_window=window), ours("xla", inputs, sliding_window=window),
+                          q, k, v, inputs.segment_ids, TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_all_padding_row_gives_finite_zero_gradients():
+    """A row without tokens (the padding rows of a short last batch) neither poisons nor feeds the gradients."""
+    q, k, v = qkv(2, 8, 2, jnp.bfloat16)
+    inputs = right_padded((T, 0))
+    _, grads = outputs_and_grads(ours("cudnn", inputs), q, k, v, np.asarray(inputs.segment_ids) != 0)
+    for grad in grads:
+        grad = np.asarray(grad, np.float32)
+        assert np.isfinite(grad).all() and not grad[1].any() and grad[0].any()
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("case", ["float32", "left_padded", "packed", "softcap"])
+def test_layouts_cudnn_cannot_take_run_on_xla_under_auto(case):
+    """'auto' sends to XLA what the cuDNN call cannot express, with XLA's exact result; 'cudnn' refuses those it
+    cannot run at all (float32, soft-capping) with a clear error."""
+    dtype = jnp.float32 if case == "float32" else jnp.bfloat16
+    inputs = {"left_padded": left_padded((T, 77, 1)), "packed": packed()}.get(case, right_padded((T, 77, 1)))
+    kw = dict(softcap=20.0) if case == "softcap" else {}
+    q, k, v = qkv(inputs.segment_ids.shape[0], 8, 2, dtype)
+    assert not uses_cudnn(ours("auto", inputs, **kw), q, k, v)
+    np.testing.assert_array_equal(np.asarray(jax.jit(ours("auto", inputs, **kw))(q, k, v), np.float32),
+                                  np.asarray(jax.jit(ours("xla", inputs, **kw))(q, k, v), np.float32))
+    if case in ("float32", "softcap"):
+        with pytest.raises(ValueError, match="implementation 'cudnn' needs"):
+            ours("cudnn", inputs, **kw)(q, k, v)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+def test_vision_encoder_attention_matches_xla(dtype):
+    """Non-causal attention of the vision towers (SigLIP, Qwen2.5-VL without windows) takes cuDNN too."""
+    q, k, v = qkv(2, 8, 8, dtype)
+
+    def fused(q, k, v):
+        return bidirectional_attention(q, k, v, impl="cudnn")
+    assert uses_cudnn(fused, q, k, v)
+    assert_same_attention(fused, lambda q, k, v: bidirectional_attention(q, k, v, impl="xla"), q, k, v,
+                          jnp.ones((2, T), jnp.int32), TOLERANCE[dtype])
+
+
+# Tiny decoders of the families whose attention differs: GQA (Llama), sliding window (Mistral), soft-capped
+# attention and final logits (Gemma 2, which runs on XLA throughout). Head dim 64 as real models have.
+FAMILIES = {
+    "llama_gqa": dict(model_type="llama"),
+    "mistral_sliding": dict(model_type="mistral", sliding_window=16),
+    "gemma2_softcap": dict(model_type="gemma2", head_dim=64, query_pre_attn_scalar=64, sliding_window=16,
+                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+}
+TINY = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=T, rms_norm_eps=1e-5,
+            tie_word_embeddings=False)
+
+
+def model_loss_and_grads(family: str, impl: str, batch: dict):
+    """(mean token loss, gradients of every parameter, compiled text) of a bf16-compute, float32-parameter model."""
+    model = AutoModelForCausalLM.from_config({**TINY, **FAMILIES[family]}, dtype=jnp.bfloat16,
+                                             param_dtype=jnp.float32, seed=0, attention_impl=impl)
+    graphdef, params, frozen = split_model(model, lora=False)
+
+    def loss(params):
+        total, count = token_loss(graphdef, params, frozen, batch, loss_impl="chunked", right_padded=True)
+        return total / count
+    grad_fn = jax.jit(jax.value_and_grad(loss))
+    value, grads = grad_fn(params)
+    return float(value), grads, grad_fn.lower(params).compile().as_text()
+
+
+def token_batch(lengths) -> dict:
+    real = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+    ids = np.random.default_rng(0).integers(1, TINY["vocab_size"], real.shape)
+    return dict(input_ids=jnp.asarray(np.where(real, ids, 0), jnp.int32),
+                labels=jnp.asarray(np.where(real, np.roll(ids, -1, axis=1), -100), jnp.int32),
+                segment_ids=jnp.asarray(real, jnp.int32),
+                positions=jnp.asarray(np.where(real, np.arange(T), 0), jnp.int32))
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_training_loss_and_gradients_match_xla(family):
+    """A train step's loss and every parameter gradient with the default attention ('auto': cuDNN where it applies)
+    equal the XLA path's, on right-padded rows including an all-padding one."""
+    batch = token_batch(LENGTHS)
+    loss, grads, text = model_loss_and_grads(family, "auto", batch)
+    ref_loss, ref_grads, _ = model_loss_and_grads(family, "xla", batch)
+    assert ("cudnn$fmha" in text) == (family != "gemma2_softcap")
+    assert np.isfinite(loss) and abs(loss - ref_loss) < TOLERANCE[jnp.bfloat16] * abs(ref_loss)
+    flat, ref_flat = jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)
+    for (path, grad), ref_grad in zip(flat, ref_flat):
+        assert np.isfinite(np.asarray(grad)).all(), jax.tree_util.keystr(path)
+        assert rel_err(grad, ref_grad) < 5e-2, jax.tree_util.keystr(path)
+
+
+# ---------------------------------------------------------------- any backend: the same harness, XLA against jax's
+
+def jax_reference(lengths, window: int | None):
+    """jax's own attention (implementation 'xla') with per-row valid lengths: the semantics cuDNN is given."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    return lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        local_window_size=None if window is None else (window - 1, 0), implementation="xla")
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=["causal", "sliding16"])
+def test_xla_path_matches_jax_reference_on_right_padded_rows(window):
+    q, k, v = qkv(len(LENGTHS), 8, 2, jnp.float32)
+    inputs = right_padded(LENGTHS)
+    assert_same_attention(ours("xla", inputs, sliding_window=window), jax_reference(LENGTHS, window), q, k, v,
+                          inputs.segment_ids, TOLERANCE[jnp.float32])

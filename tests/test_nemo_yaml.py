@@ -315,6 +315,7 @@ def test_recipe_translates_to_the_equivalent_python_config(tmp_path, name):
     assert "rng.ranked is ignored: one seed drives every process here" in translation.warnings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_trains_to_the_same_losses_as_the_python_config(tmp_path, name):
     text, python_config = RECIPES[name]
@@ -435,3 +436,15 @@ def test_only_yaml_configs_are_translated():
     assert yaml_config_path(["--config=r.YML", "--a.b=1"]) == "r.YML"
     assert yaml_config_path(["-c", "r.yaml"]) == "r.yaml"
     assert yaml_config_path(["--config", "configs/llama_lora.py:llama3.2-1b"]) is None
+
+
+def test_mock_dataset_and_negative_override_values(tmp_path):
+    mock = (f"  _target_: {DATASETS}mock.build_unpacked_dataset\n  num_sentences: 64\n  vocab_size: 100\n"
+            "  seed: 3\n")
+    text = SQUAD_PEFT.replace(f"  _target_: {DATASETS}squad.make_squad_dataset\n  dataset_name: {SQUAD}\n"
+                              "  split: train\n  seq_length: 512\n  limit_dataset_samples: 32\n", mock)
+    cfg, translation = translate(tmp_path, text, "--distributed.dp_size", "-1")
+    assert (cfg.data.train.kind, cfg.data.train.num_samples, cfg.data.train.vocab_size) == ("mock", 64, 100)
+    assert cfg.data.train.seed == 3 and cfg.mesh.fsdp == -1
+    with pytest.raises(ConfigError, match="dataset.mean_len has no equivalent"):
+        translate(tmp_path, text, "--dataset.mean_len=12")

@@ -149,7 +149,7 @@ def _split_argv(argv: list[str]) -> tuple[str, list[tuple[str, Any]]]:
     while argv:
         arg = argv.pop(0)
         name, has_value, value = arg.partition("=")
-        if not has_value and argv and not argv[0].startswith("-"):
+        if not has_value and argv and not argv[0].startswith("--"):  # "--key -1" takes -1
             value, has_value = argv.pop(0), True
         if name in ("--config", "-c"):
             path = value

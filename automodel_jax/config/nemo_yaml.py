@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from ml_collections import ConfigDict
 
 from automodel_jax.config import ConfigError
@@ -97,7 +98,8 @@ class Translation:
         """The mapping as printable lines, one per key set."""
         width = max((len(theirs) for theirs, _, _ in self.mapping), default=0)
         lines = ["NeMo Automodel recipe -> automodel_jax config:"]
-        return "\n".join(lines + [f"  {theirs:<{width}} -> {ours} = {value!r}" for theirs, ours, value in self.mapping])
+        lines += [f"  {theirs:<{width}} -> {ours} = {_shorten(repr(value))}" for theirs, ours, value in self.mapping]
+        return "\n".join(lines)
 
 
 def yaml_config_path(argv: Sequence[str]) -> str | None:
@@ -125,8 +127,6 @@ def parse_nemo_yaml(argv: Sequence[str], base: ConfigDict) -> tuple[ConfigDict, 
 
 def load_yaml(path: str) -> dict:
     """The recipe file's mapping, through ``yaml.safe_load`` (plain data only: no tags, no objects)."""
-    import yaml
-
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file '{path}' not found")
@@ -143,8 +143,6 @@ def load_yaml(path: str) -> dict:
 
 def _split_argv(argv: list[str]) -> tuple[str, list[tuple[str, Any]]]:
     """``(recipe path, [(dotted key, value parsed as YAML)])``; a bare ``--key`` means true."""
-    import yaml
-
     path, overrides = None, []
     while argv:
         arg = argv.pop(0)
@@ -506,6 +504,11 @@ class _Translator:
             self.set("clip_grad_norm.max_norm", "optim.grad_clip",
                      0.0 if value is None else _number("clip_grad_norm.max_norm", value))
         self.leftover("clip_grad_norm", section, ["max_norm"])
+
+
+def _shorten(text: str, width: int = 100) -> str:
+    """``text`` cut to ``width`` characters (a chat template is long), marking the cut."""
+    return text if len(text) <= width else f"{text[:width - 20]}... ({len(text)} characters)"
 
 
 def _number(key: str, value: Any) -> float:

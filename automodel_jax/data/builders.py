@@ -201,9 +201,11 @@ def dataset_defaults(kind: str, path: str, split: str) -> dict:
 
 
 def data_defaults() -> ml_collections.ConfigDict:
-    """The `data` config section: SQuAD from the Hub, answer-only loss, no packing, EOS as pad when none is set."""
+    """The `data` config section: SQuAD from the Hub, answer-only loss, no packing, EOS as pad when none is set,
+    training samples reshuffled each epoch (seeded by the run's seed; shuffle=False keeps the file's order)."""
     return ml_collections.ConfigDict(dict(
         train=dataset_defaults("squad", "rajpurkar/squad", "train"),
         validation=dataset_defaults("squad", "rajpurkar/squad", "validation"),
         seq_len=512, truncation="truncate", packing=False, pad_token_id=config_dict.placeholder(int), pad_with_eos=True,
+        shuffle=True,
     ))

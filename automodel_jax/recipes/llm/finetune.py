@@ -106,7 +106,7 @@ def setup(cfg, model=None) -> Run:
     accum, process_batch = batch_geometry(cfg, mesh)
     loader = make_loader(train_set, batch_size=process_batch, seq_len=seq_len, pad_id=pad_id, seed=cfg.seed,
                          shard_index=jax.process_index(), shard_count=jax.process_count(),
-                         packing=data_cfg.packing)
+                         packing=data_cfg.packing, shuffle=data_cfg.shuffle)
     steps_per_epoch = max(len(train_set) // cfg.train.global_batch_size, 1)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.num_epochs
     dp = mesh.shape["data"] * mesh.shape["fsdp"]

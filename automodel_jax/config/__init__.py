@@ -214,6 +214,37 @@ def validate_choice(cfg: ConfigDict, key: str, choices: Sequence[str], *, prefix
     raise ConfigError(f"{label} must be one of {', '.join(map(repr, choices))}; got {value!r}{hint}")
 
 
+def describe_config(cfg: ConfigDict) -> str:
+    """Every key of ``cfg`` as ``key: type = value`` lines (dotted keys, file order), for ``--print-config``."""
+    lines = []
+    for path in _leaf_paths(cfg):
+        parent, name = _lookup(cfg, path)
+        field = dict(parent.items(preserve_field_references=True))[name]
+        declared = parent.get_type(name)
+        type_name = "untyped" if declared is type(None) else declared.__name__
+        if isinstance(field, FieldReference) and field.get() is None:
+            type_name += " or None"
+        lines.append(f"{path}: {type_name} = {parent[name]!r}")
+    return "\n".join(lines)
+
+
+def config_changes(saved: dict, current: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """``key: saved -> current`` for every dotted key whose value differs between two ``to_dict()`` configs (JSON
+    round-tripped, so tuples and lists compare equal); keys in ``ignore`` are skipped."""
+    flat = lambda tree: {p: v for p, v in _flat_items(json.loads(json.dumps(tree)))}  # noqa: E731
+    was, now = flat(saved), flat(current)
+    return [f"{key}: {was.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(was) | set(now))
+            if key not in ignore and was.get(key) != now.get(key)]
+
+
+def _flat_items(tree: dict, prefix: str = ""):
+    for name, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flat_items(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name, value
+
+
 def save_config(cfg: ConfigDict, run_dir: str | Path) -> Path:
     """Writes ``config.json`` (values, for people and tools) and ``config.py`` (exact, reloadable).
 

@@ -2,33 +2,99 @@
 
 The config decides the recipe: a config built from the VLM recipe's defaults (it has the `vlm` key) runs
 vision-language fine-tuning (`automodel_jax.recipes.vlm.finetune`), every other one LLM fine-tuning
-(`automodel_jax.recipes.llm.finetune`).
+(`automodel_jax.recipes.llm.finetune`). `--help` lists the config files and presets; `--print-config` prints every
+key of a config with its type and value, and loads no model.
 """
 from __future__ import annotations
 
+import ast
 import logging
 import sys
+from pathlib import Path
 
 from automodel_jax.cli import BAD_INPUT, exit_code
-from automodel_jax.config import parse_config
+from automodel_jax.config import describe_config, parse_config
 from automodel_jax.launcher.distributed import DistributedInitError
 from automodel_jax.recipes.llm import finetune as llm
 from automodel_jax.recipes.vlm import finetune as vlm
 from automodel_jax.training.loop import TrainingError
+from automodel_jax.training.trainer import completed_run, mark_complete
+
+PROG = "python -m automodel_jax.finetune"
+PRINT_CONFIG = "--print-config"
+# The config files shipped with the project (beside the package in a source checkout).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def config_files(directory: Path = CONFIG_DIR) -> list[tuple[Path, tuple[str, ...], str]]:
+    """(file, its PRESETS, the first line of its docstring) for each config file in `directory`; read as text (the
+    files are not run)."""
+    found = []
+    for path in sorted(directory.glob("*.py")):
+        module = ast.parse(path.read_text(encoding="utf-8"))
+        presets: tuple[str, ...] = ("",)
+        for node in module.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PRESETS" for t in node.targets):
+                presets = tuple(ast.literal_eval(node.value))
+        found.append((path, presets, (ast.get_docstring(module) or "").split("\n")[0]))
+    return found
+
+
+def help_text() -> str:
+    """The command's usage: how to choose a config and override it, the config files and their presets."""
+    lines = [f"usage: {PROG} --config FILE[:PRESET] [--config.KEY=VALUE ...] [{PRINT_CONFIG}]", "",
+             "Fine-tune a model with LoRA or full SFT as the config file says (the LLM or the VLM recipe).", "",
+             "options:",
+             "  --config FILE[:PRESET]  a config file (Python, get_config(preset)) and one of its presets",
+             "  --config.KEY=VALUE      override one config key (dotted, e.g. --config.optim.learning_rate=3e-4); a "
+             "misspelt key is an error naming the closest one",
+             f"  {PRINT_CONFIG}          print every key of the config (after overrides) with its type and value, "
+             "and exit; loads no model or data",
+             "  -h, --help              show this help and exit", ""]
+    if CONFIG_DIR.is_dir():
+        lines.append(f"config files in {CONFIG_DIR} (presets after ':'; the first, '', is the default):")
+        for path, presets, summary in config_files():
+            shown = ", ".join(repr(p) for p in presets)
+            lines.append(f"  {path.relative_to(CONFIG_DIR.parent)}  [{shown}]  {summary}")
+        lines.append("")
+    lines += [f"Every key with its default and type: {PROG} --config configs/llama_lora.py {PRINT_CONFIG}",
+              "Rerunning a command on the same run_dir resumes from its latest checkpoint."]
+    return "\n".join(lines)
+
+
+def load_config(argv: list[str]):
+    """The locked config of a finetune command line, checked as far as it can be without a model or data: the file,
+    preset, keys and value types, and the recipe's choices. ConfigError (a ValueError) naming the bad thing."""
+    cfg = parse_config(argv)
+    (vlm if cfg.get("vlm") else llm).check_run_config(cfg)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(help_text())
+        return 0
     # force: grain/orbax import absl, which installs a root handler at WARNING before we get here.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return exit_code(lambda: run(parse_config(sys.argv[1:] if argv is None else argv)),
-                     BAD_INPUT + (TrainingError, DistributedInitError))
+    if PRINT_CONFIG in args:
+        return exit_code(lambda: print(describe_config(load_config([a for a in args if a != PRINT_CONFIG]))))
+    return exit_code(lambda: run(load_config(args)), BAD_INPUT + (TrainingError, DistributedInitError))
 
 
 def run(cfg) -> dict:
-    """The recipe the config belongs to, run."""
-    return (vlm if cfg.get("vlm") else llm).run(cfg)
+    """The recipe the config belongs to, run; a run that already finished with this config is reported as complete
+    and not run again (an empty result)."""
+    done = completed_run(cfg)
+    if done:
+        print(done, flush=True)
+        return {}
+    given = cfg.to_dict()
+    result = (vlm if cfg.get("vlm") else llm).run(cfg)
+    mark_complete(given, result["steps"])
+    return result
 
 
 if __name__ == "__main__":

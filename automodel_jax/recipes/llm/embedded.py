@@ -109,7 +109,7 @@ def pretrain_config(cfg, init_dir: Path, run_dir: Path):
     cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"],
                               min_learning_rate=PRETRAIN["learning_rate"] / 10)
     cfg.mesh.update(data=-1, fsdp=1)
-    cfg.checkpoint.enabled = False
+    cfg.checkpoint.update(every_steps=100, keep=1)  # an interrupted build resumes from its last checkpoint
     cfg.export.when = "never"
     cfg.logging.tensorboard = False
     return cfg
@@ -121,6 +121,7 @@ def _build_base_model(root: Path, target: Path, default_config, run) -> None:
     import jax
 
     from automodel_jax.auto import AutoModelForCausalLM, save_pretrained
+    from automodel_jax.training.trainer import pretrain_base
     if jax.process_count() > 1:
         raise ValueError("the embedded base model is built by a single process; run the command once without "
                          "multiple processes first (it is cached), or set model.path to a real checkpoint")
@@ -129,9 +130,11 @@ def _build_base_model(root: Path, target: Path, default_config, run) -> None:
     build_tokenizer().save_pretrained(init_dir)
     print(f"building the embedded base model: pre-training {init_dir} on {sorted(PRETRAIN_TASKS)} "
           f"({PRETRAIN['steps']} steps, once; cached in {root})", flush=True)
-    result = run(pretrain_config(default_config(), init_dir, root / "pretrain-run"))
-    save_pretrained(result["model"], target, overwrite=True)
+    run_dir = root / "pretrain-run"
+    model = pretrain_base(run, pretrain_config(default_config(), init_dir, run_dir), "embedded base model")
+    save_pretrained(model, target, overwrite=True)
     shutil.rmtree(init_dir)
+    shutil.rmtree(run_dir)
 
 
 def materialize(name: str, default_config, run) -> str:

@@ -366,7 +366,7 @@ def pretrain_config(cfg, init_dir: Path, run_dir: Path, model_type: str):
     cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"],
                               min_learning_rate=PRETRAIN["learning_rate"] / 10)
     cfg.mesh.update(data=-1, fsdp=1)
-    cfg.checkpoint.enabled = False
+    cfg.checkpoint.update(every_steps=100, keep=1)  # an interrupted build resumes from its last checkpoint
     cfg.export.when = "never"
     cfg.logging.tensorboard = False
     return cfg
@@ -378,6 +378,7 @@ def _build_model(name: str, root: Path, target: Path, default_config, run) -> No
 
     from automodel_jax.auto import save_pretrained
     from automodel_jax.models.base import build_model
+    from automodel_jax.training.trainer import pretrain_base
     if jax.process_count() > 1:
         raise ValueError("the embedded VLM is built by a single process; run the command once without multiple "
                          "processes first (it is cached), or set model.path to a real checkpoint")
@@ -390,9 +391,12 @@ def _build_model(name: str, root: Path, target: Path, default_config, run) -> No
     processor_dir.rmdir()
     print(f"building the embedded VLM {name}: pre-training {init_dir} on {sorted(PRETRAIN_TASKS)} "
           f"({PRETRAIN['steps']} steps, once; cached in {root})", flush=True)
-    result = run(pretrain_config(default_config(), init_dir, root / f"{name}-pretrain-run", MODEL_NAMES[name]))
-    save_pretrained(result["model"], target, overwrite=True)
+    run_dir = root / f"{name}-pretrain-run"
+    model = pretrain_base(run, pretrain_config(default_config(), init_dir, run_dir, MODEL_NAMES[name]),
+                          f"embedded VLM {name}")
+    save_pretrained(model, target, overwrite=True)
     shutil.rmtree(init_dir)
+    shutil.rmtree(run_dir)
 
 
 def materialize(name: str, default_config=None, run=None) -> str:

@@ -7,13 +7,12 @@ key of a config with its type and value, and loads no model.
 """
 from __future__ import annotations
 
-import ast
 import logging
 import sys
 from pathlib import Path
 
 from automodel_jax.cli import BAD_INPUT, exit_code
-from automodel_jax.config import describe_config, parse_config
+from automodel_jax.config import config_file_presets, describe_config, parse_config
 from automodel_jax.launcher.distributed import DistributedInitError
 from automodel_jax.recipes.llm import finetune as llm
 from automodel_jax.recipes.vlm import finetune as vlm
@@ -24,20 +23,6 @@ PROG = "python -m automodel_jax.finetune"
 PRINT_CONFIG = "--print-config"
 # The config files shipped with the project (beside the package in a source checkout).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
-def config_files(directory: Path = CONFIG_DIR) -> list[tuple[Path, tuple[str, ...], str]]:
-    """(file, its PRESETS, the first line of its docstring) for each config file in `directory`; read as text (the
-    files are not run)."""
-    found = []
-    for path in sorted(directory.glob("*.py")):
-        module = ast.parse(path.read_text(encoding="utf-8"))
-        presets: tuple[str, ...] = ("",)
-        for node in module.body:
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PRESETS" for t in node.targets):
-                presets = tuple(ast.literal_eval(node.value))
-        found.append((path, presets, (ast.get_docstring(module) or "").split("\n")[0]))
-    return found
 
 
 def help_text() -> str:
@@ -52,10 +37,11 @@ def help_text() -> str:
              "and exit; loads no model or data",
              "  -h, --help              show this help and exit", ""]
     if CONFIG_DIR.is_dir():
-        lines.append(f"config files in {CONFIG_DIR} (presets after ':'; the first, '', is the default):")
-        for path, presets, summary in config_files():
-            shown = ", ".join(repr(p) for p in presets)
-            lines.append(f"  {path.relative_to(CONFIG_DIR.parent)}  [{shown}]  {summary}")
+        lines.append(f"config files in {CONFIG_DIR} (give a preset after ':'; '' or none is the file's default):")
+        for path in sorted(CONFIG_DIR.glob("*.py")):
+            presets, summary = config_file_presets(path)
+            name = f"{path.relative_to(CONFIG_DIR.parent)}"
+            lines.append(f"  {name:<27} {summary}; presets: {', '.join(repr(p) for p in presets)}")
         lines.append("")
     lines += [f"Every key with its default and type: {PROG} --config configs/llama_lora.py {PRINT_CONFIG}",
               "Rerunning a command on the same run_dir resumes from its latest checkpoint."]

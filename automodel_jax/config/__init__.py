@@ -30,6 +30,7 @@ import importlib.util
 import inspect
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,8 @@ class ConfigError(ValueError):
     """A bad config file, preset, key or value; the message says which and how to fix it."""
 
 
-def load_config_file(spec: str) -> ConfigDict:
-    """Runs ``get_config`` of the Python file in ``spec`` = ``PATH[:PRESET]``."""
-    path_text, _, preset = spec.partition(":")
+def _config_module(path_text: str):
+    """The config file at ``path_text``, run as a module."""
     path = Path(path_text)
     if not path.is_file():
         raise ConfigError(f"config file '{path_text}' not found")
@@ -58,6 +58,21 @@ def load_config_file(spec: str) -> ConfigDict:
         raise ConfigError(f"config file '{path_text}' is not a Python file")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module
+
+
+def config_file_presets(path: str | Path) -> tuple[tuple[str, ...], str]:
+    """(the presets a config file declares in ``PRESETS``, ``("",)`` if none; what its docstring says first, up to
+    the first comma, parenthesis or full stop)."""
+    module = _config_module(str(path))
+    summary = re.split(r",\s| \(|\.(?:\s|$)", " ".join((module.__doc__ or "").split()), maxsplit=1)[0]
+    return tuple(getattr(module, "PRESETS", ("",))), summary
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """Runs ``get_config`` of the Python file in ``spec`` = ``PATH[:PRESET]``."""
+    path_text, _, preset = spec.partition(":")
+    module = _config_module(path_text)
 
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):

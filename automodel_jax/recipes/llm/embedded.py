@@ -35,6 +35,7 @@ TINY_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_
                   torch_dtype="float32")
 SPLIT_SIZES = {"train": 4000, "validation": 256, "pretrain": 6000, "pretrain-validation": 256}
 PRETRAIN = dict(steps=800, learning_rate=3e-3, warmup_steps=30, global_batch_size=32)
+PRETRAIN_CHECKPOINT_EVERY = 100  # steps between the checkpoints an interrupted pre-training resumes from
 
 
 def cache_dir() -> Path:
@@ -109,7 +110,7 @@ def pretrain_config(cfg, init_dir: Path, run_dir: Path):
     cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"],
                               min_learning_rate=PRETRAIN["learning_rate"] / 10)
     cfg.mesh.update(data=-1, fsdp=1)
-    cfg.checkpoint.update(every_steps=100, keep=1)  # an interrupted build resumes from its last checkpoint
+    cfg.checkpoint.update(every_steps=PRETRAIN_CHECKPOINT_EVERY, keep=1)  # an interrupted build resumes
     cfg.export.when = "never"
     cfg.logging.tensorboard = False
     return cfg

@@ -341,6 +341,7 @@ MODEL_NAMES = {"tiny-gemma3": "gemma3", "tiny-qwen2_5_vl": "qwen2_5_vl"}
 SEQ_LEN = {"gemma3": 96, "qwen2_5_vl": 136}
 MODEL_VERSION = 3  # bump when the task or the tiny models change, so cached assets are rebuilt
 PRETRAIN = dict(steps=600, learning_rate=2e-3, warmup_steps=30, global_batch_size=32)
+PRETRAIN_CHECKPOINT_EVERY = 100  # steps between the checkpoints an interrupted pre-training resumes from
 
 
 def pretrain_config(cfg, init_dir: Path, run_dir: Path, model_type: str):
@@ -366,7 +367,7 @@ def pretrain_config(cfg, init_dir: Path, run_dir: Path, model_type: str):
     cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"],
                               min_learning_rate=PRETRAIN["learning_rate"] / 10)
     cfg.mesh.update(data=-1, fsdp=1)
-    cfg.checkpoint.update(every_steps=100, keep=1)  # an interrupted build resumes from its last checkpoint
+    cfg.checkpoint.update(every_steps=PRETRAIN_CHECKPOINT_EVERY, keep=1)  # an interrupted build resumes
     cfg.export.when = "never"
     cfg.logging.tensorboard = False
     return cfg

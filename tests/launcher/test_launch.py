@@ -22,8 +22,8 @@ def cli(tmp_path: Path, *extra: str, config: str = CONFIG) -> list[str]:
 
 def test_dry_run_subprocess_prints_script_and_writes_nothing(tmp_path):
     command = [sys.executable, "-m", "automodel_jax.launch", "slurm", "--config", f"{CONFIG}:llama3.2-1b",
-               "--nodes", "2", "--gpus-per-node", "8", "--tasks-per-node", "8", "--partition", "batch", "--time", "01:00:00",
-               "--container-image", "nvcr.io/nvidia/jax:25.04", "--run-dir", str(tmp_path / "run"),
+               "--nodes", "2", "--gpus-per-node", "8", "--tasks-per-node", "8", "--partition", "batch", "--time",
+               "01:00:00", "--container-image", "nvcr.io/nvidia/jax:25.04", "--run-dir", str(tmp_path / "run"),
                "--config.optim.learning_rate=0.01", "--config.peft.r=8", "--dry-run"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

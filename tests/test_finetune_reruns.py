@@ -116,3 +116,21 @@ def test_every_preset_takes_a_learning_rate_below_its_default_minimum(path):
         fixed = parse_config(["--config", f"{path}:{preset}", "--config.optim.schedule.min_learning_rate=0",
                               "--config.optim.learning_rate=1e-9"])
         assert fixed.optim.schedule.min_learning_rate == 0.0
+
+
+def test_a_run_that_does_not_resume_the_checkpoints_beside_it_says_it_replaces_their_config(finished_run, tmp_path,
+                                                                                           capsys):
+    """checkpoint.enabled=false on a run dir with checkpoints trains afresh: config.json is replaced, said in one
+    line naming the changed keys."""
+    argv, original = finished_run
+    run_dir = tmp_path / "copy"
+    shutil.copytree(original, run_dir)
+    argv = argv + [f"--config.run_dir={run_dir}", "--config.checkpoint.enabled=false", "--config.train.max_steps=1",
+                   "--config.export.when=never"]
+    capsys.readouterr()
+    assert finetune_cli.main(argv) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "does not resume" in line]
+    assert line == (f"{run_dir} holds checkpoints that this run does not resume; its config.json is replaced by this "
+                    f"run's: checkpoint.enabled: True -> False; export.when: 'final' -> 'never'; run_dir: "
+                    f"'{original}' -> '{run_dir}'; train.max_steps: 2 -> 1")
+    assert json.loads((run_dir / "config.json").read_text())["checkpoint"]["enabled"] is False

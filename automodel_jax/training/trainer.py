@@ -24,7 +24,7 @@ from ml_collections import config_dict
 
 from automodel_jax.checkpoint.export import export_defaults, export_dir
 from automodel_jax.checkpoint.hf import load_pretrained
-from automodel_jax.checkpoint.orbax_io import TrainCheckpoints, checkpoint_defaults
+from automodel_jax.checkpoint.orbax_io import CHECKPOINT_DIR, TrainCheckpoints, checkpoint_defaults
 from automodel_jax.config import ConfigError, config_changes, save_config
 from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
 from automodel_jax.parallel.sharding import mesh_from_config, tree_shardings
@@ -37,7 +37,7 @@ from automodel_jax.training.step import compile_steps, init_state, make_eval_ste
 
 log = logging.getLogger("automodel_jax.finetune")
 
-COMPLETE_FILE = "complete.json"  # written into the run dir when a run has finished: its steps, export and config
+COMPLETE_FILE = "complete.json"  # written into the run dir when a run has finished: its steps and config
 
 
 def trainer_defaults(run_dir: str) -> ml_collections.ConfigDict:
@@ -144,7 +144,7 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
     optimizer, schedule = build_optimizer(cfg.optim, total_steps)
     checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
     if started.primary:
-        save_config(started.config, started.run_dir)
+        record_config(started, resuming=checkpoints.source is not None)
     graphdef, trainable, frozen_params = split_model(model, lora, frozen)
     state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
     frozen_shardings = tree_shardings(model, frozen_params, mesh, rules)
@@ -159,6 +159,20 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
     return Run(cfg, mesh, started.primary, started.run_dir, started.export_to, model_path, tokenizer, graphdef, state,
                frozen_params, train_step, eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps,
                checkpoints, logger, prepare)
+
+
+def record_config(started: Started, resuming: bool) -> None:
+    """Save the config into the run dir, which now holds a run in progress (not a complete one). A run dir with
+    checkpoints that this run does not resume (say checkpoint.enabled=false) gets a one-line note naming what
+    changed; a resumed run's changes are named by its checkpoints (`TrainCheckpoints`)."""
+    run_dir, previous = started.run_dir, started.run_dir / "config.json"
+    if not resuming and previous.is_file() and (run_dir / CHECKPOINT_DIR).is_dir():
+        changes = config_changes(json.loads(previous.read_text()), started.config.to_dict())
+        if changes:
+            print(f"{run_dir} holds checkpoints that this run does not resume; its config.json is replaced by this "
+                  f"run's: {'; '.join(changes)}", flush=True)
+    save_config(started.config, run_dir)
+    (run_dir / COMPLETE_FILE).unlink(missing_ok=True)
 
 
 def mark_complete(given: dict, steps: int) -> None:

@@ -57,6 +57,7 @@ def load_config(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code (0 for --help, --print-config and a complete run; 2 for bad input)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
         print(help_text())

@@ -31,6 +31,18 @@ def finished_run(hellaswag, tmp_path_factory):  # noqa: F811
     return argv, run_dir
 
 
+def rerun_copy(finished_run, tmp_path, capsys, marker: str, *overrides: str):
+    """(copy's run dir, the original) after running the command on a copy of the finished run with `overrides`;
+    asserts it succeeds and returns the one printed line holding `marker` too."""
+    argv, original = finished_run
+    run_dir = tmp_path / "copy"
+    shutil.copytree(original, run_dir)
+    capsys.readouterr()
+    assert finetune_cli.main(argv + [f"--config.run_dir={run_dir}", *overrides]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if marker in line]
+    return run_dir, original, line
+
+
 def snapshot(run_dir) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
@@ -78,14 +90,8 @@ def test_resuming_with_a_changed_config_says_which_keys_changed_and_records_the_
                                                                                           capsys):
     """A copy of the finished run continued for one more step at another learning rate: one line names every
     changed key with its old and new value; config.json then holds the config the new checkpoint was made with."""
-    argv, original = finished_run
-    run_dir = tmp_path / "copy"
-    shutil.copytree(original, run_dir)
-    argv = argv + [f"--config.run_dir={run_dir}", "--config.train.max_steps=3", "--config.optim.learning_rate=1e-3",
-                   "--config.export.overwrite=true"]
-    capsys.readouterr()
-    assert finetune_cli.main(argv) == 0
-    [line] = [line for line in capsys.readouterr().out.splitlines() if "differs" in line]
+    run_dir, _, line = rerun_copy(finished_run, tmp_path, capsys, "differs", "--config.train.max_steps=3",
+                                  "--config.optim.learning_rate=1e-3", "--config.export.overwrite=true")
     assert line == (f"resuming {run_dir / 'checkpoints' / '2'} with a config that differs from the one it was saved "
                     "with: export.overwrite: False -> True; optim.learning_rate: 0.005 -> 0.001; "
                     "optim.schedule.min_learning_rate: 0.0005 -> 0.0001; train.max_steps: 2 -> 3 (config.json "
@@ -122,14 +128,9 @@ def test_a_run_that_does_not_resume_the_checkpoints_beside_it_says_it_replaces_t
                                                                                            capsys):
     """checkpoint.enabled=false on a run dir with checkpoints trains afresh: config.json is replaced, said in one
     line naming the changed keys."""
-    argv, original = finished_run
-    run_dir = tmp_path / "copy"
-    shutil.copytree(original, run_dir)
-    argv = argv + [f"--config.run_dir={run_dir}", "--config.checkpoint.enabled=false", "--config.train.max_steps=1",
-                   "--config.export.when=never"]
-    capsys.readouterr()
-    assert finetune_cli.main(argv) == 0
-    [line] = [line for line in capsys.readouterr().out.splitlines() if "does not resume" in line]
+    run_dir, original, line = rerun_copy(finished_run, tmp_path, capsys, "does not resume",
+                                         "--config.checkpoint.enabled=false", "--config.train.max_steps=1",
+                                         "--config.export.when=never")
     assert line == (f"{run_dir} holds checkpoints that this run does not resume; its config.json is replaced by this "
                     f"run's: checkpoint.enabled: True -> False; export.when: 'final' -> 'never'; run_dir: "
                     f"'{original}' -> '{run_dir}'; train.max_steps: 2 -> 1")

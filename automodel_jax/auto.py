@@ -97,9 +97,25 @@ def find_checkpoint_dir(path) -> Path | str:
                    key=lambda d: d.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"{path} is neither an HF checkpoint directory (config.json with model_type and "
-                                "safetensors weights) nor a run directory containing one; pass the exported "
-                                "checkpoint directory")
+                                f"safetensors weights) nor a run directory containing one; {_model_hint(local)}")
     return found[-1]
+
+
+def _model_hint(run_dir: Path) -> str:
+    """What to pass instead of a directory without an HF checkpoint: a LoRA run's adapter with its base model, or
+    exporting the run's checkpoints first."""
+    adapters = sorted(run_dir.rglob("adapter_config.json"), key=lambda f: f.stat().st_mtime)
+    if adapters:
+        try:
+            base = json.loads(adapters[-1].read_text()).get("base_model_name_or_path") or "BASE_MODEL"
+        except json.JSONDecodeError:
+            base = "BASE_MODEL"
+        return (f"it is a LoRA run whose export {adapters[-1].parent} is a PEFT adapter: pass --model {base} "
+                f"--adapter {adapters[-1].parent}")
+    if (run_dir / "checkpoints").is_dir():
+        return (f"export its checkpoint first (python -m automodel_jax.export --checkpoint {run_dir} --out DIR, "
+                "with --merge-lora for a LoRA run) and pass that directory")
+    return "pass the exported checkpoint directory"
 
 
 def load_for_inference(model_path, adapter=None, *, dtype: str = "float32", mesh=None):

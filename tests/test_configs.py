@@ -94,7 +94,7 @@ def test_preset_loads_with_its_model_and_method(file, preset):
         assert (cfg.model.dtype, cfg.model.param_dtype) == ("bfloat16", "float32")
         assert (cfg.data.train.kind, cfg.data.train.split, cfg.data.validation.split) == ("squad", "train",
                                                                                            "validation")
-        assert cfg.optim.learning_rate == 1e-5 and cfg.optim.schedule.min_learning_rate == 1e-6
+        assert cfg.optim.learning_rate == 1e-5 and cfg.optim.schedule.min_learning_rate == pytest.approx(1e-6)
 
 
 @pytest.mark.parametrize(("file", "preset"), sorted(EXPECTED_VLM))

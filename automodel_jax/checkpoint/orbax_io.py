@@ -30,7 +30,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from automodel_jax.checkpoint.hf import commit_output_dir, load_pretrained, prepare_output_dir
 from automodel_jax.checkpoint.safetensors_io import CheckpointError
-from automodel_jax.config import ConfigError
+from automodel_jax.config import ConfigError, config_changes
 from automodel_jax.data.builders import training_chat_template
 from automodel_jax.models.base import HFSource, build_model
 from automodel_jax.parallel.sharding import tree_shardings
@@ -155,8 +155,10 @@ class TrainCheckpoints:
     is compiled), restores it into the train state and the loader, saves every N steps and at the end.
 
     Resumes the run_dir's latest complete checkpoint, else checkpoint.restore_from; restore_from only seeds a run_dir
-    without checkpoints of its own, so rerunning the same command continues where the run stopped. `model_path` (the
-    base model's local directory, default cfg.model.path) is recorded so that exports find the base again.
+    without checkpoints of its own, so rerunning the same command continues where the run stopped. Resuming with a
+    config that differs from the checkpoint's (say a new learning rate) is allowed, as in NeMo Automodel, and said in
+    one line naming every changed key. `model_path` (the base model's local directory, default cfg.model.path) is
+    recorded so that exports find the base again.
     """
 
     def __init__(self, cfg, model: nnx.Module, total_steps: int, model_path: str | None = None):
@@ -189,6 +191,12 @@ class TrainCheckpoints:
             if meta.get("kind") != "train":
                 raise CheckpointError(f"checkpoint {where} holds parameters only (no optimizer or data state); "
                                       f"it cannot resume training")
+            changes = config_changes(_read_json(manager, step, ["config"])["config"], self.config,
+                                     ignore=("run_dir", "checkpoint.restore_from"))
+            if changes and jax.process_index() == 0:
+                print(f"resuming {where} with a config that differs from the one it was saved with: "
+                      f"{'; '.join(changes)} (config.json records the new one; the checkpoint keeps its own)",
+                      flush=True)
             if step > total_steps:
                 raise ConfigError(f"checkpoint {where} is past the {total_steps} steps this config trains for; "
                                   f"raise train.max_steps or use a fresh run_dir")

@@ -23,6 +23,17 @@ COMMANDS = {
 }
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter out of a command's output: `datasets` progress bars ("Generating train split", "Map")
+    and INFO logs. Called when the cli package is imported, so it holds for every command."""
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_warning()
+
+
+quiet_libraries()
+
+
 # What a command reports as bad input (one `error:` line, exit code 2) rather than as a crash with a traceback.
 BAD_INPUT = (FileNotFoundError, FileExistsError, ValueError)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from automodel_jax.cli import exit_code
-from automodel_jax.data.sources import load_rows
+from automodel_jax.data.sources import DataError, load_rows
 from automodel_jax.evaluation import DEFAULT_DATA, TASKS, evaluate
 from automodel_jax.auto import load_for_inference
 
@@ -38,7 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run():
         hub_name, split = DEFAULT_DATA[args.task]
-        rows = load_rows(args.data or hub_name, split, args.limit)
+        try:
+            rows = load_rows(args.data or hub_name, split, args.limit)
+        except DataError as e:
+            raise DataError(f"{e}; evaluate takes the rows with --data" if not args.data else str(e)) from None
         model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype)
         result = evaluate(model, tokenizer, args.task, rows, args.limit, args.batch_size,
                           max_new_tokens=args.max_new_tokens)

@@ -5,45 +5,96 @@ A NeMo Automodel YAML recipe runs as it is: `--config recipe.yaml [--section.key
 
 The config decides the recipe: a config built from the VLM recipe's defaults (it has the `vlm` key) runs
 vision-language fine-tuning (`automodel_jax.recipes.vlm.finetune`), every other one LLM fine-tuning
-(`automodel_jax.recipes.llm.finetune`).
+(`automodel_jax.recipes.llm.finetune`). `--help` lists the config files and presets; `--print-config` prints every
+key of a config with its type and value, and loads no model.
 """
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from automodel_jax.cli import BAD_INPUT, exit_code
-from automodel_jax.config import parse_config
+from automodel_jax.config import config_file_presets, describe_config, parse_config
 from automodel_jax.config.nemo_yaml import parse_nemo_yaml, yaml_config_path
 from automodel_jax.launcher.distributed import DistributedInitError
 from automodel_jax.recipes.llm import finetune as llm
 from automodel_jax.recipes.vlm import finetune as vlm
 from automodel_jax.training.loop import TrainingError
+from automodel_jax.training.trainer import completed_run, mark_complete
+
+PROG = "python -m automodel_jax.finetune"
+PRINT_CONFIG = "--print-config"
+# The config files shipped with the project (beside the package in a source checkout).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def help_text() -> str:
+    """The command's usage: how to choose a config and override it, the config files and their presets."""
+    lines = [f"usage: {PROG} --config FILE[:PRESET] [--config.KEY=VALUE ...] [{PRINT_CONFIG}]", "",
+             "Fine-tune a model with LoRA or full SFT as the config file says (the LLM or the VLM recipe).", "",
+             "options:",
+             "  --config FILE[:PRESET]  a config file (Python, get_config(preset)) and one of its presets",
+             "  --config RECIPE.yaml    a NeMo Automodel LLM recipe, run as it is (overrides: --section.key VALUE); "
+             "the mapping to our keys is printed",
+             "  --config.KEY=VALUE      override one config key (dotted, e.g. --config.optim.learning_rate=3e-4); a "
+             "misspelt key is an error naming the closest one",
+             f"  {PRINT_CONFIG}          print every key of the config (after overrides) with its type and value, "
+             "and exit; loads no model or data",
+             "  -h, --help              show this help and exit", ""]
+    if CONFIG_DIR.is_dir():
+        lines.append(f"config files in {CONFIG_DIR} (give a preset after ':'; '' or none is the file's default):")
+        for path in sorted(CONFIG_DIR.glob("*.py")):
+            presets, summary = config_file_presets(path)
+            name = f"{path.relative_to(CONFIG_DIR.parent)}"
+            lines.append(f"  {name:<27} {summary}; presets: {', '.join(repr(p) for p in presets)}")
+        lines.append("")
+    lines += [f"Every key with its default and type: {PROG} --config configs/llama_lora.py {PRINT_CONFIG}",
+              "Rerunning a command on the same run_dir resumes from its latest checkpoint."]
+    return "\n".join(lines)
+
+
+def load_config(argv: list[str]):
+    """The locked config of a finetune command line (a Python config file, or a NeMo Automodel YAML recipe translated
+    by `automodel_jax.config.nemo_yaml`), checked as far as it can be without a model or data: the file,
+    preset, keys and value types, and the recipe's choices. ConfigError (a ValueError) naming the bad thing."""
+    if yaml_config_path(argv) is None:
+        cfg = parse_config(argv)
+    else:  # a NeMo Automodel YAML recipe: translated, the mapping printed
+        cfg, translation = parse_nemo_yaml(argv, llm.default_config())
+        print(translation.report(), flush=True)
+        for warning in translation.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    (vlm if cfg.get("vlm") else llm).check_run_config(cfg)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code (0 for --help, --print-config and a complete run; 2 for bad input)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(help_text())
+        return 0
     # force: grain/orbax import absl, which installs a root handler at WARNING before we get here.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    argv = sys.argv[1:] if argv is None else argv
-    return exit_code(lambda: run(parse(argv)), BAD_INPUT + (TrainingError, DistributedInitError))
-
-
-def parse(argv: list[str]):
-    """The run's config: from a Python config file, or translated from a NeMo Automodel YAML recipe."""
-    if yaml_config_path(argv) is None:
-        return parse_config(argv)
-    cfg, translation = parse_nemo_yaml(argv, llm.default_config())
-    print(translation.report(), flush=True)
-    for warning in translation.warnings:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-    return cfg
+    if PRINT_CONFIG in args:
+        return exit_code(lambda: print(describe_config(load_config([a for a in args if a != PRINT_CONFIG]))))
+    return exit_code(lambda: run(load_config(args)), BAD_INPUT + (TrainingError, DistributedInitError))
 
 
 def run(cfg) -> dict:
-    """The recipe the config belongs to, run."""
-    return (vlm if cfg.get("vlm") else llm).run(cfg)
+    """The recipe the config belongs to, run; a run that already finished with this config is reported as complete
+    and not run again (an empty result)."""
+    done = completed_run(cfg)
+    if done:
+        print(done, flush=True)
+        return {}
+    given = cfg.to_dict()
+    result = (vlm if cfg.get("vlm") else llm).run(cfg)
+    mark_complete(given, result["steps"])
+    return result
 
 
 if __name__ == "__main__":

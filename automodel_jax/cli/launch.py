@@ -1,7 +1,9 @@
 """`python -m automodel_jax.launch slurm ...`: write a multi-node sbatch script for a fine-tuning run and submit it.
 
 Config overrides use the recipe's own syntax (`--config.key=value`, `--config.key value`, bare `--config.flag`) and
-are passed through to every task.
+are passed through to every task. For the fine-tuning module the config is checked here first, as `finetune` checks it
+(file, preset, keys, value types, the recipe's choices; no model or data is loaded), so a mistake is an error now
+rather than after the job waited in the queue.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from automodel_jax.cli.finetune import load_config
+from automodel_jax.config import ConfigError
 from automodel_jax.launcher.slurm import DEFAULT_MODULE, LaunchConfigError, SlurmError, SlurmJob, render_sbatch_script
 from automodel_jax.launcher.slurm import submit
 
@@ -83,6 +87,12 @@ def _job_from_args(args: argparse.Namespace, extra: Sequence[str]) -> SlurmJob:
         raise LaunchConfigError(f"--config {args.config}: file {config_file} not found (relative to {os.getcwd()})")
     if args.program and not args.container_image and not Path(args.program).is_file():
         raise LaunchConfigError(f"--program {args.program}: file not found")
+    if args.program is None and args.module == DEFAULT_MODULE:
+        if Path(config_file).is_file():
+            load_config(["--config", args.config, *overrides])
+        else:
+            print(f"note: --config {config_file} is not on this host (inside --container-image only), so it is "
+                  "checked only when the job starts", file=sys.stderr)
     return SlurmJob(
         config=args.config,
         overrides=tuple(overrides),
@@ -113,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render_sbatch_script(job), end="")
             return 0
         job_id = submit(job)
-    except LaunchConfigError as error:
+    except (LaunchConfigError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except SlurmError as error:

@@ -30,6 +30,7 @@ import importlib.util
 import inspect
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,8 @@ class ConfigError(ValueError):
     """A bad config file, preset, key or value; the message says which and how to fix it."""
 
 
-def load_config_file(spec: str) -> ConfigDict:
-    """Runs ``get_config`` of the Python file in ``spec`` = ``PATH[:PRESET]``."""
-    path_text, _, preset = spec.partition(":")
+def _config_module(path_text: str):
+    """The config file at ``path_text``, run as a module."""
     path = Path(path_text)
     if not path.is_file():
         raise ConfigError(f"config file '{path_text}' not found")
@@ -58,6 +58,21 @@ def load_config_file(spec: str) -> ConfigDict:
         raise ConfigError(f"config file '{path_text}' is not a Python file")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module
+
+
+def config_file_presets(path: str | Path) -> tuple[tuple[str, ...], str]:
+    """(the presets a config file declares in ``PRESETS``, ``("",)`` if none; what its docstring says first, up to
+    the first comma, parenthesis or full stop)."""
+    module = _config_module(str(path))
+    summary = re.split(r",\s| \(|\.(?:\s|$)", " ".join((module.__doc__ or "").split()), maxsplit=1)[0]
+    return tuple(getattr(module, "PRESETS", ("",))), summary
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """Runs ``get_config`` of the Python file in ``spec`` = ``PATH[:PRESET]``."""
+    path_text, _, preset = spec.partition(":")
+    module = _config_module(path_text)
 
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
@@ -212,6 +227,37 @@ def validate_choice(cfg: ConfigDict, key: str, choices: Sequence[str], *, prefix
     close = difflib.get_close_matches(str(value), choices, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise ConfigError(f"{label} must be one of {', '.join(map(repr, choices))}; got {value!r}{hint}")
+
+
+def describe_config(cfg: ConfigDict) -> str:
+    """Every key of ``cfg`` as ``key: type = value`` lines (dotted keys, file order), for ``--print-config``."""
+    lines = []
+    for path in _leaf_paths(cfg):
+        parent, name = _lookup(cfg, path)
+        field = dict(parent.items(preserve_field_references=True))[name]
+        declared = parent.get_type(name)
+        type_name = "untyped" if declared is type(None) else declared.__name__
+        if isinstance(field, FieldReference) and field.get() is None:
+            type_name += " or None"
+        lines.append(f"{path}: {type_name} = {parent[name]!r}")
+    return "\n".join(lines)
+
+
+def config_changes(saved: dict, current: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """``key: saved -> current`` for every dotted key whose value differs between two ``to_dict()`` configs (JSON
+    round-tripped, so tuples and lists compare equal); keys in ``ignore`` are skipped."""
+    flat = lambda tree: {p: v for p, v in _flat_items(json.loads(json.dumps(tree)))}  # noqa: E731
+    was, now = flat(saved), flat(current)
+    return [f"{key}: {was.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(was) | set(now))
+            if key not in ignore and was.get(key) != now.get(key)]
+
+
+def _flat_items(tree: dict, prefix: str = ""):
+    for name, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flat_items(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name, value
 
 
 def save_config(cfg: ConfigDict, run_dir: str | Path) -> Path:

@@ -4,6 +4,8 @@ Everything is returned as a `datasets.Dataset` so the builders see one row inter
 """
 from __future__ import annotations
 
+import socket
+import urllib.parse
 from pathlib import Path
 
 import datasets
@@ -18,6 +20,37 @@ class DataError(ValueError):
 def _looks_like_local_path(path: str) -> bool:
     """A Hub id is `name` or `org/name`; absolute, dotted-relative or suffixed paths are meant to be local."""
     return path.startswith(("/", ".", "~")) or Path(path).suffix != "" or path.count("/") > 1
+
+
+LOCAL_ROWS = "give a local file (json/jsonl/parquet/csv) or a save_to_disk directory instead"
+
+
+def _hub_unreachable(endpoint: str, timeout_s: float = 3.0) -> str | None:
+    """Why no TCP connection to the Hub `endpoint` (its URL) opens within `timeout_s` seconds, else None."""
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def _read_hub(path: str, split: str) -> datasets.Dataset:
+    """A Hub dataset's split; with HF_HUB_OFFLINE set, from the datasets cache. Without network this fails at once
+    (one line) rather than after half a minute of retries."""
+    from huggingface_hub import constants
+    if not constants.HF_HUB_OFFLINE:
+        reason = _hub_unreachable(constants.ENDPOINT)
+        if reason:
+            raise DataError(f"{path} is a Hub dataset, but the Hub ({constants.ENDPOINT}) cannot be reached "
+                            f"({reason}); {LOCAL_ROWS}, or set HF_HUB_OFFLINE=1 to use the datasets cache")
+        return datasets.load_dataset(path, split=split)
+    try:
+        return datasets.load_dataset(path, split=split)
+    except ConnectionError:
+        raise DataError(f"{path} is a Hub dataset, but HF_HUB_OFFLINE is set and it is not in the datasets cache; "
+                        f"{LOCAL_ROWS}") from None
 
 
 def _read(path: str, split: str) -> datasets.Dataset:
@@ -36,7 +69,7 @@ def _read(path: str, split: str) -> datasets.Dataset:
         return datasets.load_dataset(loader, data_files=str(local), split="train")
     if _looks_like_local_path(path):
         raise DataError(f"data file or directory {path} does not exist")
-    return datasets.load_dataset(path, split=split)
+    return _read_hub(path, split)
 
 
 def load_rows(path: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:

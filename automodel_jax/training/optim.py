@@ -44,6 +44,12 @@ def optim_defaults() -> ConfigDict:
     )
 
 
+def link_min_learning_rate(optim_cfg: ConfigDict, ratio: float) -> None:
+    """Ties ``schedule.min_learning_rate`` to ``ratio * learning_rate`` (an ml_collections field reference), so an
+    overridden learning rate moves the minimum with it; overriding the minimum itself sets it to a fixed value."""
+    optim_cfg.schedule.min_learning_rate = optim_cfg.get_ref("learning_rate") * ratio
+
+
 def build_schedule(optim_cfg: ConfigDict, total_steps: int) -> optax.Schedule:
     """Learning rate per optimizer step: warmup, then constant, linear, cosine or WSD decay to the minimum."""
     sched = optim_cfg.schedule

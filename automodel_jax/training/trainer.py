@@ -6,8 +6,13 @@ checkpoints on their cadence, and an optional profiler trace. `bench/` drives th
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import io
+import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +24,8 @@ from ml_collections import config_dict
 
 from automodel_jax.checkpoint.export import export_defaults, export_dir
 from automodel_jax.checkpoint.hf import load_pretrained
-from automodel_jax.checkpoint.orbax_io import TrainCheckpoints, checkpoint_defaults
-from automodel_jax.config import ConfigError, save_config
+from automodel_jax.checkpoint.orbax_io import CHECKPOINT_DIR, TrainCheckpoints, checkpoint_defaults
+from automodel_jax.config import ConfigError, config_changes, save_config
 from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
 from automodel_jax.parallel.sharding import mesh_from_config, tree_shardings
 from automodel_jax.peft.lora import split_model
@@ -31,6 +36,8 @@ from automodel_jax.training.profile import StepProfiler, profile_defaults
 from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("automodel_jax.finetune")
+
+COMPLETE_FILE = "complete.json"  # written into the run dir when a run has finished: its steps and config
 
 
 def trainer_defaults(run_dir: str) -> ml_collections.ConfigDict:
@@ -81,26 +88,27 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class Started:
-    """A run's first phase done: export directory checked, processes joined, config saved, mesh built."""
+    """A run's first phase done: export directory checked, processes joined, mesh built; `config`: a copy of the
+    config as given (before a recipe resolves its paths), which `build_run` saves."""
     export_to: Path | None
     primary: bool
     run_dir: Path
     mesh: Any
     rules: dict
+    config: Any
 
 
 def start(cfg) -> Started:
     """Check the export directory (nothing is trained into an export that would fail), join the other processes,
-    save the resolved config (process 0), build the mesh and print the topology."""
+    build the mesh and print the topology. Nothing is written yet: the config is saved by `build_run`, once the
+    model, data, checkpoints and optimizer are known to fit it."""
     export_to = export_dir(cfg)
     initialize_distributed(cfg.distributed.timeout_s)
     primary = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
-    if primary:
-        save_config(cfg, run_dir)
     mesh, rules = mesh_from_config(cfg.mesh)
     describe_topology(mesh)
-    return Started(export_to, primary, run_dir, mesh, rules)
+    return Started(export_to, primary, run_dir, mesh, rules, copy.deepcopy(cfg))
 
 
 def load_model(cfg, model_path: str, started: Started):
@@ -128,12 +136,15 @@ def batch_geometry(cfg, mesh) -> tuple[int, int]:
 def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, tokenizer, loader, val_batches: list,
               accum: int, total_steps: int, right_padded: bool, frozen: tuple[str, ...] = (),
               batch_ranks: dict[str, int] | None = None, prepare: Callable[[dict], dict] | None = None) -> Run:
-    """Checkpoints (finding the one to resume, checked against the model) -> optimizer, train state and jitted steps
-    on their declared shardings -> restored state and data position -> metrics logger: the `Run` to train.
+    """Optimizer -> checkpoints (finding the one to resume, checked against the model and its config) -> the resolved
+    config saved into the run dir (process 0; the first write into it) -> train state and jitted steps on their
+    declared shardings -> restored state and data position -> metrics logger: the `Run` to train.
     `frozen`: module patterns full SFT keeps frozen; `batch_ranks`: the batch's keys and per-row ranks."""
     mesh, rules = started.mesh, started.rules
-    checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
     optimizer, schedule = build_optimizer(cfg.optim, total_steps)
+    checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
+    if started.primary:
+        record_config(started, resuming=checkpoints.source is not None)
     graphdef, trainable, frozen_params = split_model(model, lora, frozen)
     state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
     frozen_shardings = tree_shardings(model, frozen_params, mesh, rules)
@@ -148,6 +159,69 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
     return Run(cfg, mesh, started.primary, started.run_dir, started.export_to, model_path, tokenizer, graphdef, state,
                frozen_params, train_step, eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps,
                checkpoints, logger, prepare)
+
+
+def record_config(started: Started, resuming: bool) -> None:
+    """Save the config into the run dir, which now holds a run in progress (not a complete one). A run dir with
+    checkpoints that this run does not resume (say checkpoint.enabled=false) gets a one-line note naming what
+    changed; a resumed run's changes are named by its checkpoints (`TrainCheckpoints`)."""
+    run_dir, previous = started.run_dir, started.run_dir / "config.json"
+    if not resuming and previous.is_file() and (run_dir / CHECKPOINT_DIR).is_dir():
+        changes = config_changes(json.loads(previous.read_text()), started.config.to_dict())
+        if changes:
+            print(f"{run_dir} holds checkpoints that this run does not resume; its config.json is replaced by this "
+                  f"run's: {'; '.join(changes)}", flush=True)
+    save_config(started.config, run_dir)
+    (run_dir / COMPLETE_FILE).unlink(missing_ok=True)
+
+
+def mark_complete(given: dict, steps: int) -> None:
+    """Record in the run dir that a run of the config `given` (its `to_dict()` before the recipe ran) finished all
+    `steps` (final checkpoint and export written), so that the same command run again reports it complete
+    (`completed_run`) instead of failing on its export directory. Process 0 writes."""
+    if jax.process_index() == 0:
+        record = dict(steps=steps, config=given)
+        (Path(given["run_dir"]) / COMPLETE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def completed_run(cfg) -> str | None:
+    """A one-line note when cfg.run_dir already finished with this very config (nothing to do), else None (a new
+    run, a run to resume, or a finished run given another config, e.g. more steps)."""
+    path = Path(cfg.run_dir) / COMPLETE_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if config_changes(record["config"], cfg.to_dict()):
+        return None
+    export = cfg.export.dir or Path(cfg.run_dir) / "export"
+    exported = "not exported (export.when=never)" if cfg.export.when == "never" else f"exported to {export}"
+    return (f"run {cfg.run_dir} is complete: {record['steps']} steps, {exported}; nothing to do (another run_dir "
+            f"starts a new run; a higher train.max_steps with export.overwrite=true continues this one)")
+
+
+class LabelledLines(io.TextIOBase):
+    """A text stream that writes every line to `out` with `label` in front (what a nested run prints)."""
+
+    def __init__(self, out, label: str):
+        self.out, self.label, self.at_line_start = out, label, True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            self.out.write((self.label if self.at_line_start else "") + piece)
+            self.at_line_start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def pretrain_base(run: Callable[[Any], dict], cfg, label: str):
+    """The model that `run(cfg)` (a recipe's run) trains when it builds an embedded base model, with every line that
+    run prints labelled `[label]`, so that its validation summary is not taken for the user's run. `cfg` should
+    checkpoint into its run_dir: an interrupted build then resumes where it stopped."""
+    with contextlib.redirect_stdout(LabelledLines(sys.stdout, f"[{label}] ")):
+        return run(cfg)["model"]
 
 
 def validate(run: Run, step: int) -> float:

@@ -35,6 +35,7 @@ TINY_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_
                   torch_dtype="float32")
 SPLIT_SIZES = {"train": 4000, "validation": 256, "pretrain": 6000, "pretrain-validation": 256}
 PRETRAIN = dict(steps=800, learning_rate=3e-3, warmup_steps=30, global_batch_size=32)
+PRETRAIN_CHECKPOINT_EVERY = 100  # steps between the checkpoints an interrupted pre-training resumes from
 
 
 def cache_dir() -> Path:
@@ -109,7 +110,7 @@ def pretrain_config(cfg, init_dir: Path, run_dir: Path):
     cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"],
                               min_learning_rate=PRETRAIN["learning_rate"] / 10)
     cfg.mesh.update(data=-1, fsdp=1)
-    cfg.checkpoint.enabled = False
+    cfg.checkpoint.update(every_steps=PRETRAIN_CHECKPOINT_EVERY, keep=1)  # an interrupted build resumes
     cfg.export.when = "never"
     cfg.logging.tensorboard = False
     return cfg
@@ -121,6 +122,7 @@ def _build_base_model(root: Path, target: Path, default_config, run) -> None:
     import jax
 
     from automodel_jax.auto import AutoModelForCausalLM, save_pretrained
+    from automodel_jax.training.trainer import pretrain_base
     if jax.process_count() > 1:
         raise ValueError("the embedded base model is built by a single process; run the command once without "
                          "multiple processes first (it is cached), or set model.path to a real checkpoint")
@@ -129,9 +131,11 @@ def _build_base_model(root: Path, target: Path, default_config, run) -> None:
     build_tokenizer().save_pretrained(init_dir)
     print(f"building the embedded base model: pre-training {init_dir} on {sorted(PRETRAIN_TASKS)} "
           f"({PRETRAIN['steps']} steps, once; cached in {root})", flush=True)
-    result = run(pretrain_config(default_config(), init_dir, root / "pretrain-run"))
-    save_pretrained(result["model"], target, overwrite=True)
+    run_dir = root / "pretrain-run"
+    model = pretrain_base(run, pretrain_config(default_config(), init_dir, run_dir), "embedded base model")
+    save_pretrained(model, target, overwrite=True)
     shutil.rmtree(init_dir)
+    shutil.rmtree(run_dir)
 
 
 def materialize(name: str, default_config, run) -> str:

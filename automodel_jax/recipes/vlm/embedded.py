@@ -344,6 +344,7 @@ MODEL_VERSION = 3  # bump when the task or the tiny models change, so cached ass
 # and collapse to "which red level is there" (green and blue became near-identical; colour 38% on held-out images),
 # while 5e-4 keeps them apart (every single skill but position >= 97%, the new instructions 100% after LoRA).
 PRETRAIN = dict(steps=600, learning_rate={"gemma3": 2e-3, "qwen2_5_vl": 5e-4}, warmup_steps=30, global_batch_size=32)
+PRETRAIN_CHECKPOINT_EVERY = 100  # steps between the checkpoints an interrupted pre-training resumes from
 
 
 def pretrain_config(cfg, init_dir: Path, run_dir: Path, model_type: str):
@@ -369,7 +370,7 @@ def pretrain_config(cfg, init_dir: Path, run_dir: Path, model_type: str):
     cfg.optim.update(name="adamw", learning_rate=learning_rate, weight_decay=0.0)
     cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"], min_learning_rate=learning_rate / 10)
     cfg.mesh.update(data=-1, fsdp=1)
-    cfg.checkpoint.enabled = False
+    cfg.checkpoint.update(every_steps=PRETRAIN_CHECKPOINT_EVERY, keep=1)  # an interrupted build resumes
     cfg.export.when = "never"
     cfg.logging.tensorboard = False
     return cfg
@@ -381,6 +382,7 @@ def _build_model(name: str, root: Path, target: Path, default_config, run) -> No
 
     from automodel_jax.auto import save_pretrained
     from automodel_jax.models.base import build_model
+    from automodel_jax.training.trainer import pretrain_base
     if jax.process_count() > 1:
         raise ValueError("the embedded VLM is built by a single process; run the command once without multiple "
                          "processes first (it is cached), or set model.path to a real checkpoint")
@@ -393,9 +395,12 @@ def _build_model(name: str, root: Path, target: Path, default_config, run) -> No
     processor_dir.rmdir()
     print(f"building the embedded VLM {name}: pre-training {init_dir} on {sorted(PRETRAIN_TASKS)} "
           f"({PRETRAIN['steps']} steps, once; cached in {root})", flush=True)
-    result = run(pretrain_config(default_config(), init_dir, root / f"{name}-pretrain-run", MODEL_NAMES[name]))
-    save_pretrained(result["model"], target, overwrite=True)
+    run_dir = root / f"{name}-pretrain-run"
+    model = pretrain_base(run, pretrain_config(default_config(), init_dir, run_dir, MODEL_NAMES[name]),
+                          f"embedded VLM {name}")
+    save_pretrained(model, target, overwrite=True)
     shutil.rmtree(init_dir)
+    shutil.rmtree(run_dir)
 
 
 def materialize(name: str, default_config=None, run=None) -> str:

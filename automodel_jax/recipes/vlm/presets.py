@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from automodel_jax.recipes.vlm.embedded import SEQ_LEN
 from automodel_jax.recipes.vlm.finetune import default_config
+from automodel_jax.training.optim import link_min_learning_rate
 
 EMBEDDED_MODELS = {"gemma3": "embedded:tiny-gemma3", "qwen2_5_vl": "embedded:tiny-qwen2_5_vl"}
 
@@ -21,7 +22,8 @@ def embedded_default(run_dir: str, model_type: str, *, learning_rate: float = 5e
     cfg.data.seq_len = SEQ_LEN[model_type]
     cfg.train.update(global_batch_size=32, micro_batch_size=32, max_steps=300, val_every=100, log_every=20)
     cfg.optim.update(name="adamw", learning_rate=learning_rate, weight_decay=0.0)
-    cfg.optim.schedule.update(name="cosine", warmup_steps=20, min_learning_rate=learning_rate / 10)
+    cfg.optim.schedule.update(name="cosine", warmup_steps=20)
+    link_min_learning_rate(cfg.optim, 0.1)
     cfg.mesh.fsdp = 1
     return cfg
 
@@ -38,6 +40,7 @@ def cord_v2(run_dir: str, model_path: str, *, data_path: str = "naver-clova-ix/c
     cfg.train.update(global_batch_size=global_batch, micro_batch_size=micro_batch, max_steps=1000, val_every=100,
                      val_max_samples=64)
     cfg.optim.update(name="adam", learning_rate=1e-4, weight_decay=0.0)
-    cfg.optim.schedule.update(name="cosine", warmup_steps=20, min_learning_rate=1e-5)
+    cfg.optim.schedule.update(name="cosine", warmup_steps=20)
+    link_min_learning_rate(cfg.optim, 0.1)
     cfg.evaluation.update(samples=16, max_new_tokens=128)
     return cfg

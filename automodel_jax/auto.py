@@ -11,8 +11,10 @@ import transformers
 
 from automodel_jax.checkpoint.hf import load_pretrained, read_hf_config, resolve_checkpoint_dir, save_pretrained
 from automodel_jax.checkpoint.peft_io import load_peft_adapter
+from automodel_jax.data.encoding import check_vocabulary
 from automodel_jax.data.vlm import MODEL_TYPES as VLM_MODEL_TYPES, load_processor
 from automodel_jax.models.base import CausalLM, build_model
+from automodel_jax.models.vocab import substituted_token_ids
 
 __all__ = ["AutoModelForCausalLM", "AutoModelForImageTextToText", "find_checkpoint_dir", "load_for_inference",
            "load_processor", "load_vlm_for_inference", "save_pretrained"]
@@ -103,7 +105,8 @@ def find_checkpoint_dir(path) -> Path | str:
 
 
 def load_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
-    """(model, tokenizer) from an HF checkpoint or run directory, with an optional PEFT adapter put into it."""
+    """(model, tokenizer) from an HF checkpoint or run directory, with an optional PEFT adapter put into it.
+    DataError (a ValueError) when the tokenizer has token ids outside the model's embedding table."""
     directory = find_checkpoint_dir(model_path)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     try:
@@ -111,6 +114,7 @@ def load_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{model.hf_source.directory}: no usable tokenizer ({type(e).__name__}); the "
                                 "checkpoint directory needs its tokenizer files (tokenizer.json or tokenizer.model)")
+    check_vocabulary(tokenizer, model.config.vocab_size)
     if adapter is not None:
         load_peft_adapter(model, adapter)
     return model, tokenizer
@@ -119,11 +123,12 @@ def load_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
 def load_vlm_for_inference(model_path, adapter=None, *, dtype: str = "float32"):
     """(model, processor) of a VLM checkpoint or run directory, with an optional PEFT adapter put into it.
 
-    ValueError for a text-only model_type or a directory without processor files (processor_config.json or
-    preprocessor_config.json with the tokenizer)."""
+    ValueError for a text-only model_type, a directory without processor files (processor_config.json or
+    preprocessor_config.json with the tokenizer), or a tokenizer with token ids outside the embedding table."""
     directory = find_checkpoint_dir(model_path)
     model = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype)
     processor = load_processor(model.hf_source.directory)
+    check_vocabulary(processor.tokenizer, model.config.vocab_size, exempt=substituted_token_ids(model.config))
     if adapter is not None:
         load_peft_adapter(model, adapter)
     return model, processor

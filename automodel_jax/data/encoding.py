@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from automodel_jax.data.sources import DataError
+from automodel_jax.models.vocab import check_token_ids
 
 IGNORE = -100
 
@@ -55,6 +56,50 @@ def encode_prompt_answer(tokenizer, prompt: str, answer: str) -> tuple[list[int]
     ids, supervised = encode_spans(tokenizer, prompt + answer, [(len(prompt), len(prompt) + len(answer))])
     bos = bos_ids(tokenizer)
     return bos + ids + [eos_id(tokenizer)], [False] * len(bos) + supervised + [True]
+
+
+def tokenizer_token_ids(tokenizer) -> dict[str, int]:
+    """Every id the tokenizer can emit beyond its base pieces, named for messages: its BOS, EOS, pad and unk tokens,
+    then each added token ({"pad token '<pad>'": 512, ...}); plus its base vocabulary's largest id."""
+    named, seen = {}, set()
+    for role in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None and token_id not in seen:
+            named[f"the tokenizer's {role} token {getattr(tokenizer, f'{role}_token')!r}"] = token_id
+            seen.add(token_id)
+    for token_id, token in sorted(tokenizer.added_tokens_decoder.items()):
+        if token_id not in seen:
+            named[f"the tokenizer's added token {str(token)!r}"] = token_id
+            seen.add(token_id)
+    named[f"the tokenizer's base vocabulary ({tokenizer.vocab_size} pieces)"] = tokenizer.vocab_size - 1
+    return named
+
+
+def check_vocabulary(tokenizer, vocab_size: int, *, pad_id: int | None = None, datasets: Sequence = (),
+                     exempt: Sequence[int] = ()) -> None:
+    """Start-up check that every token id a run will feed fits the model's embedding table [0, vocab_size): the
+    tokenizer's special, added and base tokens, the padding id, and every id of the `datasets` (TokenizedDataset or
+    VLMDataset: .name, .samples with int input_ids). `exempt`: ids the model replaces before embedding them.
+
+    Raises DataError naming the token, its id and vocab_size (an id outside the table embeds as NaN, see
+    models/vocab.py).
+    """
+    try:
+        check_token_ids(tokenizer_token_ids(tokenizer), vocab_size,
+                        f"the tokenizer ({len(tokenizer)} tokens) does not fit this model: use the model's own "
+                        f"tokenizer, or one whose ids all lie below {vocab_size}", exempt)
+        if pad_id is not None:
+            check_token_ids({"the padding id (data.pad_token_id)": pad_id}, vocab_size,
+                            f"set data.pad_token_id to an id below {vocab_size}", exempt)
+        for dataset in datasets:
+            ids = np.concatenate([np.asarray(s["input_ids"]).ravel() for s in dataset.samples] or [np.zeros(0, int)])
+            ids = ids[~np.isin(ids, list(exempt))] if len(exempt) else ids
+            if len(ids):
+                check_token_ids({f"dataset {dataset.name}": int(ids.max())}, vocab_size,
+                                "build its rows with the model's own tokenizer (and for mock data a vocab_size up "
+                                "to the model's)", exempt)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def shift(ids: list[int], supervised: list[bool]) -> dict[str, np.ndarray]:

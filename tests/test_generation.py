@@ -149,7 +149,10 @@ def test_peft_adapter_generation_matches_peft_torch(tiny, tmp_path):
     ([], {}, "non-empty list"),
     (["hello"], {}, "prompt 0 is text but no tokenizer"),
     ([[1, 2], []], {}, "prompt 1 has no tokens"),
-    ([[1, 500]], {}, "token id 500 outside the vocabulary"),
+    ([[1, 500]], {}, r"prompt 0 has token id 500, outside the model's embedding table \(vocab_size 101"),
+    ([[1, 2]], dict(pad_token_id=101), r"the padding token has token id 101, outside the model's embedding table"),
+    ([[1, 2]], dict(max_new_tokens=200), r"a prompt of 2 positions \+ max_new_tokens 200 needs 202 positions, more "
+                                         r"than the model's context of 128 .*; set max_new_tokens to at most 126"),
     ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens 0 must be >= 1"),
     ([[1, 2]], dict(temperature=-1.0), "temperature -1.0 must be >= 0"),
     ([[1, 2]], dict(top_k=-2), "top_k -2 must be >= 0"),

@@ -99,7 +99,8 @@ def fit_hints(spans: np.ndarray, seq_len: int, truncation: str) -> list[str]:
     hints = []
     too_long = has_loss & (length > seq_len)
     if too_long.any():
-        fits = int(np.quantile(length[has_loss], KEEP_FRACTION, method="higher"))
+        ordered = np.sort(length[has_loss])  # the smallest length that fits KEEP_FRACTION of them:
+        fits = int(ordered[max(int(np.ceil(KEEP_FRACTION * len(ordered) - 1e-9)) - 1, 0)])
         if fits > seq_len:
             hints.append(f"data.seq_len={fits} would fit {KEEP_FRACTION:.0%} of the rows whole")
         reachable = int((too_long & (first_loss < seq_len)).sum())
@@ -226,9 +227,7 @@ def resolve_pad_id(tokenizer, pad_token_id: int | None = None, pad_with_eos: boo
     Padding never carries loss (labels -100) and is masked out of attention (segment id 0), so reusing EOS is safe;
     it is what HF and NeMo Automodel users usually do for tokenizers without a pad token (Llama, stories260K).
     """
-    if pad_token_id is not None:
-        if not 0 <= pad_token_id < len(tokenizer):
-            raise DataError(f"data.pad_token_id {pad_token_id} is outside the vocabulary [0, {len(tokenizer)})")
+    if pad_token_id is not None:  # checked against the model's embedding table by check_vocabulary
         return pad_token_id
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id

@@ -224,11 +224,14 @@ def nonfinite_cause(state) -> str:
     dtype it runs in."""
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     floats = [(path, leaf) for path, leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)]
-    bad = [".".join(str(getattr(k, "key", k)) for k in path) for path, leaf in floats
-           if not bool(jnp.isfinite(leaf).all())]
+    # A path is the module's HF name, then the parameter (and nnx's `.value`): model.norm, scale.
+    names = [[str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path] for path, _ in floats]
+    names = [n[:-1] if n[-1] == "value" else n for n in names]
+    bad = [(".".join(n[:-1]), n[-1]) for n, (_, leaf) in zip(names, floats) if not bool(jnp.isfinite(leaf).all())]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        return f"parameter {bad[0]}{more} holds NaN or inf: the checkpoint is broken; export or train it again"
+        return (f"the {bad[0][1]} of module {bad[0][0]}{more} holds NaN or inf: the checkpoint is broken; export or "
+                "train it again")
     dtype = floats[0][1].dtype if floats else None
     if dtype is not None and dtype != jnp.float32:
         return f"the parameters are finite, so {dtype} arithmetic overflowed: load the model in float32 (--dtype)"

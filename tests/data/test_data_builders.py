@@ -9,9 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from automodel_jax.config import parse_config
 from automodel_jax.data import IGNORE, DataError, build_dataset, check_vocabulary, data_defaults, resolve_pad_id
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets" / "data"
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / ".." / "shared" / "assets" / "data"
 ALPACA = DATA / "alpaca" / "alpaca_en_demo.json"
 SQUAD = DATA / "squad" / "validation.jsonl"
 HELLASWAG = DATA / "hellaswag" / "validation.jsonl"
@@ -341,3 +343,22 @@ def test_the_truncation_hint_appears_only_where_truncation_would_keep_rows(token
     assert f"data.truncation='truncate' would keep {reachable} of the {too_long} rows longer than seq_len 96" in dropped
     assert "data.truncation" not in truncated
     assert f"{too_long - reachable} rows have all their loss tokens after token 96" in truncated
+
+
+def test_alpaca_with_its_input_column_set_from_the_command_line(tokenizer):
+    """README's recipe for custom instruction data: a column the preset does not map (Alpaca's `input`) is added
+    with --config.data.train.columns.input=input, and the template uses it."""
+    template = "Instruction: {instruction}\nInput: {input}\nResponse: "
+    cfg = parse_config(["--config", str(REPO / "configs" / "llama_lora.py"), "--config.data.train.kind=instruction",
+                        f"--config.data.train.path={ALPACA}", "--config.data.train.limit=12",
+                        "--config.data.train.columns={'instruction': 'instruction', 'answer': 'output'}",
+                        "--config.data.train.columns.input=input", f"--config.data.train.prompt_template={template}"])
+    assert cfg.data.train.columns.to_dict() == dict(instruction="instruction", input="input", answer="output")
+    ds = build_dataset(cfg.data.train, tokenizer, 2048, "drop")
+    rows = json.loads(ALPACA.read_text(encoding="utf-8"))[:12]
+    assert len(ds) == 12 and any(row["input"] for row in rows)
+    for row, sample in zip(rows, ds):
+        prompt_len = int(np.argmax(sample["labels"] != IGNORE)) + 1
+        prompt = tokenizer.decode(sample["input_ids"][:prompt_len], skip_special_tokens=True)
+        assert prompt.strip() == template.format(**row).strip()
+        assert labelled_text(tokenizer, sample) == row["output"]

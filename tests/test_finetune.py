@@ -194,6 +194,20 @@ def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_last_good_state
     assert [p.name for p in export.iterdir()] == ["keep.txt"]
 
 
+def test_the_non_finite_message_names_only_causes_that_apply_to_the_run():
+    from automodel_jax.training.loop import nonfinite_causes
+    careful = parse_config(["--config", str(REPO / "configs" / "llama_lora.py"), "--config.model.dtype=float32",
+                            "--config.optim.grad_clip=1.0", "--config.optim.schedule.warmup_steps=10",
+                            "--config.optim.learning_rate=2e-4"])
+    assert nonfinite_causes(careful) == ("Likely causes in this run: a learning rate too high for this model "
+                                         "(optim.learning_rate=0.0002: lower it).")
+    risky = parse_config(["--config", str(REPO / "configs" / "llama_lora.py"), "--config.model.dtype=bfloat16",
+                          "--config.optim.grad_clip=0", "--config.optim.schedule.warmup_steps=0"])
+    causes = nonfinite_causes(risky)
+    assert "no gradient clipping (set optim.grad_clip=1.0)" in causes and "no warmup" in causes
+    assert "reduced precision (model.dtype=bfloat16: try float32)" in causes
+
+
 @pytest.mark.parametrize(("overrides", "fragments"), [
     (["--config.model.path=/nonexistent/stories"], ["model path '/nonexistent/stories' is not a checkpoint"]),
     (["--config.peft.method=lorra"], ["peft.method must be one of 'lora', 'none'", "did you mean 'lora'?"]),

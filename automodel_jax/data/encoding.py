@@ -58,46 +58,43 @@ def encode_prompt_answer(tokenizer, prompt: str, answer: str) -> tuple[list[int]
     return bos + ids + [eos_id(tokenizer)], [False] * len(bos) + supervised + [True]
 
 
-def tokenizer_token_ids(tokenizer) -> dict[str, int]:
-    """Every id the tokenizer can emit beyond its base pieces, named for messages: its BOS, EOS, pad and unk tokens,
-    then each added token ({"pad token '<pad>'": 512, ...}); plus its base vocabulary's largest id."""
-    named, seen = {}, set()
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The ids a run feeds whatever the text: the tokenizer's BOS, EOS, pad and unk tokens, named for messages
+    ({"the tokenizer's pad token '<pad>'": 512, ...})."""
+    named = {}
     for role in ("bos", "eos", "pad", "unk"):
         token_id = getattr(tokenizer, f"{role}_token_id", None)
-        if token_id is not None and token_id not in seen:
+        if token_id is not None:
             named[f"the tokenizer's {role} token {getattr(tokenizer, f'{role}_token')!r}"] = token_id
-            seen.add(token_id)
-    for token_id, token in sorted(tokenizer.added_tokens_decoder.items()):
-        if token_id not in seen:
-            named[f"the tokenizer's added token {str(token)!r}"] = token_id
-            seen.add(token_id)
-    named[f"the tokenizer's base vocabulary ({tokenizer.vocab_size} pieces)"] = tokenizer.vocab_size - 1
     return named
 
 
 def check_vocabulary(tokenizer, vocab_size: int, *, pad_id: int | None = None, datasets: Sequence = (),
                      exempt: Sequence[int] = ()) -> None:
-    """Start-up check that every token id a run will feed fits the model's embedding table [0, vocab_size): the
-    tokenizer's special, added and base tokens, the padding id, and every id of the `datasets` (TokenizedDataset or
-    VLMDataset: .name, .samples with int input_ids). `exempt`: ids the model replaces before embedding them.
+    """Start-up check that every token id a run will feed lies in the model's embedding table [0, vocab_size): the
+    tokenizer's BOS/EOS/pad/unk tokens, the padding id, and every id of the `datasets` (TokenizedDataset or
+    VLMDataset: .name, .samples with int input_ids), which holds any added or chat-template token the data uses.
+    `exempt`: ids the model replaces before embedding them (models.vocab.substituted_token_ids).
 
     Raises DataError naming the token, its id and vocab_size (an id outside the table embeds as NaN, see
     models/vocab.py).
     """
     try:
-        check_token_ids(tokenizer_token_ids(tokenizer), vocab_size,
+        check_token_ids(special_token_ids(tokenizer), vocab_size,
                         f"the tokenizer ({len(tokenizer)} tokens) does not fit this model: use the model's own "
-                        f"tokenizer, or one whose ids all lie below {vocab_size}", exempt)
+                        f"tokenizer, or one whose special tokens have ids below {vocab_size}", exempt)
         if pad_id is not None:
             check_token_ids({"the padding id (data.pad_token_id)": pad_id}, vocab_size,
                             f"set data.pad_token_id to an id below {vocab_size}", exempt)
         for dataset in datasets:
             ids = np.concatenate([np.asarray(s["input_ids"]).ravel() for s in dataset.samples] or [np.zeros(0, int)])
-            ids = ids[~np.isin(ids, list(exempt))] if len(exempt) else ids
+            ids = ids[~np.isin(ids, list(exempt))]
             if len(ids):
-                check_token_ids({f"dataset {dataset.name}": int(ids.max())}, vocab_size,
-                                "build its rows with the model's own tokenizer (and for mock data a vocab_size up "
-                                "to the model's)", exempt)
+                top = int(ids.max())
+                token = tokenizer.convert_ids_to_tokens(top)
+                check_token_ids({f"dataset {dataset.name}" + (f" (token {token!r})" if token else ""): top},
+                                vocab_size, "build its rows with the model's own tokenizer (and for mock data a "
+                                "vocab_size up to the model's)", exempt)
     except ValueError as e:
         raise DataError(str(e)) from None
 

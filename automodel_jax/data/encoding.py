@@ -73,7 +73,8 @@ def check_vocabulary(tokenizer, vocab_size: int, *, pad_id: int | None = None, d
                      exempt: Sequence[int] = ()) -> None:
     """Start-up check that every token id a run will feed lies in the model's embedding table [0, vocab_size): the
     tokenizer's BOS/EOS/pad/unk tokens, the padding id, and every id of the `datasets` (TokenizedDataset or
-    VLMDataset: .name, .samples with int input_ids), which holds any added or chat-template token the data uses.
+    VLMDataset: .name, .samples with int input_ids and labels), which holds any added or chat-template token the data
+    uses.
     `exempt`: ids the model replaces before embedding them (models.vocab.substituted_token_ids).
 
     Raises DataError naming the token, its id and vocab_size (an id outside the table embeds as NaN, see
@@ -87,8 +88,9 @@ def check_vocabulary(tokenizer, vocab_size: int, *, pad_id: int | None = None, d
             check_token_ids({"the padding id (data.pad_token_id)": pad_id}, vocab_size,
                             f"set data.pad_token_id to an id below {vocab_size}", exempt)
         for dataset in datasets:
-            ids = np.concatenate([np.asarray(s["input_ids"]).ravel() for s in dataset.samples] or [np.zeros(0, int)])
-            ids = ids[~np.isin(ids, list(exempt))]
+            fed = [np.asarray(s[key]).ravel() for s in dataset.samples for key in ("input_ids", "labels")]
+            ids = np.concatenate(fed or [np.zeros(0, int)])
+            ids = ids[(ids != IGNORE) & ~np.isin(ids, list(exempt))]
             if len(ids):
                 top = int(ids.max())
                 token = tokenizer.convert_ids_to_tokens(top)

@@ -11,8 +11,10 @@ import transformers
 
 from automodel_jax.checkpoint.hf import load_pretrained, read_hf_config, resolve_checkpoint_dir, save_pretrained
 from automodel_jax.checkpoint.peft_io import load_peft_adapter
+from automodel_jax.data.encoding import check_vocabulary
 from automodel_jax.data.vlm import MODEL_TYPES as VLM_MODEL_TYPES, load_processor
 from automodel_jax.models.base import CausalLM, build_model
+from automodel_jax.models.vocab import substituted_token_ids
 
 __all__ = ["AutoModelForCausalLM", "AutoModelForImageTextToText", "find_checkpoint_dir", "load_for_inference",
            "load_processor", "load_vlm_for_inference", "save_pretrained"]
@@ -121,7 +123,8 @@ def _model_hint(run_dir: Path) -> str:
 def load_for_inference(model_path, adapter=None, *, dtype: str = "float32", mesh=None):
     """(model, tokenizer) from an HF checkpoint or run directory, with an optional PEFT adapter put into it; the
     parameters, adapter included, are sharded over `mesh` (None = one device). The tokenizer is the adapter's when it
-    has one (ours carry the chat template they were trained with), else the model's."""
+    has one (ours carry the chat template they were trained with), else the model's. DataError (a ValueError) when
+    the tokenizer has token ids outside the model's embedding table."""
     directory = find_checkpoint_dir(model_path)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, mesh=mesh)
     source = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() \
@@ -131,6 +134,7 @@ def load_for_inference(model_path, adapter=None, *, dtype: str = "float32", mesh
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{source}: no usable tokenizer ({type(e).__name__}); the checkpoint directory "
                                 "needs its tokenizer files (tokenizer.json or tokenizer.model)")
+    check_vocabulary(tokenizer, model.config.vocab_size)
     if adapter is not None:
         load_peft_adapter(model, adapter)
     return model, tokenizer
@@ -140,11 +144,12 @@ def load_vlm_for_inference(model_path, adapter=None, *, dtype: str = "float32", 
     """(model, processor) of a VLM checkpoint or run directory, with an optional PEFT adapter put into it (sharded
     over `mesh` as in load_for_inference).
 
-    ValueError for a text-only model_type or a directory without processor files (processor_config.json or
-    preprocessor_config.json with the tokenizer)."""
+    ValueError for a text-only model_type, a directory without processor files (processor_config.json or
+    preprocessor_config.json with the tokenizer), or a tokenizer with token ids outside the embedding table."""
     directory = find_checkpoint_dir(model_path)
     model = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype, mesh=mesh)
     processor = load_processor(model.hf_source.directory)
+    check_vocabulary(processor.tokenizer, model.config.vocab_size, exempt=substituted_token_ids(model.config))
     if adapter is not None:
         load_peft_adapter(model, adapter)
     return model, processor

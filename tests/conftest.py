@@ -77,3 +77,19 @@ def hf_model_factory(tmp_path):
 def hf_llama_factory(hf_model_factory):
     """make(**config) -> (torch HF Llama in eval mode, checkpoint dir written by save_pretrained)."""
     return lambda **overrides: hf_model_factory("LlamaForCausalLM", "LlamaConfig", **overrides)
+
+
+@pytest.fixture(scope="session")
+def stories_added_pad(tmp_path_factory) -> Path:
+    """stories260K whose tokenizer got an added pad token '<pad>' (id 512) while the model keeps its 512 embeddings:
+    a tokenizer that does not fit its model, as after `tokenizer.add_special_tokens` without resizing."""
+    import transformers
+    require_assets()
+    out = tmp_path_factory.mktemp("stories_added_pad")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (out / name).symlink_to(STORIES / name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(STORIES)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.save_pretrained(out)
+    assert tokenizer.pad_token_id == 512
+    return out

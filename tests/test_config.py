@@ -187,3 +187,40 @@ def test_validate_choice(config_file):
     with pytest.raises(ConfigError) as error:
         validate_choice(cfg.optim, "name", ("adamw", "sgd"), prefix="optim")
     assert str(error.value) == "optim.name must be one of 'adamw', 'sgd'; got 'adamx'; did you mean 'adamw'?"
+
+
+MAPPING_SOURCE = """
+from ml_collections import ConfigDict
+
+
+def get_config():
+    cfg = ConfigDict()
+    cfg.data = ConfigDict(dict(train=dict(columns=dict(instruction="instruction", answer="output"), path="x")))
+    return cfg
+"""
+
+
+def test_a_mapping_section_takes_new_entries_and_whole_dicts(tmp_path):
+    spec = write(tmp_path, MAPPING_SOURCE)
+    cfg = parse_config(["--config", spec, "--config.data.train.columns.input=input",
+                        "--config.data.train.columns.answer=response"])
+    assert cfg.data.train.columns.to_dict() == dict(instruction="instruction", input="input", answer="response")
+    with pytest.raises(AttributeError):
+        cfg.data.train.pathh = "y"  # sections that are not mappings stay locked
+    replaced = parse_config(["--config", spec, "--config.data.train.columns={'question': 'q', 'answer': 'a'}",
+                             "--config.data.train.columns.context=c"])
+    assert replaced.data.train.columns.to_dict() == dict(question="q", answer="a", context="c")
+    save_config(replaced, tmp_path / "run")
+    assert load_saved_config(tmp_path / "run").data.train.columns.to_dict() == replaced.data.train.columns.to_dict()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.data.train.columns=prompt", "config key 'data.train.columns' is a mapping: give a dict of strings"),
+    ("--config.data.train.columns={'answer': 1}", "config key 'data.train.columns' is a mapping"),
+    ("--config.data.train.columns.input", "config key 'data.train.columns.input' needs a value"),
+    ("--config.data.train.colums.input=input", "unknown config key 'data.train.colums.input'"),
+    ("--config.data.train.paths=y", "unknown config key 'data.train.paths'; did you mean 'data.train.path'?"),
+])
+def test_bad_mapping_overrides_are_clear_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(["--config", write(tmp_path, MAPPING_SOURCE), override])

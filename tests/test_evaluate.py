@@ -52,3 +52,12 @@ def test_bad_input_is_one_clear_error(args, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert re.search(message, err)
+
+
+def test_a_tokenizer_with_ids_past_the_embedding_table_is_refused(stories_added_pad, capsys):
+    assert main(["--model", str(stories_added_pad), "--task", "hellaswag", "--data", str(HELLASWAG),
+                 "--limit", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert ("error: the tokenizer's pad token '<pad>' has token id 512, outside the model's embedding table "
+            "(vocab_size 512, ids 0..511)") in captured.err

@@ -29,7 +29,7 @@ ALPACA = DATA / "alpaca" / "alpaca_en_demo.json"
 TRAIN_ROWS, VALIDATION_ROWS = slice(0, 400), slice(400, 464)
 SUMMARY = re.compile(r"validation loss: (\S+) before -> (\S+) after (\d+) steps")
 FIT = re.compile(r"dataset (\S+): (\d+) of (\d+) rows kept at seq_len (\d+) \((\d+) truncated, (\d+) dropped as too "
-                 r"long, (\d+) dropped with no loss tokens\)")
+                 r"long, (\d+) dropped with no loss tokens\)(?:; .*)?")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,9 @@ def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_last_good_state
                         "--config.checkpoint.every_steps=0", *keep)
     assert finetune_cli.main(argv) == 2
     line = error_line(capsys)
-    assert "step 2:" in line and "is not finite" in line and "optim.learning_rate" in line, line
+    assert "step 2:" in line and "is not finite" in line and "optim.learning_rate=1e+30" in line, line
+    # the causes named are this run's: no clipping and no warmup, but not precision (it runs in float32)
+    assert "optim.grad_clip=1.0" in line and "warmup" in line and "float32" not in line, line
 
     train_steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                    if r["split"] == "train"]
@@ -192,25 +194,55 @@ def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_last_good_state
     assert [p.name for p in export.iterdir()] == ["keep.txt"]
 
 
+def test_the_non_finite_message_names_only_causes_that_apply_to_the_run():
+    from automodel_jax.training.loop import nonfinite_causes
+    careful = parse_config(["--config", str(REPO / "configs" / "llama_lora.py"), "--config.model.dtype=float32",
+                            "--config.optim.grad_clip=1.0", "--config.optim.schedule.warmup_steps=10",
+                            "--config.optim.learning_rate=2e-4"])
+    assert nonfinite_causes(careful) == ("Likely causes in this run: a learning rate too high for this model "
+                                         "(optim.learning_rate=0.0002: lower it).")
+    risky = parse_config(["--config", str(REPO / "configs" / "llama_lora.py"), "--config.model.dtype=bfloat16",
+                          "--config.optim.grad_clip=0", "--config.optim.schedule.warmup_steps=0"])
+    causes = nonfinite_causes(risky)
+    assert "no gradient clipping (set optim.grad_clip=1.0)" in causes and "no warmup" in causes
+    assert "reduced precision (model.dtype=bfloat16: try float32)" in causes
+
+
 @pytest.mark.parametrize(("overrides", "fragments"), [
     (["--config.model.path=/nonexistent/stories"], ["model path '/nonexistent/stories' is not a checkpoint"]),
     (["--config.peft.method=lorra"], ["peft.method must be one of 'lora', 'none'", "did you mean 'lora'?"]),
     (["--config.data.train.kind=instruction", f"--config.data.train.path={ALPACA}",
       "--config.data.train.columns.answer=response"],  # the preset maps instruction; Alpaca's answers are `output`
-     [str(ALPACA), "lacks column(s) ['response']", "found ['instruction', 'input', 'output']", "`columns`"]),
+     [str(ALPACA), "lacks column(s) ['response']", "found ['instruction', 'input', 'output']",
+      "set the dataset's columns.answer to columns the file has"]),
     (["--config.data.train.path={empty}"], ["{empty}", "no rows"]),
     (["--config.data.seq_len=8", "--config.data.truncation=drop"],
-     ["{train}: no sample is left after fitting to seq_len 8", "'dropped_too_long': 400", "data.seq_len"]),
+     ["{train}: no sample is left after fitting to seq_len 8", "400 dropped as too long", "data.seq_len=",
+      "would fit 95% of the rows whole"]),
     (["--config.data.pad_with_eos=false"], ["has no pad token", "data.pad_token_id", "data.pad_with_eos=True"]),
+    (["--config.model.path={added_pad}"],
+     ["the tokenizer's pad token '<pad>' has token id 512, outside the model's embedding table (vocab_size 512",
+      "use the model's own tokenizer"]),
+    (["--config.data.pad_token_id=600"],
+     ["the padding id (data.pad_token_id) has token id 600, outside the model's embedding table (vocab_size 512",
+      "set data.pad_token_id to an id below 512"]),
+    (["--config.data.seq_len=1024"],
+     ["data.seq_len 1024 needs 1024 positions, more than the model's context of 512 (max_position_embeddings",
+      "set data.seq_len to at most 512"]),
+    (["--config.train.sample_prompts=('Once upon a time',)", "--config.train.sample_max_new_tokens=600"],
+     ["train.sample_prompts[0] (5 tokens) + train.sample_max_new_tokens 600 needs 605 positions, more than the "
+      "model's context of 512", "set train.sample_max_new_tokens to at most 507"]),
     (["--config.peft.target_modules=('*_proj','lm_head')"],  # stories260K ties lm_head to its embeddings
      ["'lm_head' names lm_head", "tie_word_embeddings=true", "peft.exclude_modules"]),
 ], ids=["missing_model", "unknown_method", "missing_column", "empty_dataset", "all_too_long", "no_pad_token",
-        "tied_lm_head_target"])
-def test_bad_input_is_one_error_line_and_leaves_the_export_alone(hellaswag, tmp_path, capsys, overrides, fragments):
+        "tokenizer_past_the_embeddings", "pad_id_past_the_vocabulary", "seq_len_past_the_context",
+        "sample_generation_past_the_context", "tied_lm_head_target"])
+def test_bad_input_is_one_error_line_and_leaves_the_export_alone(hellaswag, stories_added_pad, tmp_path, capsys,
+                                                                overrides, fragments):
     train, validation = hellaswag
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    names = dict(empty=empty, train=train)
+    names = dict(empty=empty, train=train, added_pad=stories_added_pad)
     keep, export = kept_export(tmp_path)
     argv = stories_argv(tmp_path / "run", train, validation, *keep, *(o.format(**names) for o in overrides))
     assert finetune_cli.main(argv) == 2

@@ -93,6 +93,9 @@ def test_adapter_is_applied(tmp_path, tokenizer, capsys):
     (["--model", str(STORIES), "--prompt", "hi", "--prompt", "  "], "--prompt number 2 is empty"),
     (["--model", str(STORIES), "--prompt", "hi", "--chat"], "has no chat template; drop --chat"),
     (["--model", str(STORIES), "--prompt", "hi", "--top-p", "1.5"], r"top_p 1.5 must be in \(0, 1\]"),
+    (["--model", str(STORIES), "--prompt", "hi", "--max-new-tokens", "1000"],
+     r"a prompt of (\d+) positions \+ max_new_tokens 1000 needs \d+ positions, more than the model's context of 512 "
+     r"\(max_position_embeddings in its config.json\); set max_new_tokens to at most 5\d\d"),
 ])
 def test_bad_input_is_one_clear_error(args, message, capsys):
     assert main(args) == 2
@@ -109,3 +112,27 @@ def test_adapter_for_modules_the_model_lacks_is_a_clear_error(tmp_path, capsys):
     assert main(["--model", str(STORIES), "--adapter", str(tmp_path), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "module model.layers.0.self_attn.c_attn is not a Linear layer" in err and err.count("\n") == 1
+
+
+def test_a_tokenizer_with_ids_past_the_embedding_table_is_refused(stories_added_pad, capsys):
+    """An added pad token (id 512) on a model with 512 embeddings would pad even one prompt with NaN embeddings."""
+    assert main(["--model", str(stories_added_pad), "--prompt", "Once upon a time"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert ("error: the tokenizer's pad token '<pad>' has token id 512, outside the model's embedding table "
+            "(vocab_size 512, ids 0..511)") in captured.err
+
+
+def test_non_finite_logits_are_an_error_naming_the_broken_parameter(tmp_path, capsys):
+    for f in STORIES.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (tmp_path / f.name).symlink_to(f.resolve())
+    weights = load_file(STORIES / "model.safetensors")
+    weights["model.norm.weight"][3] = float("nan")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert main(["--model", str(tmp_path), "--prompt", "Once upon a time", "--max-new-tokens", "4"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "Once upon a time"  # the prompt, then nothing picked from NaN
+    assert captured.err.count("\n") == 1
+    assert ("error: the model's logits for prompt 0 are not finite (NaN or inf) at new token 0, so no token can be "
+            "picked; the scale of module model.norm holds NaN or inf") in captured.err

@@ -149,7 +149,10 @@ def test_peft_adapter_generation_matches_peft_torch(tiny, tmp_path):
     ([], {}, "non-empty list"),
     (["hello"], {}, "prompt 0 is text but no tokenizer"),
     ([[1, 2], []], {}, "prompt 1 has no tokens"),
-    ([[1, 500]], {}, "token id 500 outside the vocabulary"),
+    ([[1, 500]], {}, r"prompt 0 has token id 500, outside the model's embedding table \(vocab_size 101"),
+    ([[1, 2]], dict(pad_token_id=101), r"the padding token has token id 101, outside the model's embedding table"),
+    ([[1, 2]], dict(max_new_tokens=200), r"a prompt of 2 positions \+ max_new_tokens 200 needs 202 positions, more "
+                                         r"than the model's context of 128 .*; set max_new_tokens to at most 126"),
     ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens 0 must be >= 1"),
     ([[1, 2]], dict(temperature=-1.0), "temperature -1.0 must be >= 0"),
     ([[1, 2]], dict(top_k=-2), "top_k -2 must be >= 0"),
@@ -177,3 +180,18 @@ def test_run_directories_resolve_to_their_newest_checkpoint(tmp_path):
 
 def test_bucket_lengths():
     assert [bucket_length(n) for n in (1, 16, 17, 33, 64, 65, 130)] == [16, 16, 32, 64, 64, 128, 192]
+
+
+def test_only_dynamic_rope_scaling_generates_past_the_context(caplog):
+    """Positions past max_position_embeddings are refused, unless the model's rope scaling is "dynamic" (NTK), which
+    HF defines for any length: then generation goes on and says so."""
+    hf_config = dict(model_type="llama", vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8)
+    with pytest.raises(ValueError, match="a prompt of 3 positions \\+ max_new_tokens 7 needs 10 positions, more than "
+                                         "the model's context of 8 .*; set max_new_tokens to at most 5"):
+        generate(AutoModelForCausalLM.from_config(hf_config), None, [[1, 2, 3]], max_new_tokens=7)
+    dynamic = AutoModelForCausalLM.from_config({**hf_config, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    with caplog.at_level("INFO", logger="automodel_jax.generation"):
+        [new] = generate(dynamic, None, [[1, 2, 3]], max_new_tokens=7, eos_token_id=())
+    assert len(new) == 7
+    assert "dynamic rope scaling (factor 2) stretches its rotary embedding to that length" in caplog.text

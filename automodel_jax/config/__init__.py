@@ -20,6 +20,10 @@ Override rules (``--config.KEY=VALUE`` or ``--config.KEY VALUE``; the last one f
   Such a field accepts ``None`` or a value of its type. A plain ``None`` field has no type and
   cannot be overridden.
 * Sections (nested ConfigDicts) are set field by field.
+* Mapping sections (named in ``MAPPING_SECTIONS``: a dataset's ``columns``, template field ->
+  column) map free names to strings: an override may add an entry
+  (``--config.data.train.columns.input=input``) or replace the whole mapping with a dict literal
+  (``--config.data.train.columns="{'instruction': 'instruction', 'answer': 'output'}"``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ _TRUE = ("true", "yes", "1")
 _FALSE = ("false", "no", "0")
 _BUILTIN_TYPES = (bool, int, float, str, tuple, list)
 _USAGE = "expected --config PATH[:PRESET] and --config.KEY=VALUE overrides"
+MAPPING_SECTIONS = ("columns",)
 
 
 class ConfigError(ValueError):
@@ -128,6 +133,15 @@ def _split_argv(argv: list[str]) -> tuple[str, list[tuple[str, str | None]]]:
 def apply_override(cfg: ConfigDict, key: str, raw: str | None) -> None:
     """Sets ``cfg[key]`` (dotted) from its command-line text; ``raw=None`` is a bare flag (true)."""
     parent, name = _lookup(cfg, key)
+    if name in MAPPING_SECTIONS and isinstance(parent.get(name), ConfigDict):
+        parent[name] = _parse_mapping(key, raw)
+        return
+    if name not in parent:  # a new entry of a mapping section (see _lookup)
+        if raw is None:
+            raise ConfigError(f"config key '{key}' needs a value: --config.{key}=VALUE")
+        with parent.unlocked():
+            parent[name] = raw
+        return
     field = dict(parent.items(preserve_field_references=True))[name]
     if isinstance(field, ConfigDict):
         first = next(iter(field.keys()), "KEY")
@@ -146,6 +160,18 @@ def apply_override(cfg: ConfigDict, key: str, raw: str | None) -> None:
     except (ValueError, SyntaxError, TypeError):
         expected = declared.__name__ + (" or None" if optional else "")
         raise ConfigError(f"config key '{key}' expects {expected}, got {raw!r}") from None
+
+
+def _parse_mapping(key: str, raw: str | None) -> dict[str, str]:
+    """A whole mapping section from a dict literal of strings, e.g. ``{'instruction': 'instruction'}``."""
+    try:
+        value = ast.literal_eval(raw) if raw is not None else None
+    except (ValueError, SyntaxError):
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"config key '{key}' is a mapping: give a dict of strings, e.g. --config.{key}="
+                          "\"{'name': 'column'}\", or set one entry with --config." + key + ".NAME=VALUE")
+    return value
 
 
 def _parse(raw: str, declared: type) -> Any:
@@ -171,7 +197,8 @@ def _parse(raw: str, declared: type) -> Any:
 
 
 def _lookup(cfg: ConfigDict, key: str) -> tuple[ConfigDict, str]:
-    """Returns the section holding dotted ``key`` and its last name, or raises a did-you-mean error."""
+    """Returns the section holding dotted ``key`` and its last name, or raises a did-you-mean error. A name a
+    mapping section (MAPPING_SECTIONS) lacks is returned too: it is an entry to add."""
     *sections, name = key.split(".")
     node = cfg
     for section in sections:
@@ -179,7 +206,7 @@ def _lookup(cfg: ConfigDict, key: str) -> tuple[ConfigDict, str]:
         if not isinstance(child, ConfigDict):
             raise _unknown_key(cfg, key)
         node = child
-    if name not in node:
+    if name not in node and not (sections and sections[-1] in MAPPING_SECTIONS):
         raise _unknown_key(cfg, key)
     return node, name
 

@@ -19,13 +19,16 @@ from automodel_jax.data.sources import DataError, load_rows, require_columns
 logger = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("truncate", "drop")
+# Losing more than this share of a dataset's rows to seq_len is a warning; a suggested seq_len fits KEEP_FRACTION.
+WARN_LOST_FRACTION, KEEP_FRACTION = 0.05, 0.95
 
 
 class TokenizedDataset(Sequence):
-    """Samples ({input_ids, labels} int32 arrays, labels already shifted) plus how fitting them to seq_len went."""
+    """Samples ({input_ids, labels} int32 arrays, labels already shifted) plus how fitting them to seq_len went:
+    `stats` (counts) and `spans` (int [rows, 2]: each row's untruncated length and first loss position, -1 if none)."""
 
-    def __init__(self, name: str, samples: list[dict[str, np.ndarray]], stats: dict[str, int]):
-        self.name, self.samples, self.stats = name, samples, stats
+    def __init__(self, name: str, samples: list[dict[str, np.ndarray]], stats: dict[str, int], spans: np.ndarray):
+        self.name, self.samples, self.stats, self.spans = name, samples, stats, spans
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -34,18 +37,26 @@ class TokenizedDataset(Sequence):
         return self.samples[index]
 
 
+def loss_span(sample: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(length, position of the first label that carries loss, or -1) of an untruncated shifted sample."""
+    supervised = np.flatnonzero(sample["labels"] != IGNORE)
+    return len(sample["input_ids"]), int(supervised[0]) if len(supervised) else -1
+
+
 def fit_samples(name: str, encoded: Iterable[tuple[list[int], list[bool]]], seq_len: int,
                 truncation: str) -> TokenizedDataset:
-    """Shift each (ids, supervised) pair; truncate or drop those longer than seq_len; drop those left without loss."""
+    """Shift each (ids, supervised) pair; truncate or drop those longer than seq_len; drop those left without loss.
+    How many rows that lost is judged by `check_fit`."""
     if truncation not in TRUNCATION_MODES:
         raise DataError(f"data.truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if seq_len < 1:
         raise DataError(f"data.seq_len must be positive, got {seq_len}")
     stats = {"rows": 0, "samples": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_loss": 0}
-    samples = []
+    samples, spans = [], []
     for ids, supervised in encoded:
         stats["rows"] += 1
         sample = shift(ids, supervised)
+        spans.append(loss_span(sample))
         if len(sample["input_ids"]) > seq_len:
             if truncation == "drop":
                 stats["dropped_too_long"] += 1
@@ -57,13 +68,53 @@ def fit_samples(name: str, encoded: Iterable[tuple[list[int], list[bool]]], seq_
             continue
         samples.append(sample)
     stats["samples"] = len(samples)
-    logger.info("dataset %s: %d of %d rows kept at seq_len %d (%d truncated, %d dropped as too long, %d dropped "
-                "with no loss tokens)", name, stats["samples"], stats["rows"], seq_len, stats["truncated"],
-                stats["dropped_too_long"], stats["dropped_no_loss"])
-    if not samples:
-        raise DataError(f"dataset {name}: no sample is left after fitting to seq_len {seq_len} ({stats}); "
-                        "raise data.seq_len or use data.truncation='truncate'")
-    return TokenizedDataset(name, samples, stats)
+    return TokenizedDataset(name, samples, stats, np.asarray(spans, np.int64).reshape(-1, 2))
+
+
+def check_fit(dataset, seq_len: int, truncation: str, min_kept_fraction: float) -> None:
+    """Say how fitting `dataset` (TokenizedDataset or VLMDataset) to seq_len went: one INFO line when at most
+    WARN_LOST_FRACTION of its rows were lost, a WARNING with hints computed from the rows and the settings when more
+    were, a DataError when none, or fewer than `min_kept_fraction` (data.min_kept_fraction) of them, are left."""
+    stats, rows, kept = dataset.stats, dataset.stats["rows"], dataset.stats["samples"]
+    counts = (f"{stats['truncated']} truncated, {stats['dropped_too_long']} dropped as too long, "
+              f"{stats['dropped_no_loss']} dropped with no loss tokens")
+    summary = f"dataset {dataset.name}: {kept} of {rows} rows kept at seq_len {seq_len} ({counts})"
+    if rows - kept <= WARN_LOST_FRACTION * rows:
+        logger.info(summary)
+        return
+    hints = "; ".join(fit_hints(dataset.spans, seq_len, truncation))
+    if kept == 0:
+        raise DataError(f"dataset {dataset.name}: no sample is left after fitting to seq_len {seq_len} (of {rows} "
+                        f"rows: {counts}); {hints}")
+    if kept < min_kept_fraction * rows:
+        raise DataError(f"{summary}, fewer than data.min_kept_fraction={min_kept_fraction:g} of them; {hints}; or "
+                        "set data.min_kept_fraction=0 to train on what is left")
+    logger.warning("%s; %s", summary, hints)
+
+
+def fit_hints(spans: np.ndarray, seq_len: int, truncation: str) -> list[str]:
+    """What would keep more rows, from each row's (length, first loss position) and the settings in force."""
+    length, first_loss = spans[:, 0], spans[:, 1]
+    has_loss = first_loss >= 0
+    hints = []
+    too_long = has_loss & (length > seq_len)
+    if too_long.any():
+        ordered = np.sort(length[has_loss])  # the smallest length that fits KEEP_FRACTION of them:
+        fits = int(ordered[max(int(np.ceil(KEEP_FRACTION * len(ordered) - 1e-9)) - 1, 0)])
+        if fits > seq_len:
+            hints.append(f"data.seq_len={fits} would fit {KEEP_FRACTION:.0%} of the rows whole")
+        reachable = int((too_long & (first_loss < seq_len)).sum())
+        if truncation == "drop" and reachable:
+            hints.append(f"data.truncation='truncate' would keep {reachable} of the {int(too_long.sum())} rows "
+                         f"longer than seq_len {seq_len} (cut to it)")
+        cut_off = int((too_long & (first_loss >= seq_len)).sum())
+        if truncation == "truncate" and cut_off:
+            hints.append(f"{cut_off} rows have all their loss tokens after token {seq_len}, so truncation leaves them "
+                         "nothing to learn")
+    if not has_loss.all():
+        hints.append(f"{int((~has_loss).sum())} rows have no loss tokens at all (empty answers or no assistant "
+                     "turn): fix those rows")
+    return hints
 
 
 def build_instruction(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDataset:
@@ -73,7 +124,7 @@ def build_instruction(cfg, tokenizer, seq_len: int, truncation: str) -> Tokenize
     if "answer" not in columns or not fields:
         raise DataError(f"data `columns` must map 'answer' and at least one prompt field to columns, got {columns}")
     rows = load_rows(cfg.path, cfg.split, cfg.limit)
-    require_columns(rows, list(columns.values()), cfg.path)
+    require_columns(rows, {column: f"columns.{k}" for k, column in columns.items()}, cfg.path)
     template = cfg.prompt_template
     if template is None:  # NeMo Automodel's default: context and question joined by spaces, then a space
         if not set(fields) <= {"context", "question"}:
@@ -96,7 +147,7 @@ def build_instruction(cfg, tokenizer, seq_len: int, truncation: str) -> Tokenize
 def build_squad(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDataset:
     """SQuAD as NeMo Automodel's make_squad_dataset: loss on the first gold answer (stripped) and the EOS."""
     rows = load_rows(cfg.path, cfg.split, cfg.limit)
-    require_columns(rows, ["context", "question", "answers"], cfg.path)
+    require_columns(rows, dict.fromkeys(["context", "question", "answers"]), cfg.path)
     encoded = (encode_prompt_answer(tokenizer, f"Context: {row['context']} Question: {row['question']} Answer: ",
                                     row["answers"]["text"][0].strip() if row["answers"]["text"] else "")
                for row in rows)
@@ -110,7 +161,7 @@ def build_hellaswag(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedD
     no EOS follows it.
     """
     rows = load_rows(cfg.path, cfg.split, cfg.limit)
-    require_columns(rows, ["ctx", "endings", "label"], cfg.path)
+    require_columns(rows, dict.fromkeys(["ctx", "endings", "label"]), cfg.path)
 
     def encode(row):
         if str(row["label"]) not in {str(i) for i in range(len(row["endings"]))}:
@@ -131,7 +182,7 @@ def build_chat(cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDatase
                         "`chat_template` to a Jinja template string")
     column = cfg.messages_column
     rows = load_rows(cfg.path, cfg.split, cfg.limit)
-    require_columns(rows, [column], cfg.path)
+    require_columns(rows, {column: "messages_column"}, cfg.path)
     encoded = (encode_chat(tokenizer, normalize_messages(row[column], f"{cfg.path} row {i}"), template)
                for i, row in enumerate(rows))
     return fit_samples(cfg.path, encoded, seq_len, truncation)
@@ -159,8 +210,10 @@ BUILDERS: dict[str, Callable[..., TokenizedDataset]] = {
 }
 
 
-def build_dataset(ds_cfg, tokenizer, seq_len: int, truncation: str) -> TokenizedDataset:
-    """Dispatch on `ds_cfg.kind`; see data_defaults() for the keys each kind reads."""
+def build_dataset(ds_cfg, tokenizer, seq_len: int, truncation: str,
+                  min_kept_fraction: float = 0.1) -> TokenizedDataset:
+    """Dispatch on `ds_cfg.kind`; see data_defaults() for the keys each kind reads. Rows lost to seq_len are reported
+    by `check_fit` (a DataError when fewer than `min_kept_fraction` of them are kept)."""
     given = dict(ds_cfg)
     builder = BUILDERS.get(given.get("kind"))
     if builder is None:
@@ -170,7 +223,9 @@ def build_dataset(ds_cfg, tokenizer, seq_len: int, truncation: str) -> Tokenized
     if unknown:
         raise DataError(f"unknown dataset setting(s) {unknown}: the known ones are {sorted(cfg)}")
     cfg.update(given)
-    return builder(ml_collections.ConfigDict(cfg), tokenizer, seq_len, truncation)
+    dataset = builder(ml_collections.ConfigDict(cfg), tokenizer, seq_len, truncation)
+    check_fit(dataset, seq_len, truncation, min_kept_fraction)
+    return dataset
 
 
 def resolve_pad_id(tokenizer, pad_token_id: int | None = None, pad_with_eos: bool = True) -> int:
@@ -179,16 +234,15 @@ def resolve_pad_id(tokenizer, pad_token_id: int | None = None, pad_with_eos: boo
     Padding never carries loss (labels -100) and is masked out of attention (segment id 0), so reusing EOS is safe;
     it is what HF and NeMo Automodel users usually do for tokenizers without a pad token (Llama, stories260K).
     """
-    if pad_token_id is not None:
-        if not 0 <= pad_token_id < len(tokenizer):
-            raise DataError(f"data.pad_token_id {pad_token_id} is outside the vocabulary [0, {len(tokenizer)})")
+    if pad_token_id is not None:  # checked against the model's embedding table by check_vocabulary
         return pad_token_id
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if pad_with_eos and tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id
-    raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no pad token: set data.pad_token_id, or "
-                    "data.pad_with_eos=True (with a tokenizer that has an EOS token)")
+    fix = ("set data.pad_token_id, or data.pad_with_eos=True" if not pad_with_eos
+           else "set data.pad_token_id (it has no EOS token to pad with either)")
+    raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no pad token: {fix}")
 
 
 def dataset_defaults(kind: str, path: str, split: str) -> dict:
@@ -208,4 +262,5 @@ def data_defaults() -> ml_collections.ConfigDict:
         validation=dataset_defaults("squad", "rajpurkar/squad", "validation"),
         seq_len=512, truncation="truncate", packing=False, pad_token_id=config_dict.placeholder(int), pad_with_eos=True,
         shuffle=True,
+        min_kept_fraction=0.1,  # fitting to seq_len must keep at least this share of each dataset's rows (0: any)
     ))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from automodel_jax.data.sources import DataError
+from automodel_jax.models.vocab import check_token_ids
 
 IGNORE = -100
 
@@ -55,6 +56,49 @@ def encode_prompt_answer(tokenizer, prompt: str, answer: str) -> tuple[list[int]
     ids, supervised = encode_spans(tokenizer, prompt + answer, [(len(prompt), len(prompt) + len(answer))])
     bos = bos_ids(tokenizer)
     return bos + ids + [eos_id(tokenizer)], [False] * len(bos) + supervised + [True]
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The ids a run feeds whatever the text: the tokenizer's BOS, EOS, pad and unk tokens, named for messages
+    ({"the tokenizer's pad token '<pad>'": 512, ...})."""
+    named = {}
+    for role in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            named[f"the tokenizer's {role} token {getattr(tokenizer, f'{role}_token')!r}"] = token_id
+    return named
+
+
+def check_vocabulary(tokenizer, vocab_size: int, *, pad_id: int | None = None, datasets: Sequence = (),
+                     exempt: Sequence[int] = ()) -> None:
+    """Start-up check that every token id a run will feed lies in the model's embedding table [0, vocab_size): the
+    tokenizer's BOS/EOS/pad/unk tokens, the padding id, and every id of the `datasets` (TokenizedDataset or
+    VLMDataset: .name, .samples with int input_ids and labels), which holds any added or chat-template token the data
+    uses.
+    `exempt`: ids the model replaces before embedding them (models.vocab.substituted_token_ids).
+
+    Raises DataError naming the token, its id and vocab_size (an id outside the table embeds as NaN, see
+    models/vocab.py).
+    """
+    try:
+        check_token_ids(special_token_ids(tokenizer), vocab_size,
+                        f"the tokenizer ({len(tokenizer)} tokens) does not fit this model: use the model's own "
+                        f"tokenizer, or one whose special tokens have ids below {vocab_size}", exempt)
+        if pad_id is not None:
+            check_token_ids({"the padding id (data.pad_token_id)": pad_id}, vocab_size,
+                            f"set data.pad_token_id to an id below {vocab_size}", exempt)
+        for dataset in datasets:
+            fed = [np.asarray(s[key]).ravel() for s in dataset.samples for key in ("input_ids", "labels")]
+            ids = np.concatenate(fed or [np.zeros(0, int)])
+            ids = ids[(ids != IGNORE) & ~np.isin(ids, list(exempt))]
+            if len(ids):
+                top = int(ids.max())
+                token = tokenizer.convert_ids_to_tokens(top)
+                check_token_ids({f"dataset {dataset.name}" + (f" (token {token!r})" if token else ""): top},
+                                vocab_size, "build its rows with the model's own tokenizer (and for mock data a "
+                                "vocab_size up to the model's)", exempt)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def shift(ids: list[int], supervised: list[bool]) -> dict[str, np.ndarray]:

@@ -92,9 +92,13 @@ def load_rows(path: str, split: str = "train", limit: int | None = None) -> data
     return rows
 
 
-def require_columns(rows: datasets.Dataset, expected: list[str], path: str) -> None:
-    """Fail early, naming both sides, instead of a KeyError deep inside tokenization."""
+def require_columns(rows: datasets.Dataset, expected: dict[str, str | None], path: str) -> None:
+    """Fail early, naming both sides, instead of a KeyError deep inside tokenization. `expected` maps each needed
+    column to the dataset setting that names it (e.g. "columns.answer"), or to None when the kind fixes it."""
     missing = [c for c in expected if c not in rows.column_names]
     if missing:
-        raise DataError(f"{path} lacks column(s) {missing}: expected {expected}, found {rows.column_names}; "
-                        "fix the dataset's `columns` mapping")
+        settings = [expected[c] for c in missing if expected[c]]
+        fix = (f"set the dataset's {', '.join(settings)} to columns the file has" if settings else
+               "this kind's columns are fixed: rename them in the file, or use kind='instruction' with `columns`")
+        raise DataError(f"{path} lacks column(s) {missing}: expected {list(expected)}, found {rows.column_names}; "
+                        f"{fix}")

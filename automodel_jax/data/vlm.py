@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,10 +29,9 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
+from automodel_jax.data.builders import check_fit, loss_span
 from automodel_jax.data.encoding import IGNORE, assistant_spans, encode_spans, shift
 from automodel_jax.data.sources import DataError, load_rows, require_columns
-
-logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("gemma3", "qwen2_5_vl")
 IMAGE_PLACEHOLDER = "<image>"
@@ -331,12 +329,13 @@ def encode_conversation(processor, messages: list[dict], images: list, where: st
 
 
 class VLMDataset(Sequence):
-    """Samples from encode_conversation (labels already shifted), their model type, and how fitting went."""
+    """Samples from encode_conversation (labels already shifted), their model type, and how fitting went (`stats`,
+    `spans`: as data.builders.TokenizedDataset)."""
 
     def __init__(self, name: str, model_type: str, samples: list[dict[str, np.ndarray]], stats: dict[str, int],
-                 pixel_shape: tuple[int, ...]):
+                 pixel_shape: tuple[int, ...], spans: np.ndarray):
         self.name, self.model_type, self.samples, self.stats = name, model_type, samples, stats
-        self.pixel_shape = pixel_shape
+        self.pixel_shape, self.spans = pixel_shape, spans
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -383,16 +382,18 @@ def _truncate(sample: dict, seq_len: int, start_id: int, image_ids: np.ndarray) 
 
 def fit_vlm_samples(name: str, processor, encoded, seq_len: int, truncation: str) -> VLMDataset:
     """Fit samples to seq_len: "error" raises, "drop" skips, "truncate" cuts text (never inside an image's tokens;
-    images after the cut are dropped with it). Samples left without loss are dropped and counted."""
+    images after the cut are dropped with it). Samples left without loss are dropped and counted; how many rows that
+    lost is judged by data.builders.check_fit."""
     if truncation not in VLM_TRUNCATION_MODES:
         raise DataError(f"data.truncation must be one of {VLM_TRUNCATION_MODES} for VLM data, got {truncation!r}")
     if seq_len < 1:
         raise DataError(f"data.seq_len must be positive, got {seq_len}")
     start_id, image_ids = image_start_id(processor), image_token_ids(processor)
     stats = {"rows": 0, "samples": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_loss": 0, "images_cut": 0}
-    samples = []
+    samples, spans = [], []
     for where, sample in encoded:
         stats["rows"] += 1
+        spans.append(loss_span(sample))
         if len(sample["input_ids"]) > seq_len:
             if truncation == "error":
                 raise DataError(f"{where}: {len(sample['input_ids'])} tokens (images included) exceed data.seq_len "
@@ -408,12 +409,8 @@ def fit_vlm_samples(name: str, processor, encoded, seq_len: int, truncation: str
             continue
         samples.append(sample)
     stats["samples"] = len(samples)
-    logger.info("VLM dataset %s: %d of %d rows kept at seq_len %d (%s)", name, stats["samples"], stats["rows"],
-                seq_len, stats)
-    if not samples:
-        raise DataError(f"VLM dataset {name}: no sample is left after fitting to seq_len {seq_len} ({stats}); "
-                        "raise data.seq_len or use data.truncation='truncate'")
-    return VLMDataset(name, processor_model_type(processor), samples, stats, pixel_shape(processor))
+    return VLMDataset(name, processor_model_type(processor), samples, stats, pixel_shape(processor),
+                      np.asarray(spans, np.int64).reshape(-1, 2))
 
 
 def _rows_and_base(path: str, split: str, limit: int | None):
@@ -432,7 +429,7 @@ def build_cord(cfg, processor, seq_len: int, truncation: str) -> VLMDataset:
     image_column = cfg.image_column
     if image_column not in rows.column_names and "file_name" in rows.column_names:
         image_column = "file_name"
-    require_columns(rows, [image_column, cfg.ground_truth_column], source)
+    require_columns(rows, {image_column: "image_column", cfg.ground_truth_column: "ground_truth_column"}, source)
 
     def encoded():
         for i, row in enumerate(rows):
@@ -447,7 +444,7 @@ def build_cord(cfg, processor, seq_len: int, truncation: str) -> VLMDataset:
 def build_vlm_chat(cfg, processor, seq_len: int, truncation: str) -> VLMDataset:
     """Conversations: `messages_column` (role/content, `<image>` placeholders or image parts) + `images_column`."""
     rows, base, source = _rows_and_base(cfg.path, cfg.split, cfg.limit)
-    require_columns(rows, [cfg.messages_column], source)
+    require_columns(rows, {cfg.messages_column: "messages_column"}, source)
     has_images = cfg.images_column in rows.column_names
 
     def encoded():
@@ -461,8 +458,9 @@ def build_vlm_chat(cfg, processor, seq_len: int, truncation: str) -> VLMDataset:
 
 
 def encode_rows(name: str, processor, rows: Sequence[dict], seq_len: int, truncation: str,
-                base_dir: str | Path | None = None) -> VLMDataset:
-    """In-memory conversation rows ({messages, images}: PIL images or paths under base_dir) -> VLMDataset."""
+                base_dir: str | Path | None = None, min_kept_fraction: float = 0.1) -> VLMDataset:
+    """In-memory conversation rows ({messages, images}: PIL images or paths under base_dir) -> VLMDataset (rows lost
+    to seq_len reported by data.builders.check_fit)."""
     base = Path(base_dir) if base_dir is not None else None
 
     def encoded():
@@ -471,7 +469,9 @@ def encode_rows(name: str, processor, rows: Sequence[dict], seq_len: int, trunca
             messages, images = chat_conversation(row.get("messages"), row.get("images"), base, where)
             yield where, encode_conversation(processor, messages, images, where)
 
-    return fit_vlm_samples(name, processor, encoded(), seq_len, truncation)
+    dataset = fit_vlm_samples(name, processor, encoded(), seq_len, truncation)
+    check_fit(dataset, seq_len, truncation, min_kept_fraction)
+    return dataset
 
 
 VLM_BUILDERS: dict[str, Callable[..., VLMDataset]] = {"cord": build_cord, "vlm_chat": build_vlm_chat}
@@ -484,8 +484,9 @@ def vlm_dataset_defaults(kind: str, path: str, split: str) -> dict:
                 images_column="images")
 
 
-def build_vlm_dataset(ds_cfg, processor, seq_len: int, truncation: str) -> VLMDataset:
-    """Dispatch on `ds_cfg.kind` ("cord" or "vlm_chat"); recipes resolve `embedded:` names to files first."""
+def build_vlm_dataset(ds_cfg, processor, seq_len: int, truncation: str, min_kept_fraction: float = 0.1) -> VLMDataset:
+    """Dispatch on `ds_cfg.kind` ("cord" or "vlm_chat"); recipes resolve `embedded:` names to files first. Rows lost
+    to seq_len are reported by data.builders.check_fit (a DataError when fewer than `min_kept_fraction` are kept)."""
     given = dict(ds_cfg)
     builder = VLM_BUILDERS.get(given.get("kind"))
     if builder is None:
@@ -495,7 +496,9 @@ def build_vlm_dataset(ds_cfg, processor, seq_len: int, truncation: str) -> VLMDa
     if unknown:
         raise DataError(f"unknown VLM dataset setting(s) {unknown}: the known ones are {sorted(cfg)}")
     cfg.update(given)
-    return builder(ml_collections.ConfigDict(cfg), processor, seq_len, truncation)
+    dataset = builder(ml_collections.ConfigDict(cfg), processor, seq_len, truncation)
+    check_fit(dataset, seq_len, truncation, min_kept_fraction)
+    return dataset
 
 
 def conversation_prompts(ds_cfg, limit: int) -> list[dict]:

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from automodel_jax.generation import bucket_length, context_length
+from automodel_jax.models.vocab import check_token_ids
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -29,17 +30,22 @@ def _score_batch(graphdef, state, ids, mask, targets, weights):
 
 def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """(log-likelihood [n] float64, is_greedy [n] bool) of each (context ids, continuation ids) request.
+    """(log-likelihood [n] float64, is_greedy [n] bool) of each (context ids, continuation ids) request; ValueError
+    for an id outside the model's embedding table.
 
     Requests are sorted by length so batches pad little; each batch is padded to `batch_size` rows and a bucketed
     length, so a whole evaluation compiles a handful of programs.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be >= 1")
+    vocab_size = model.config.vocab_size
     for i, (context, continuation) in enumerate(requests):
         if not context or not continuation:
             raise ValueError(f"request {i} has an empty {'context' if not context else 'continuation'}: "
                              "score a non-empty continuation after at least one context token (e.g. BOS)")
+        outside = [t for t in (*context, *continuation) if not 0 <= t < vocab_size]
+        check_token_ids({f"request {i}": outside[0]} if outside else {}, vocab_size,
+                        "encode it with the model's own tokenizer")
     max_len = context_length(model)
     graphdef, state = nnx.split(model)
     inputs = [(list(c) + list(x))[-(max_len + 1):] for c, x in requests]

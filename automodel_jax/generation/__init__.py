@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from automodel_jax.models.vocab import check_token_ids
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationError(ValueError):
+    """The model produced non-finite logits: generation stops instead of printing tokens picked from NaN."""
 
 
 def bucket_length(n: int) -> int:
@@ -30,6 +39,25 @@ def bucket_length(n: int) -> int:
 def context_length(model) -> int:
     """The longest sequence the model was trained for (HF's max_position_embeddings)."""
     return model.config.rope.max_position_embeddings
+
+
+def check_context(model, positions: int, what: str, setting: str, others: int = 0) -> None:
+    """ValueError when `what` needs more `positions` than the model's context (max_position_embeddings): telling to
+    set `setting` to at most the context less `others` (positions the rest takes). A model with "dynamic" rope
+    scaling (NTK, defined for any length as in HF) is let past its context, with a log line saying so."""
+    limit = context_length(model)
+    if positions <= limit:
+        return
+    rope = model.config.rope
+    if rope.type == "dynamic":
+        logger.info("%s needs %d positions, beyond max_position_embeddings %d: the model's dynamic rope scaling "
+                    "(factor %g) stretches its rotary embedding to that length, as in HF", what, positions, limit,
+                    rope.factor)
+        return
+    room = limit - others
+    fix = f"set {setting} to at most {room}" if room > 0 else f"the rest already takes {others} positions"
+    raise ValueError(f"{what} needs {positions} positions, more than the model's context of {limit} "
+                     f"(max_position_embeddings in its config.json); {fix}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +101,13 @@ def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
 def _step(graphdef, state, cache, tokens, positions, segment_ids, key, step, extras, *, sampling):
     """Run `tokens` [B, T] through the model, appending them to the cache; pick the token after the last one.
-    `extras`: more keyword arguments of the model's call (a VLM prefill's images), {} otherwise."""
+    `extras`: more keyword arguments of the model's call (a VLM prefill's images), {} otherwise. Returns (picked
+    tokens [B], whether each row's logits were all finite [B], the cache)."""
     logits, cache = nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
                                                **extras)
-    return sample_tokens(logits[:, -1].astype(jnp.float32), jax.random.fold_in(key, step), sampling), cache
+    last = logits[:, -1].astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(last), axis=-1)
+    return sample_tokens(last, jax.random.fold_in(key, step), sampling), finite, cache
 
 
 def _encode(tokenizer, prompts, vocab_size: int) -> list[list[int]]:
@@ -91,9 +122,9 @@ def _encode(tokenizer, prompts, vocab_size: int) -> list[list[int]]:
         ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError(f"prompt {i} has no tokens; give at least one (e.g. the BOS token)")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        outside = [t for t in ids if not 0 <= t < vocab_size]
+        check_token_ids({f"prompt {i}": outside[0]} if outside else {}, vocab_size,
+                        "encode it with the model's own tokenizer")
         encoded.append(ids)
     return encoded
 
@@ -119,7 +150,8 @@ def generate(model, tokenizer, prompts: list[list[int]] | list[str], *, max_new_
 
     A row stops after its first EOS (kept in its output) or after `max_new_tokens`; finished rows are fed padding
     until every row is done. `stream(row, token)` is called with each new token as soon as it exists. LoRA adapters
-    inside the model's Linear layers are simply run (never merged).
+    inside the model's Linear layers are simply run (never merged). Raises ValueError for token ids outside the
+    embedding table or more positions than the model's context, GenerationError for non-finite logits.
     """
     sampling = Sampling(temperature, top_k, top_p)
     if max_new_tokens < 1:
@@ -137,7 +169,8 @@ def generate(model, tokenizer, prompts: list[list[int]] | list[str], *, max_new_
 
 
 def special_ids(model, tokenizer, eos_token_id, pad_token_id) -> tuple[tuple[int, ...], int]:
-    """(EOS ids, pad id): the given ones, else the checkpoint's / tokenizer's (pad falls back to EOS, then 0)."""
+    """(EOS ids, pad id): the given ones, else the checkpoint's / tokenizer's (pad falls back to EOS, then 0).
+    ValueError when the pad id, which fills the prompts' padding, lies outside the model's embedding table."""
     if eos_token_id is None:
         eos = default_eos_ids(model, tokenizer)
     else:
@@ -145,6 +178,8 @@ def special_ids(model, tokenizer, eos_token_id, pad_token_id) -> tuple[tuple[int
     if pad_token_id is None:
         pad_token_id = tokenizer.pad_token_id if tokenizer is not None else None
         pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    check_token_ids({"the padding token": pad_token_id}, model.config.vocab_size,
+                    "give a pad_token_id inside the vocabulary (e.g. the EOS id)")
     return eos, pad_token_id
 
 
@@ -154,6 +189,9 @@ def decode(model, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, n
     """The KV-cache loop over left-padded prompts: tokens, mask [B, W] int32, positions [B, W] (or M-RoPE [3, B, W]),
     next_position [B] (each row's first new position); `extras` go to the prefill call only. New tokens per row."""
     batch, width = tokens.shape
+    longest = int(np.max(next_position))
+    check_context(model, longest + max_new_tokens, f"a prompt of {longest} positions + max_new_tokens "
+                  f"{max_new_tokens}", "max_new_tokens", others=longest)
     graphdef, state = nnx.split(model)
     # Own buffer per leaf: the step donates the cache, and a buffer shared by two leaves cannot be donated twice.
     cache = jax.tree.map(jnp.copy, model.init_cache(batch, width + max_new_tokens))
@@ -161,8 +199,12 @@ def decode(model, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, n
     outputs: list[list[int]] = [[] for _ in range(batch)]
     finished = np.zeros(batch, bool)
     for step in range(max_new_tokens):
-        picked, cache = _step(graphdef, state, cache, tokens, positions, mask, key, step, extras if step == 0 else {},
-                              sampling=sampling)
+        picked, finite, cache = _step(graphdef, state, cache, tokens, positions, mask, key, step,
+                                      extras if step == 0 else {}, sampling=sampling)
+        broken = np.flatnonzero(~np.asarray(finite) & ~finished)
+        if len(broken):
+            raise GenerationError(f"the model's logits for prompt {broken[0]} are not finite (NaN or inf) at new "
+                                  f"token {step}, so no token can be picked; {nonfinite_cause(state)}")
         picked = np.where(finished, pad_token_id, np.asarray(picked)).astype(np.int32)
         for row in np.flatnonzero(~finished):
             token = int(picked[row])
@@ -175,3 +217,22 @@ def decode(model, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray, n
         tokens, positions = picked[:, None], (next_position + step)[:, None]
         mask = np.ones((batch, 1), np.int32)
     return outputs
+
+
+def nonfinite_cause(state) -> str:
+    """Why a model's logits are not finite, from its parameters (state): the first non-finite one by name, else the
+    dtype it runs in."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    floats = [(path, leaf) for path, leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    # A path is the module's HF name, then the parameter (and nnx's `.value`): model.norm, scale.
+    names = [[str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path] for path, _ in floats]
+    names = [n[:-1] if n[-1] == "value" else n for n in names]
+    bad = [(".".join(n[:-1]), n[-1]) for n, (_, leaf) in zip(names, floats) if not bool(jnp.isfinite(leaf).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        return (f"the {bad[0][1]} of module {bad[0][0]}{more} holds NaN or inf: the checkpoint is broken; export or "
+                "train it again")
+    dtype = floats[0][1].dtype if floats else None
+    if dtype is not None and dtype != jnp.float32:
+        return f"the parameters are finite, so {dtype} arithmetic overflowed: load the model in float32 (--dtype)"
+    return "the parameters are finite even in float32: the inputs (prompt, images) drive the model out of range"

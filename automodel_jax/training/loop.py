@@ -23,14 +23,29 @@ def global_batch(local: dict[str, np.ndarray], accum: int, shardings: dict) -> d
     return out
 
 
-def check_metrics(metrics: dict, step: int) -> dict[str, float]:
-    """Host values of a finished step's metrics; a non-finite loss or gradient stops training with a clear message."""
+def check_metrics(metrics: dict, step: int, causes: str = "") -> dict[str, float]:
+    """Host values of a finished step's metrics; a non-finite loss or gradient stops training with a clear message
+    ending in `causes` (what may have caused it in this run: `nonfinite_causes(cfg)`)."""
     values = jax.device_get(metrics)
     if not bool(values["finite"]):
         raise TrainingError(f"step {step}: loss {float(values['loss'])} / grad norm {float(values['grad_norm'])} is "
-                            f"not finite; training stopped with the parameters of the last good step. Lower "
-                            f"optim.learning_rate, keep optim.grad_clip on, or use float32 (model.dtype)")
+                            f"not finite; training stopped with the parameters of the last good step. {causes}")
     return {k: float(v) for k, v in values.items() if k != "finite"}
+
+
+def nonfinite_causes(cfg) -> str:
+    """The likely causes of a non-finite step that apply to this run's settings, as one sentence. (Token ids outside
+    the embedding table, which embed as NaN, are refused at start-up, so they are not among them.)"""
+    optim, model = cfg.optim, cfg.model
+    causes = [f"a learning rate too high for this model (optim.learning_rate={optim.learning_rate:g}: lower it)"]
+    if not optim.grad_clip:
+        causes.append("no gradient clipping (set optim.grad_clip=1.0)")
+    if not optim.schedule.warmup_steps:
+        causes.append("no warmup (set optim.schedule.warmup_steps)")
+    low = [f"model.{key}={model[key]}" for key in ("dtype", "param_dtype") if model[key] in ("float16", "bfloat16")]
+    if low:
+        causes.append(f"reduced precision ({', '.join(low)}: try float32)")
+    return "Likely causes in this run: " + "; ".join(causes) + "."
 
 
 def validation_batches(dataset, max_samples: int | None, batch_size: int, seq_len: int, pad_id: int) -> list[dict]:

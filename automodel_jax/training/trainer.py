@@ -29,7 +29,8 @@ from automodel_jax.config import ConfigError, config_changes, save_config
 from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
 from automodel_jax.parallel.sharding import mesh_from_config, tree_shardings
 from automodel_jax.peft.lora import split_model
-from automodel_jax.training.loop import TrainingError, check_metrics, global_batch, validation_loss
+from automodel_jax.training.loop import (TrainingError, check_metrics, global_batch, nonfinite_causes,
+                                         validation_loss)
 from automodel_jax.training.metrics import MetricsLogger, wandb_defaults
 from automodel_jax.training.optim import build_optimizer, optim_defaults
 from automodel_jax.training.profile import StepProfiler, profile_defaults
@@ -238,11 +239,12 @@ def train_loop(run: Run, until_step: int | None = None) -> None:
     until_step = total_steps if until_step is None else until_step
     start_step = int(run.state["step"])
     profiler = StepProfiler(cfg.profile, run.run_dir, enabled=run.primary)
+    causes = nonfinite_causes(cfg)
 
     def checked(metrics, step: int) -> dict[str, float]:
         """Host values of a step's metrics; a non-finite step left the state as it was: keep that on disk, stop."""
         try:
-            return check_metrics(metrics, step)
+            return check_metrics(metrics, step, causes)
         except TrainingError:
             run.checkpoints.save(int(run.state["step"]), run.state, run.loader, final=True)
             run.checkpoints.close()

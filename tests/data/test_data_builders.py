@@ -1,14 +1,20 @@
 """Dataset builders on the real Alpaca, SQuAD, HellaSwag and chat files with the real stories260K tokenizer."""
+import copy
 import json
+import logging
+from pathlib import Path
 
 import datasets
 import ml_collections
 import numpy as np
 import pytest
 
-from automodel_jax.data import IGNORE, DataError, build_dataset, data_defaults, resolve_pad_id
+from automodel_jax.config import parse_config
+from automodel_jax.data import IGNORE, DataError, build_dataset, check_vocabulary, data_defaults, resolve_pad_id
+
 from reference import DATA
 
+REPO = Path(__file__).resolve().parents[2]
 ALPACA = DATA / "alpaca" / "alpaca_en_demo.json"
 SQUAD = DATA / "squad" / "validation.jsonl"
 HELLASWAG = DATA / "hellaswag" / "validation.jsonl"
@@ -258,7 +264,106 @@ def test_pad_id_defaults_to_eos_for_a_tokenizer_without_pad(tokenizer):
     assert tokenizer.pad_token_id is None
     assert resolve_pad_id(tokenizer) == tokenizer.eos_token_id
     assert resolve_pad_id(tokenizer, pad_token_id=0) == 0
-    with pytest.raises(DataError, match="has no pad token: set data.pad_token_id"):
+    with pytest.raises(DataError, match="has no pad token: set data.pad_token_id, or data.pad_with_eos=True$"):
         resolve_pad_id(tokenizer, pad_with_eos=False)
-    with pytest.raises(DataError, match=r"data.pad_token_id 512 is outside the vocabulary \[0, 512\)"):
-        resolve_pad_id(tokenizer, pad_token_id=512)
+
+
+def test_the_no_pad_hint_suggests_only_what_is_not_set_already(tokenizer):
+    no_eos = copy.deepcopy(tokenizer)
+    no_eos.eos_token = None
+    assert no_eos.eos_token_id is None
+    with pytest.raises(DataError, match=r"has no pad token: set data.pad_token_id \(it has no EOS token to pad with "
+                                        r"either\)$"):
+        resolve_pad_id(no_eos, pad_with_eos=True)
+
+
+def test_token_ids_outside_the_embedding_table_are_refused(tokenizer, chat_template):
+    mock = build_dataset(dict(kind="mock", num_samples=64, vocab_size=600), tokenizer, 16, "drop")
+    check_vocabulary(tokenizer, 512, pad_id=2)  # the real stories260K tokenizer fits its model
+    check_vocabulary(tokenizer, 600, datasets=[mock])
+    with pytest.raises(DataError, match=r"the padding id \(data.pad_token_id\) has token id 512, outside the model's "
+                                        r"embedding table \(vocab_size 512, ids 0..511\); set data.pad_token_id"):
+        check_vocabulary(tokenizer, 512, pad_id=512)
+    top = max(int(s["input_ids"].max()) for s in mock)
+    with pytest.raises(DataError, match=rf"dataset mock has token id {top}, outside the model's "
+                                        r"embedding table \(vocab_size 512"):
+        check_vocabulary(tokenizer, 512, datasets=[mock])
+    added = copy.deepcopy(tokenizer)
+    added.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<tool>"]})
+    with pytest.raises(DataError, match=r"the tokenizer's pad token '<pad>' has token id 512, outside the model's "
+                                        r"embedding table \(vocab_size 512, ids 0..511\); the tokenizer \(514 tokens\)"):
+        check_vocabulary(added, 512)
+    check_vocabulary(added, 512, exempt=[512])  # a model that swaps id 512 away before embedding it
+    # An added token the data uses is fed, so it is refused (one it never uses is not: Gemma 3 1B's tokenizer
+    # carries an image token past its text model's table).
+    tool = [build_dataset(dict(kind="chat", path=str(CHAT), limit=2, chat_template=f"<tool>{chat_template}"),
+                          added, 256, "drop")]
+    with pytest.raises(DataError, match=r"dataset \S+ \(token '<tool>'\) has token id 513"):
+        check_vocabulary(added, 512, exempt=[512], datasets=tool)
+
+
+def lengths_and_loss_starts(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Each untruncated sample's length and the position of its first loss token, read off the samples."""
+    return (np.array([len(s["input_ids"]) for s in dataset]),
+            np.array([np.flatnonzero(s["labels"] != IGNORE)[0] for s in dataset]))
+
+
+def test_squad_mostly_lost_to_seq_len_is_an_error_or_a_warning_with_the_seq_len_that_keeps_it(tokenizer, caplog):
+    """The real 1000 SQuAD rows at seq_len 256 (stories260K's tokens, median prompt ~530): truncation cuts every
+    answer but a few off, so keeping that few is an error unless asked for, and the warning names the counts and the
+    seq_len that fits 95% of the rows whole (the smallest such length)."""
+    squad = dict(kind="squad", path=str(SQUAD))
+    length, loss_start = lengths_and_loss_starts(build_dataset(squad, tokenizer, 4096, "drop"))
+    assert len(length) == 1000
+    kept = int((loss_start < 256).sum())
+    assert 0 < kept < 100
+    fits = int(np.sort(length)[949])  # the 950th shortest row
+    assert (length <= fits).mean() >= 0.95 > (length <= fits - 1).mean()
+    with pytest.raises(DataError) as error:
+        build_dataset(squad, tokenizer, 256, "truncate")
+    message = str(error.value)
+    assert f"dataset {SQUAD}: {kept} of 1000 rows kept at seq_len 256" in message
+    assert "fewer than data.min_kept_fraction=0.1 of them" in message and "data.min_kept_fraction=0" in message
+    assert f"data.seq_len={fits} would fit 95% of the rows whole" in message
+    assert f"{1000 - kept} rows have all their loss tokens after token 256" in message
+    assert "data.truncation=" not in message  # it is 'truncate' already
+
+    with caplog.at_level(logging.INFO, logger="automodel_jax.data.builders"):
+        ds = build_dataset(squad, tokenizer, 256, "truncate", min_kept_fraction=0)
+    [record] = caplog.records
+    assert len(ds) == kept and record.levelno == logging.WARNING
+    assert f"{kept} of 1000 rows kept at seq_len 256" in record.getMessage()
+    assert f"data.seq_len={fits} would fit 95% of the rows whole" in record.getMessage()
+
+
+def test_the_truncation_hint_appears_only_where_truncation_would_keep_rows(tokenizer, caplog):
+    hellaswag = dict(kind="hellaswag", path=str(HELLASWAG), limit=100)
+    length, loss_start = lengths_and_loss_starts(build_dataset(hellaswag, tokenizer, 4096, "drop"))
+    too_long, reachable = int((length > 96).sum()), int(((length > 96) & (loss_start < 96)).sum())
+    assert 0 < reachable < too_long and too_long - reachable < 10
+    with caplog.at_level(logging.WARNING, logger="automodel_jax.data.builders"):
+        build_dataset(hellaswag, tokenizer, 96, "drop")
+        build_dataset(hellaswag, tokenizer, 96, "truncate")
+    dropped, truncated = (r.getMessage() for r in caplog.records)
+    assert f"data.truncation='truncate' would keep {reachable} of the {too_long} rows longer than seq_len 96" in dropped
+    assert "data.truncation" not in truncated
+    assert f"{too_long - reachable} rows have all their loss tokens after token 96" in truncated
+
+
+def test_alpaca_with_its_input_column_set_from_the_command_line(tokenizer):
+    """README's recipe for custom instruction data: a column the preset does not map (Alpaca's `input`) is added
+    with --config.data.train.columns.input=input, and the template uses it."""
+    template = "Instruction: {instruction}\nInput: {input}\nResponse: "
+    cfg = parse_config(["--config", str(REPO / "configs" / "llama_lora.py"), "--config.data.train.kind=instruction",
+                        f"--config.data.train.path={ALPACA}", "--config.data.train.limit=12",
+                        "--config.data.train.columns={'instruction': 'instruction', 'answer': 'output'}",
+                        "--config.data.train.columns.input=input", f"--config.data.train.prompt_template={template}"])
+    assert cfg.data.train.columns.to_dict() == dict(instruction="instruction", input="input", answer="output")
+    ds = build_dataset(cfg.data.train, tokenizer, 2048, "drop")
+    rows = json.loads(ALPACA.read_text(encoding="utf-8"))[:12]
+    assert len(ds) == 12 and any(row["input"] for row in rows)
+    for row, sample in zip(rows, ds):
+        prompt_len = int(np.argmax(sample["labels"] != IGNORE)) + 1
+        prompt = tokenizer.decode(sample["input_ids"][:prompt_len], skip_special_tokens=True)
+        assert prompt.strip() == template.format(**row).strip()
+        assert labelled_text(tokenizer, sample) == row["output"]

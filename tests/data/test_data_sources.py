@@ -81,8 +81,17 @@ def test_empty_path():
 
 
 @pytest.mark.assets
-def test_missing_column_names_expected_and_found():
+def test_missing_column_names_expected_and_found_and_the_setting_to_change():
     rows = load_rows(str(ALPACA), limit=3)
     with pytest.raises(DataError, match=r"lacks column\(s\) \['answer'\]: expected \['instruction', 'answer'\], "
-                                        r"found \['instruction', 'input', 'output'\]"):
-        require_columns(rows, ["instruction", "answer"], str(ALPACA))
+                                        r"found \['instruction', 'input', 'output'\]; set the dataset's columns.answer "
+                                        r"to columns the file has$"):
+        require_columns(rows, {"instruction": "columns.instruction", "answer": "columns.answer"}, str(ALPACA))
+
+
+@pytest.mark.assets
+def test_missing_fixed_columns_do_not_suggest_a_setting_that_cannot_change_them():
+    rows = load_rows(str(ALPACA), limit=3)
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['context', 'answers'\].*; this kind's columns are fixed: "
+                                        r"rename them in the file, or use kind='instruction' with `columns`$"):
+        require_columns(rows, dict.fromkeys(["context", "answers"]), str(ALPACA))

@@ -75,6 +75,9 @@ def test_bad_requests_and_arguments_are_clear_errors(stories):
     model, tokenizer, _, rows = stories
     with pytest.raises(ValueError, match="request 1 has an empty continuation"):
         score_requests(model, [([1, 5], [7]), ([1, 5], [])])
+    with pytest.raises(ValueError, match=r"request 1 has token id 512, outside the model's embedding table "
+                                         r"\(vocab_size 512"):
+        score_requests(model, [([1, 5], [7]), ([1, 5], [512])])
     with pytest.raises(ValueError, match="unknown evaluation task 'mmlu'"):
         evaluate(model, tokenizer, "mmlu", rows)
     with pytest.raises(ValueError, match="limit 0 must be a positive"):

@@ -22,7 +22,9 @@ from flax import nnx
 from automodel_jax.checkpoint.export import export_model
 from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
 from automodel_jax.config import ConfigError, validate_choice
-from automodel_jax.data import build_dataset, data_defaults, load_rows, make_loader, resolve_pad_id
+from automodel_jax.data import (build_dataset, check_vocabulary, data_defaults, load_rows, make_loader,
+                                resolve_pad_id)
+from automodel_jax.generation import check_context
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
 from automodel_jax.peft.lora import apply_lora, lora_defaults
 from automodel_jax.training import loop
@@ -76,6 +78,19 @@ def check_run_config(cfg) -> None:
                           "Hub name), or set evaluation.task=none")
 
 
+def check_model_fits(cfg, model, tokenizer, pad_id: int) -> None:
+    """What the run will feed the model against what it can take, before any data is tokenized: every token id the
+    tokenizer can emit and the pad id inside the embedding table, and seq_len and each sample prompt plus
+    train.sample_max_new_tokens inside its context. DataError / ValueError naming the setting otherwise."""
+    check_vocabulary(tokenizer, model.config.vocab_size, pad_id=pad_id)
+    check_context(model, cfg.data.seq_len, f"data.seq_len {cfg.data.seq_len}", "data.seq_len")
+    new = cfg.train.sample_max_new_tokens
+    for i, prompt in enumerate(cfg.train.sample_prompts):
+        n = len(tokenizer(prompt)["input_ids"])
+        check_context(model, n + new, f"train.sample_prompts[{i}] ({n} tokens) + train.sample_max_new_tokens {new}",
+                      "train.sample_max_new_tokens", others=n)
+
+
 def setup(cfg, model=None) -> Run:
     """Processes and mesh -> model (+ adapters) -> data -> checkpoints -> optimizer, state and jitted steps.
 
@@ -100,9 +115,11 @@ def setup(cfg, model=None) -> Run:
     seq_len, data_cfg = cfg.data.seq_len, cfg.data
     for split in ("train", "validation"):
         data_cfg[split].path = resolve_path(data_cfg[split].path)
-    train_set = build_dataset(data_cfg.train, tokenizer, seq_len, data_cfg.truncation)
-    val_set = build_dataset(data_cfg.validation, tokenizer, seq_len, data_cfg.truncation)
     pad_id = resolve_pad_id(tokenizer, data_cfg.pad_token_id, data_cfg.pad_with_eos)
+    check_model_fits(cfg, model, tokenizer, pad_id)
+    train_set, val_set = (build_dataset(data_cfg[split], tokenizer, seq_len, data_cfg.truncation,
+                                        data_cfg.min_kept_fraction) for split in ("train", "validation"))
+    check_vocabulary(tokenizer, model.config.vocab_size, datasets=(train_set, val_set))
     accum, process_batch = batch_geometry(cfg, mesh)
     loader = make_loader(train_set, batch_size=process_batch, seq_len=seq_len, pad_id=pad_id, seed=cfg.seed,
                          shard_index=jax.process_index(), shard_count=jax.process_count(),

@@ -30,10 +30,12 @@ from ml_collections import config_dict
 from automodel_jax.checkpoint.export import export_model
 from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
 from automodel_jax.config import ConfigError, validate_choice
-from automodel_jax.data import DataError
+from automodel_jax.data import DataError, check_vocabulary
 from automodel_jax.data.vlm import build_vlm_dataset, conversation_prompts, load_processor, vlm_dataset_defaults
 from automodel_jax.data.vlm_batches import make_collator, make_vlm_loader
+from automodel_jax.generation import check_context
 from automodel_jax.generation.vlm import generate_with_images
+from automodel_jax.models.vocab import substituted_token_ids
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
 from automodel_jax.peft.lora import apply_lora, lora_defaults
 from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, train_loop,
@@ -65,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.data = dict(train=vlm_dataset_defaults("vlm_chat", "embedded:shapes/train", "train"),
                     validation=vlm_dataset_defaults("vlm_chat", "embedded:shapes/validation", "train"),
                     seq_len=128, max_images=1, max_patches=config_dict.placeholder(int), truncation="error",
-                    pad_token_id=config_dict.placeholder(int))
+                    pad_token_id=config_dict.placeholder(int), min_kept_fraction=0.1)
     # Held-out answers: greedy answers to the first `samples` validation prompts, exact-match accuracy.
     cfg.evaluation = dict(samples=64, batch_size=16, max_new_tokens=32, print=4)
     return cfg
@@ -127,11 +129,15 @@ def setup(cfg, model=None) -> Run:
     seq_len, data_cfg = cfg.data.seq_len, cfg.data
     for split in ("train", "validation"):
         data_cfg[split].path = resolve_path(data_cfg[split].path)
-    train_set = build_vlm_dataset(data_cfg.train, processor, seq_len, data_cfg.truncation)
-    val_set = build_vlm_dataset(data_cfg.validation, processor, seq_len, data_cfg.truncation)
     pad_id = data_cfg.pad_token_id if data_cfg.pad_token_id is not None else processor.tokenizer.pad_token_id
     if pad_id is None:
         raise DataError(f"{model_path}: the tokenizer has no pad token; set data.pad_token_id")
+    vocab_size, exempt = model.config.vocab_size, substituted_token_ids(model.config)
+    check_vocabulary(processor.tokenizer, vocab_size, pad_id=pad_id, exempt=exempt)
+    check_context(model, seq_len, f"data.seq_len {seq_len}", "data.seq_len")
+    train_set, val_set = (build_vlm_dataset(data_cfg[split], processor, seq_len, data_cfg.truncation,
+                                            data_cfg.min_kept_fraction) for split in ("train", "validation"))
+    check_vocabulary(processor.tokenizer, vocab_size, datasets=(train_set, val_set), exempt=exempt)
     max_patches = data_cfg.max_patches or max(train_set.max_patches, val_set.max_patches)
     collate = make_collator(train_set, seq_len=seq_len, pad_id=pad_id, max_images=data_cfg.max_images,
                             max_patches=max_patches)

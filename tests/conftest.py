@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reference import ASSETS, ASSETS_ENV, TINY, missing_assets
+from reference import ASSETS, ASSETS_ENV, STORIES, TINY, missing_assets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -80,11 +80,10 @@ def hf_llama_factory(hf_model_factory):
 
 
 @pytest.fixture(scope="session")
-def stories_added_pad(tmp_path_factory) -> Path:
+def stories_added_pad(tmp_path_factory, assets) -> Path:
     """stories260K whose tokenizer got an added pad token '<pad>' (id 512) while the model keeps its 512 embeddings:
     a tokenizer that does not fit its model, as after `tokenizer.add_special_tokens` without resizing."""
     import transformers
-    require_assets()
     out = tmp_path_factory.mktemp("stories_added_pad")
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         (out / name).symlink_to(STORIES / name)

@@ -8,7 +8,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 
@@ -166,16 +167,18 @@ def test_drop_mode_drops_long_samples_and_counts_them(hellaswag, tmp_path, caplo
     assert logged[str(validation)] == (64 - dropped_validation, 64, 64, 0, dropped_validation, 0)
 
 
-@pytest.mark.parametrize("max_steps", [2, 5], ids=["on_the_last_step", "mid_run"])
+@pytest.mark.parametrize(("max_steps", "every_steps"), [(2, 0), (5, 1)], ids=["on_the_last_step", "mid_run"])
 def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_last_good_state(hellaswag, tmp_path, capsys,
-                                                                                max_steps):
-    """An absurd learning rate: step 1 is finite and moves the adapters to ~1e30, step 2 overflows float32."""
+                                                                                max_steps, every_steps):
+    """An absurd learning rate: step 1 is finite and moves the adapters to ~1e30, step 2 overflows float32. The one
+    checkpoint is the state after step 1 with its own step count and data position (one batch read), also when the
+    checkpoint cadence falls on the bad step or while metrics are read a step behind."""
     train, validation = hellaswag
     run_dir = tmp_path / "run"
     keep, export = kept_export(tmp_path)
     argv = stories_argv(run_dir, train, validation, f"--config.train.max_steps={max_steps}",
                         "--config.optim.learning_rate=1e30", "--config.optim.grad_clip=0",
-                        "--config.checkpoint.every_steps=0", *keep)
+                        f"--config.checkpoint.every_steps={every_steps}", *keep)
     assert finetune_cli.main(argv) == 2
     line = error_line(capsys)
     assert "step 2:" in line and "is not finite" in line and "optim.learning_rate" in line, line
@@ -184,6 +187,11 @@ def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_last_good_state
                    if r["split"] == "train"]
     assert train_steps == [1]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1"]
+    handlers = {"data": ocp.JsonCheckpointHandler(), "train": ocp.StandardCheckpointHandler()}
+    with ocp.CheckpointManager(run_dir / "checkpoints", item_handlers=handlers) as manager:
+        saved = manager.restore(1, args=ocp.args.Composite(data=ocp.args.JsonRestore(),
+                                                            train=ocp.args.StandardRestore()))
+    assert int(saved["train"]["step"]) == 1 and saved["data"]["position"] == {"epoch": 0, "batch": 1}
     model, meta = load_checkpoint_model(run_dir)
     trained = [x for pair in adapters(model).values() for x in pair]
     assert meta["peft"]["method"] == "lora" and trained

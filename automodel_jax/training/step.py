@@ -3,8 +3,10 @@
 State = {"step", "params" (the trainable pytree: adapters for LoRA, everything for SFT), "opt_state", "rng", "ok"};
 the frozen base parameters travel separately and are never donated. "ok" (bool) turns False at the first non-finite
 step, and from then on every step leaves the state as it was: the host reads metrics a step behind, so when it finds
-the bad step the state is still that of the last good one, with its step count ("ok" is never checkpointed). Loss follows NeMo Automodel: token losses summed over
-labels != -100 and divided by the number of such tokens in the whole global batch (all micro-batches).
+the bad step the state is still that of the last good one, with its step count ("ok" is never checkpointed).
+
+Loss follows NeMo Automodel: token losses summed over labels != -100 and divided by the number of such tokens in the
+whole global batch (all micro-batches).
 """
 from __future__ import annotations
 

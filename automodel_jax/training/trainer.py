@@ -2,7 +2,8 @@
 
 A recipe's `setup` builds the model, data, optimizer and jitted steps into a `Run`; `train_loop` then runs the jitted
 step on global batches with metrics read one step behind (no host sync in the loop), validation and asynchronous
-checkpoints on their cadence, throughput at each log step, and an optional profiler trace. `bench/` drives the same functions.
+checkpoints on their cadence, throughput at each log step, and an optional profiler trace. `bench/` drives the same
+functions.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ throughput numbers they show (tokens/s, label tokens/s, per device, MFU, step ti
 
 Only one process should write (``enabled=False`` on processes other than 0), so every method is a
 no-op when disabled. Metric names the progress bar knows: ``loss``, ``learning_rate``,
-``grad_norm``, ``tokens_per_sec``, ``mfu``; any other metric is still logged everywhere else.
+``grad_norm``, ``tokens_per_sec``, ``mfu``, ``peak_memory_gib``; any other metric is still logged everywhere else.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ _BAR_FIELDS = {
     "grad_norm": ("gnorm", ".3f"),
     "tokens_per_sec": ("tok/s", ".0f"),
     "mfu": ("mfu", ".1%"),
+    "peak_memory_gib": ("mem GiB", ".1f"),
 }
-# Dense (no sparsity) bf16 peak TFLOP/s per device from the vendors' data sheets, matched in this order against
-# jax's device_kind (so "H100 PCIe" before "H100", "L40S" before "L4"). On the H200 (the H100's compute at 989) we
-# measured about 790 TFLOP/s on large bf16 matmuls; MFU, as PaLM defines it, is against the data-sheet peak.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0),
+# Peak dense (no sparsity) bf16 TFLOP/s per device, matched in this order against jax's device_kind (so "H100 PCIe"
+# before "H100", "L40S" before "L4"): the vendors' data sheets, except the H200, whose 790 is the bf16 matmul peak
+# measured on the project's H200 (its data sheet says 989, as the H100 SXM; BENCHMARKS.md's MFU uses 790 too).
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 790.0), ("B200", 2250.0), ("A100", 312.0),
                ("L40S", 362.0), ("L4", 121.0), ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5p", 459.0),
                ("TPU v6 lite", 918.0))
 
@@ -203,8 +204,8 @@ def peak_tflops(device_kind: str, override: float | None = None) -> float | None
 def train_flops_per_token(model, trainable: dict, frozen: dict, seq_len: int) -> float:
     """FLOPs of training on one token (forward and backward), for MFU.
 
-    PaLM's formula (Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, with N the parameters used in matmuls (the
-    embedding lookup is not one; the output head is, tied or not), L layers, H attention heads, Q head dimension and
+    PaLM's formula (Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, with N the parameters (the embedding table
+    only when it is also the output head: a lookup is no matmul), L layers, H attention heads, Q head dimension and
     T = seq_len (no discount for causal masking, sliding windows or packing, as there). The 6 N is 2 N forward, 2 N
     for input gradients and 2 N for weight gradients; frozen weights (the base under LoRA, frozen groups) get no
     weight gradients, so they count 4 N and the trainable ones (the adapters) 6 N. A VLM's vision tower is counted as

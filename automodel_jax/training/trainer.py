@@ -226,7 +226,11 @@ def train_loop(run: Run, until_step: int | None = None) -> None:
         if validating or run.checkpoints.due(step + 1):  # the state validated or saved must be a finite one
             record(pending, step + 1)
             pending = None
-        val_loss = validate(run, step + 1) if validating else None
+        val_loss = None
+        if validating:
+            t_validate = time.perf_counter()
+            val_loss = validate(run, step + 1)
+            t_last += time.perf_counter() - t_validate  # throughput counts training time only
         run.checkpoints.save(step + 1, run.state, run.loader, val_loss)  # asynchronous, every checkpoint.every_steps
     profiler.close(run.state)
     if pending is not None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 
-import grain
 import numpy as np
+from grain.experimental import index_shuffle
 
 from automodel_jax.data.encoding import IGNORE
 from automodel_jax.data.sources import DataError
@@ -64,15 +64,17 @@ class EpochPlan:
                  lengths: np.ndarray | None = None, seq_len: int | None = None):
         self.num_samples, self.global_batch, self.drop_remainder = num_samples, global_batch, drop_remainder
         self.lengths, self.seq_len = lengths, seq_len
-        self._shuffled = grain.MapDataset.range(num_samples).shuffle(seed) if shuffle else None
+        self.seed, self.shuffle = seed, shuffle
         self._cached: tuple[int | None, list[Batch]] = (None, [])
 
     def order(self, epoch: int) -> np.ndarray:
-        """The sample indices of `epoch` in the order they are read."""
+        """The sample indices of `epoch` in the order they are read: grain's index shuffle with the epoch's seed, as
+        grain.MapDataset.shuffle(seed) numbers a repeated dataset."""
         n = self.num_samples
-        if self._shuffled is None:
+        if not self.shuffle:
             return np.arange(n)
-        return np.fromiter((self._shuffled[epoch * n + k] for k in range(n)), np.int64, n)
+        seed = (self.seed + epoch) % 2**32
+        return np.fromiter((index_shuffle(k, max_index=n - 1, seed=seed, rounds=4) for k in range(n)), np.int64, n)
 
     def batches(self, epoch: int) -> list[Batch]:
         """The global batches of `epoch` (the last epoch asked for is kept)."""
@@ -115,6 +117,9 @@ class BatchIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         while self.num_epochs is None or self._epoch < self.num_epochs:
             batches = self.plan.batches(self._epoch)
+            if not batches:
+                raise DataError(f"an epoch of {self.plan.num_samples} samples fills no whole global batch of "
+                                f"{self.plan.global_batch} rows; use drop_remainder=False or a smaller batch")
             if self._batch < len(batches):
                 self._batch += 1
                 return self._build(batches[self._batch - 1])

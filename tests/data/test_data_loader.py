@@ -195,3 +195,8 @@ def test_a_finite_loader_ends_after_its_epochs(dataset):
     for packing in (False, True):
         once = loader(dataset, num_epochs=2, packing=packing, drop_remainder=False)
         assert len(list(once)) == once.batches_in_epochs(2)
+
+
+def test_an_epoch_without_a_whole_batch_is_a_clear_error(dataset):
+    with pytest.raises(DataError, match="an epoch of 37 samples fills no whole global batch of 40 rows"):
+        next(loader(dataset, batch_size=40, drop_remainder=True))

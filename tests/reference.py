@@ -1,4 +1,5 @@
-"""What tests share besides fixtures: where the offline assets are, tiny per-family configs, state comparison.
+"""What tests share besides fixtures: where the offline assets are, tiny per-family configs, state comparison, what
+a terminal shows.
 
 (Imported by name from test modules; fixtures live in conftest.py.)
 """
@@ -70,3 +71,14 @@ def assert_same_state(a, b):
     assert sa.keys() == sb.keys()
     for key in sa:
         assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+def terminal_lines(output: str) -> list[str]:
+    """The lines a terminal shows for `output`: a carriage return writes the next text over the line's start."""
+    lines = []
+    for line in output.split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown.rstrip())
+    return lines

@@ -8,12 +8,14 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 
@@ -22,7 +24,7 @@ from automodel_jax.recipes.llm import finetune
 from automodel_jax.checkpoint.orbax_io import load_checkpoint_model
 from automodel_jax.config import parse_config
 from automodel_jax.peft.lora import adapters
-from reference import DATA, REPO, STORIES
+from reference import DATA, REPO, STORIES, terminal_lines
 
 HELLASWAG = DATA / "hellaswag" / "validation.jsonl"
 ALPACA = DATA / "alpaca" / "alpaca_en_demo.json"
@@ -166,16 +168,18 @@ def test_drop_mode_drops_long_samples_and_counts_them(hellaswag, tmp_path, caplo
     assert logged[str(validation)] == (64 - dropped_validation, 64, 64, 0, dropped_validation, 0)
 
 
-@pytest.mark.parametrize("max_steps", [2, 5], ids=["on_the_last_step", "mid_run"])
+@pytest.mark.parametrize(("max_steps", "every_steps"), [(2, 0), (5, 1)], ids=["on_the_last_step", "mid_run"])
 def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_last_good_state(hellaswag, tmp_path, capsys,
-                                                                                max_steps):
-    """An absurd learning rate: step 1 is finite and moves the adapters to ~1e30, step 2 overflows float32."""
+                                                                                max_steps, every_steps):
+    """An absurd learning rate: step 1 is finite and moves the adapters to ~1e30, step 2 overflows float32. The one
+    checkpoint is the state after step 1 with its own step count and data position (one batch read), also when the
+    checkpoint cadence falls on the bad step or while metrics are read a step behind."""
     train, validation = hellaswag
     run_dir = tmp_path / "run"
     keep, export = kept_export(tmp_path)
     argv = stories_argv(run_dir, train, validation, f"--config.train.max_steps={max_steps}",
                         "--config.optim.learning_rate=1e30", "--config.optim.grad_clip=0",
-                        "--config.checkpoint.every_steps=0", *keep)
+                        f"--config.checkpoint.every_steps={every_steps}", *keep)
     assert finetune_cli.main(argv) == 2
     line = error_line(capsys)
     assert "step 2:" in line and "is not finite" in line and "optim.learning_rate=1e+30" in line, line
@@ -186,6 +190,11 @@ def test_non_finite_loss_stops_with_one_error_line_and_keeps_the_last_good_state
                    if r["split"] == "train"]
     assert train_steps == [1]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1"]
+    handlers = {"data": ocp.JsonCheckpointHandler(), "train": ocp.StandardCheckpointHandler()}
+    with ocp.CheckpointManager(run_dir / "checkpoints", item_handlers=handlers) as manager:
+        saved = manager.restore(1, args=ocp.args.Composite(data=ocp.args.JsonRestore(),
+                                                            train=ocp.args.StandardRestore()))
+    assert int(saved["train"]["step"]) == 1 and saved["data"]["position"] == {"epoch": 0, "batch": 1}
     model, meta = load_checkpoint_model(run_dir)
     trained = [x for pair in adapters(model).values() for x in pair]
     assert meta["peft"]["method"] == "lora" and trained
@@ -284,3 +293,77 @@ def test_evaluation_without_data_is_a_clear_error(hellaswag, tmp_path, capsys):
     argv = stories_argv(tmp_path / "run", train, validation, "--config.evaluation.task=hellaswag")
     assert finetune_cli.main(argv) == 2
     assert "evaluation.data is empty" in error_line(capsys)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_one_epoch_trains_on_each_sample_once(hellaswag, tmp_path, packing):
+    """num_epochs=1 without max_steps on 48 rows: the run's steps are one epoch counted in (packed) global batches,
+    and those batches hold each training sample exactly once."""
+    from collections import Counter
+
+    from automodel_jax.data import build_dataset
+    train, validation = hellaswag
+    cfg = parse_config(stories_argv(tmp_path / "run", train, validation, "--config.data.train.limit=48",
+                                    "--config.data.seq_len=256", f"--config.data.packing={packing}"))
+    cfg.train.max_steps = None
+    run_ = finetune.setup(cfg)
+    try:
+        samples = build_dataset(cfg.data.train, run_.tokenizer, 256, "truncate")
+        batches = [next(run_.loader) for _ in range(run_.total_steps)]
+    finally:
+        run_.logger.close()
+        run_.checkpoints.close()
+    assert len(samples) == 48  # unpacked: 8 rows a step; packed: several samples of 30-140 tokens share a row
+    assert run_.total_steps < 6 if packing else run_.total_steps == 6
+    seen = Counter()
+    for batch in batches:
+        for row, ids in enumerate(batch["segment_ids"]):
+            for segment in range(1, ids.max() + 1):
+                seen[tuple(batch["input_ids"][row][ids == segment])] += 1
+    assert seen == Counter(tuple(s["input_ids"]) for s in samples)
+
+
+BAR = re.compile(r"\|\s*\d+/\d+ \[")  # a tqdm progress bar: "...| 3/3 [00:01<00:00, ...]"
+
+
+def assert_bar_and_prints_never_share_a_line(output: str) -> None:
+    """In stdout and stderr as one terminal shows them: a line showing the progress bar shows nothing else."""
+    for line in terminal_lines(output):
+        assert not BAR.search(line) or line.endswith("]"), line
+
+
+@pytest.mark.slow
+def test_resumed_run_says_so_and_keeps_one_metrics_row_per_step(hellaswag, tmp_path, capsys):
+    """A run killed after step 3 (its checkpoint 3 never written) is rerun: it resumes from checkpoint 2, says so
+    instead of "before fine-tuning", and metrics.jsonl keeps one row per step and split (the rerun's). The rerun's
+    output, stdout and stderr together as a terminal shows them, never puts the progress bar and printed lines on
+    one line."""
+    train, validation = hellaswag
+    run_dir = tmp_path / "run"
+    argv = stories_argv(run_dir, train, validation, "--config.train.max_steps=3", "--config.train.val_every=2",
+                        "--config.checkpoint.every_steps=2", "--config.train.sample_prompts=('Once upon',)",
+                        "--config.train.sample_max_new_tokens=4", "--config.export.when=never")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+    assert finetune_cli.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "--- generations before fine-tuning ---" in first and SUMMARY.search(first)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first_rows = {(r["split"], r["step"]): r for r in rows}
+    shutil.rmtree(run_dir / "checkpoints" / "3")
+
+    done = subprocess.run([sys.executable, "-m", "automodel_jax.finetune", *argv], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    second = done.stdout
+    assert_bar_and_prints_never_share_a_line(second)
+    assert "before" not in second, second
+    assert "--- generations when resumed from step 2 ---" in second
+    assert re.search(r"^validation loss: \S+ when resumed from step 2 -> \S+ after 3 steps$", second, re.MULTILINE)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in rows] == [("val", 0), ("train", 1), ("train", 2), ("val", 2),
+                                                      ("train", 3), ("val", 3)]
+    assert rows[:3] == [first_rows[k] for k in (("val", 0), ("train", 1), ("train", 2))]  # kept from the first run
+    assert rows[3]["loss"] == pytest.approx(first_rows["val", 2]["loss"], rel=1e-5)  # the same state, measured anew
+    assert {"tokens_per_sec", "label_tokens_per_sec", "tokens_per_sec_per_device", "step_time"} <= set(rows[4])
+    assert rows[4]["tokens_per_sec"] > rows[4]["label_tokens_per_sec"] > 0

@@ -40,6 +40,9 @@ log = logging.getLogger("automodel_jax.checkpoint")
 
 CHECKPOINT_DIR = "checkpoints"
 TREE_ITEMS, JSON_ITEMS = ("params", "train"), ("data", "config", "meta")
+# Train-state keys outside the `train` item: the parameters (their own item) and "ok" (the step's non-finite latch;
+# a restored state starts ok).
+NOT_IN_TRAIN_ITEM = ("params", "ok")
 FORMAT_VERSION = 1
 # HF config keys that name or describe a checkpoint file rather than the model's shape and maths.
 NON_IDENTITY_KEYS = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
@@ -206,7 +209,7 @@ class TrainCheckpoints:
         if self.source is None:
             return state
         manager, step = self.source
-        rest = lambda tree: {k: v for k, v in tree.items() if k != "params"}  # noqa: E731
+        rest = lambda tree: {k: v for k, v in tree.items() if k not in NOT_IN_TRAIN_ITEM}  # noqa: E731
         restored = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(state["params"], shardings["params"])),
             train=ocp.args.StandardRestore(_abstract(rest(state), rest(shardings))),
@@ -216,23 +219,27 @@ class TrainCheckpoints:
             manager.close()
         if jax.process_index() == 0:
             print(f"resumed from checkpoint {Path(manager.directory) / str(step)} (step {step})", flush=True)
-        return {**restored["train"], "params": restored["params"]}
+        return {**state, **restored["train"], "params": restored["params"]}
 
     def save(self, step: int, state: dict, loader, val_loss: float | None = None, *, final: bool = False) -> None:
         """Start an asynchronous save at every checkpoint.every_steps-th step (the last step only with final=True)."""
-        if self.manager is None or (not final and (not self.every or step % self.every or step >= self.total_steps)):
+        if self.manager is None or not (final or self.due(step)):
             return
         self.wait()
         if step in self.manager.all_steps():  # the final save of a run that had already finished
             return
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
-            train=ocp.args.StandardSave({k: v for k, v in state.items() if k != "params"}),
+            train=ocp.args.StandardSave({k: v for k, v in state.items() if k not in NOT_IN_TRAIN_ITEM}),
             data=ocp.args.JsonSave(loader.get_state()), config=ocp.args.JsonSave(self.config),
             meta=ocp.args.JsonSave(self.meta))
         self._pending = step
         with self._errors():
             self.manager.save(step, args=args, metrics=None if val_loss is None else {"val_loss": float(val_loss)})
+
+    def due(self, step: int) -> bool:
+        """Whether a save at `step` (steps done) falls on the checkpoint.every_steps cadence (the final save aside)."""
+        return self.manager is not None and bool(self.every) and step % self.every == 0 and step < self.total_steps
 
     def wait(self) -> None:
         """Block until the save in flight is complete (its failure is raised here)."""

@@ -1,16 +1,15 @@
 """VLM batches: per-model collation of encoded image-text samples into fixed-shape numpy batches for a jitted step,
-and the resumable grain loader over them (`data/vlm.py` makes the samples)."""
+and the resumable loader over them (`data/vlm.py` makes the samples)."""
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grain
 import numpy as np
 
 from automodel_jax.data.encoding import IGNORE
-from automodel_jax.data.loader import BatchIterator
+from automodel_jax.data.loader import BatchIterator, EpochPlan, check_loader_args
 from automodel_jax.data.sources import DataError
 from automodel_jax.data.vlm import VLMDataset, num_images
 
@@ -92,8 +91,9 @@ def make_collator(dataset: VLMDataset, *, seq_len: int, pad_id: int, max_images:
                        pixel_shape=dataset.pixel_shape, batch_size=batch_size)
 
 
-def _shard_batch(samples: Sequence[dict], *, shard_index: int, batch_size: int, collate: VLMCollator):
-    return collate(samples[shard_index * batch_size:(shard_index + 1) * batch_size])
+def _shard_batch(rows, *, dataset: VLMDataset, shard_index: int, batch_size: int, collate: VLMCollator):
+    """This process's rows of a global batch (one sample index per row), collated."""
+    return collate([dataset[i] for [i] in rows[shard_index * batch_size:(shard_index + 1) * batch_size]])
 
 
 def make_vlm_loader(dataset: VLMDataset, collate: VLMCollator, *, batch_size: int, seed: int, shuffle: bool = True,
@@ -101,23 +101,19 @@ def make_vlm_loader(dataset: VLMDataset, collate: VLMCollator, *, batch_size: in
                     drop_remainder: bool = True) -> BatchIterator:
     """Resumable batches of `collate`'s format for this process, as data.loader.make_loader (no packing).
 
-    Every process walks the same seeded global stream and keeps rows [shard_index * batch_size, + batch_size) of
-    each global batch; a short last batch (drop_remainder=False) is filled with padding rows.
+    Every process walks the same seeded plan of epochs and keeps rows [shard_index * batch_size, + batch_size) of
+    each global batch; a short last batch of an epoch (drop_remainder=False) is filled with padding rows.
     """
-    if not 0 <= shard_index < shard_count:
-        raise DataError(f"shard_index must be in [0, shard_count={shard_count}), got {shard_index}")
-    if batch_size < 1 or (collate.batch_size not in (None, batch_size)):
-        raise DataError(f"batch_size must be positive and match the collator's, got {batch_size}")
-    if len(dataset) == 0:
-        raise DataError("the dataset is empty: nothing to load")
+    if collate.batch_size not in (None, batch_size):
+        raise DataError(f"batch_size must match the collator's {collate.batch_size}, got {batch_size}")
+    check_loader_args(shard_index=shard_index, shard_count=shard_count, batch_size=batch_size,
+                      seq_len=collate.seq_len, seed=seed, num_epochs=num_epochs, num_samples=len(dataset))
     collate = VLMCollator(**{**collate.__dict__, "batch_size": batch_size})
     global_batch = batch_size * shard_count
-    samples = grain.MapDataset.source(dataset)
-    if shuffle:
-        samples = samples.shuffle(seed)
-    batches = samples.repeat(num_epochs).batch(global_batch, drop_remainder=drop_remainder, batch_fn=list).map(
-        functools.partial(_shard_batch, shard_index=shard_index, batch_size=batch_size, collate=collate))
+    plan = EpochPlan(len(dataset), global_batch, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder)
+    build = functools.partial(_shard_batch, dataset=dataset, shard_index=shard_index, batch_size=batch_size,
+                              collate=collate)
     settings = dict(num_samples=len(dataset), global_batch_size=global_batch, seq_len=collate.seq_len, seed=seed,
                     shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder,
                     max_images=collate.max_images, max_patches=collate.max_patches)
-    return BatchIterator(iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0))), settings)
+    return BatchIterator(plan, build, settings, num_epochs)

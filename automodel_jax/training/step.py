@@ -1,8 +1,12 @@
 """The train and eval steps: one jitted, buffer-donating function each, over explicit pytrees with declared shardings.
 
-State = {"step", "params" (the trainable pytree: adapters for LoRA, everything for SFT), "opt_state", "rng"}; the
-frozen base parameters travel separately and are never donated. Loss follows NeMo Automodel: token losses summed over
-labels != -100 and divided by the number of such tokens in the whole global batch (all micro-batches).
+State = {"step", "params" (the trainable pytree: adapters for LoRA, everything for SFT), "opt_state", "rng", "ok"};
+the frozen base parameters travel separately and are never donated. "ok" (bool) turns False at the first non-finite
+step, and from then on every step leaves the state as it was: the host reads metrics a step behind, so when it finds
+the bad step the state is still that of the last good one, with its step count ("ok" is never checkpointed).
+
+Loss follows NeMo Automodel: token losses summed over labels != -100 and divided by the number of such tokens in the
+whole global batch (all micro-batches).
 """
 from __future__ import annotations
 
@@ -60,8 +64,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
 
     Gradients of the summed loss are accumulated over micro-batches with a scan, then divided by the global token
     count; `grad_shardings` (the trainable parameters' shardings) keeps the accumulators sharded like the parameters
-    (FSDP) instead of leaving the scan carry's layout to the compiler. A non-finite loss or gradient leaves the state
-    unchanged (the last good state) and sets metrics["finite"] to False so the host can stop with a clear message.
+    (FSDP) instead of leaving the scan carry's layout to the compiler. A non-finite loss or gradient (or an earlier
+    one: state["ok"] False) leaves the state unchanged (the last good state) and sets metrics["finite"] to False so
+    the host can stop with a clear message. Metrics: loss, grad_norm, learning_rate, label_tokens (tokens with a
+    label) and tokens (non-padding tokens processed) of the global batch, finite.
     """
     def like_params(tree):
         return tree if grad_shardings is None else jax.lax.with_sharding_constraint(tree, grad_shardings)
@@ -90,11 +96,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = dict(step=state["step"] + 1, params=params, opt_state=opt_state, rng=rng)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]), tokens=count,
-                       finite=finite)
+        finite = state["ok"] & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = dict(step=state["step"] + 1, params=params, opt_state=opt_state, rng=rng, ok=finite)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, {**state, "ok": finite})
+        metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]), label_tokens=count,
+                       tokens=jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32), finite=finite)
         return new, metrics
 
     return step
@@ -117,9 +123,11 @@ def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int,
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_shardings = shardings_like_params(opt_shapes, flatten(params), flatten(param_shardings_tree), mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    shardings = dict(step=replicated, params=param_shardings_tree, opt_state=opt_shardings, rng=replicated)
-    scalars = jax.jit(lambda: (jnp.int32(0), jax.random.PRNGKey(seed)), out_shardings=(replicated, replicated))()
-    state = dict(step=scalars[0], params=params, opt_state=opt_state, rng=scalars[1])
+    shardings = dict(step=replicated, params=param_shardings_tree, opt_state=opt_shardings, rng=replicated,
+                     ok=replicated)
+    scalars = jax.jit(lambda: (jnp.int32(0), jax.random.PRNGKey(seed), jnp.bool_(True)),
+                      out_shardings=(replicated,) * 3)()
+    state = dict(step=scalars[0], params=params, opt_state=opt_state, rng=scalars[1], ok=scalars[2])
     return state, shardings
 
 

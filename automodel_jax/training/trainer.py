@@ -2,7 +2,8 @@
 
 A recipe's `setup` builds the model, data, optimizer and jitted steps into a `Run`; `train_loop` then runs the jitted
 step on global batches with metrics read one step behind (no host sync in the loop), validation and asynchronous
-checkpoints on their cadence, and an optional profiler trace. `bench/` drives the same functions.
+checkpoints on their cadence, throughput at each log step, and an optional profiler trace. `bench/` drives the same
+functions.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from automodel_jax.parallel.sharding import mesh_from_config, tree_shardings
 from automodel_jax.peft.lora import split_model
 from automodel_jax.training.loop import (TrainingError, check_metrics, global_batch, nonfinite_causes,
                                          validation_loss)
-from automodel_jax.training.metrics import MetricsLogger, wandb_defaults
+from automodel_jax.training.metrics import (MetricsLogger, Throughput, peak_tflops, train_flops_per_token,
+                                            wandb_defaults)
 from automodel_jax.training.optim import build_optimizer, optim_defaults
 from automodel_jax.training.profile import StepProfiler, profile_defaults
 from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
@@ -53,7 +55,8 @@ def trainer_defaults(run_dir: str) -> ml_collections.ConfigDict:
     cfg.optim = optim_defaults()
     cfg.loss = dict(impl="chunked", chunk_size=config_dict.placeholder(int))  # None: per-impl default
     cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1, zero3_over_data=False)
-    cfg.logging = dict(tensorboard=True, wandb=wandb_defaults())
+    # peak_tflops: one device's peak bf16 TFLOP/s for MFU (None: looked up from the device kind; no MFU if unknown)
+    cfg.logging = dict(tensorboard=True, wandb=wandb_defaults(), peak_tflops=config_dict.placeholder(float))
     cfg.checkpoint = checkpoint_defaults()
     cfg.export = export_defaults()
     cfg.distributed = dict(timeout_s=300)
@@ -84,6 +87,7 @@ class Run:
     total_steps: int
     checkpoints: TrainCheckpoints
     logger: MetricsLogger
+    throughput: Throughput
     prepare: Callable[[dict], dict] | None = None  # host transform of each loader batch (e.g. a VLM's host_batch)
 
 
@@ -156,10 +160,13 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
         make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules, batch_ranks)
     state = checkpoints.restore(state, state_shardings, loader)  # train state and data position, onto this mesh
     logger = MetricsLogger(started.run_dir, enabled=started.primary, tensorboard=cfg.logging.tensorboard,
-                           wandb=cfg.logging.wandb, total_steps=total_steps, run_config=cfg.to_dict())
+                           wandb=cfg.logging.wandb, total_steps=total_steps, run_config=cfg.to_dict(),
+                           resumed_step=None if checkpoints.source is None else int(state["step"]))
+    throughput = Throughput(train_flops_per_token(model, trainable, frozen_params, cfg.data.seq_len),
+                            peak_tflops(jax.devices()[0].device_kind, cfg.logging.peak_tflops), jax.devices())
     return Run(cfg, mesh, started.primary, started.run_dir, started.export_to, model_path, tokenizer, graphdef, state,
                frozen_params, train_step, eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps,
-               checkpoints, logger, prepare)
+               checkpoints, logger, throughput, prepare)
 
 
 def record_config(started: Started, resuming: bool) -> None:
@@ -232,27 +239,53 @@ def validate(run: Run, step: int) -> float:
     return loss
 
 
+def start_label(step: int) -> str:
+    """What printed results call the state training starts from: "before" (fine-tuning), or "when resumed from step
+    N" for a run that continues a checkpoint."""
+    return "before" if step == 0 else f"when resumed from step {step}"
+
+
 def train_loop(run: Run, until_step: int | None = None) -> None:
     """Train from the state's step to `until_step` (default: the run's total): the jitted step on each global batch,
-    metrics read one step behind (no host sync in the loop), validation and checkpoints on their cadence."""
+    metrics read one step behind (no host sync in the loop) and at once before a validation or checkpoint (which read
+    the state anyway), validation and checkpoints on their cadence, throughput at log steps.
+
+    A non-finite step stops training with TrainingError after saving the last good state (steps after the bad one
+    leave the state as it was; see training.step) with its own step count and the data position before the bad
+    step's batch, so the checkpoint's step, parameters and data position agree.
+    """
     cfg, total_steps = run.cfg, run.total_steps
     until_step = total_steps if until_step is None else until_step
     start_step = int(run.state["step"])
     profiler = StepProfiler(cfg.profile, run.run_dir, enabled=run.primary)
     causes = nonfinite_causes(cfg)
+    positions = {}  # data position before each step whose metrics are not read yet
+    t_last = time.perf_counter()
 
-    def checked(metrics, step: int) -> dict[str, float]:
-        """Host values of a step's metrics; a non-finite step left the state as it was: keep that on disk, stop."""
+    def record(metrics, step: int) -> None:
+        """Reads step `step`'s metrics (steps counted from 1): logged at log steps, shown on the progress bar."""
+        nonlocal t_last
         try:
-            return check_metrics(metrics, step, causes)
+            done = check_metrics(metrics, step, causes)
         except TrainingError:
-            run.checkpoints.save(int(run.state["step"]), run.state, run.loader, final=True)
+            good = int(run.state["step"])
+            run.loader.set_state(positions[good])
+            run.checkpoints.save(good, run.state, run.loader, final=True)
             run.checkpoints.close()
             run.logger.close()  # ends the progress bar's line, so the error starts a line of its own
             raise
+        positions.pop(step - 1, None)
+        run.throughput.add(done)
+        if step % cfg.train.log_every == 0 or step == until_step:
+            now = time.perf_counter()
+            done.update(run.throughput.rates(now - t_last))
+            t_last = now
+            run.logger.log(step, done, "train")
+        run.logger.progress(step, done)
 
-    pending, tokens_since = None, 0
+    pending = None
     for step in range(start_step, until_step):
+        positions[step] = run.loader.get_state()
         local = next(run.loader)
         batch = global_batch(local if run.prepare is None else run.prepare(local), run.accum, run.batch_3d)
         if not isinstance(run.train_step, jax.stages.Compiled):  # compile ahead of time once, logged apart
@@ -263,22 +296,19 @@ def train_loop(run: Run, until_step: int | None = None) -> None:
         profiler.before(step, run.state)  # a trace of profile.num_steps steps, if enabled
         run.state, metrics = run.train_step(run.state, run.frozen, batch)
         if pending is not None:  # read step k-1's metrics while step k runs: no host sync in the loop
-            done = checked(pending, step)
-            tokens_since += done["tokens"]
-            if step % cfg.train.log_every == 0:
-                now = time.perf_counter()
-                done["tokens_per_sec"] = tokens_since / (now - t_last)
-                t_last, tokens_since = now, 0
-                run.logger.log(step, done, "train")
-            run.logger.progress(step, done)
+            record(pending, step)
         pending = metrics
-        if cfg.train.val_every and (step + 1) % cfg.train.val_every == 0 and step + 1 < total_steps:
+        validating = cfg.train.val_every and (step + 1) % cfg.train.val_every == 0 and step + 1 < total_steps
+        if validating or run.checkpoints.due(step + 1):  # the state validated or saved must be a finite one
+            record(pending, step + 1)
+            pending = None
+        val_loss = None
+        if validating:
+            t_validate = time.perf_counter()
             val_loss = validate(run, step + 1)
-        else:
-            val_loss = None
+            t_last += time.perf_counter() - t_validate  # throughput counts training time only
         run.checkpoints.save(step + 1, run.state, run.loader, val_loss)  # asynchronous, every checkpoint.every_steps
     profiler.close(run.state)
     if pending is not None:
-        done = checked(pending, until_step)
-        run.logger.log(until_step, done, "train")
-        run.logger.progress(until_step, done)
+        record(pending, until_step)
+    run.logger.end_progress()

@@ -46,14 +46,14 @@ def lora_model(r=4, alpha=8.0, targets=("*_proj",), **overrides):
 
 
 def train_state(model, mesh, seed=0):
-    """A LoRA train state on `mesh` whose every leaf holds distinct values (as after some training)."""
+    """A LoRA train state on `mesh` whose every number leaf holds distinct values (as after some training)."""
     _, trainable, _ = split_model(model, True)
     state, shardings = init_state(trainable, build_optimizer(default_config().optim, 10)[0], 0,
                                   tree_shardings(model, trainable, mesh))
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    values = [jax.random.randint(k, x.shape, 0, 1000, x.dtype) if x.dtype.kind in "iu" else
-              jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    values = [x if x.dtype == bool else jax.random.randint(k, x.shape, 0, 1000, x.dtype) if x.dtype.kind in "iu" else
+              jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]  # bool: the "ok" latch, True
     return jax.device_put(jax.tree.unflatten(treedef, values), shardings), shardings
 
 

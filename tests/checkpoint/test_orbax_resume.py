@@ -67,12 +67,17 @@ def kill_during_save(proc: subprocess.Popen, checkpoints: Path, min_step: int) -
 
 
 def train_losses(run_dir: Path) -> dict[int, dict]:
-    """The last record of every train step (a resumed run appends the steps it redoes) and the final validation."""
+    """The record of every train step and validation, without the timings (a resumed run keeps one row per step and
+    split: the rows of the steps it redoes are its own)."""
     records = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        record.pop("tokens_per_sec", None)
-        records[(record.pop("split"), record.pop("step"))] = record
+        for timing in ("tokens_per_sec", "label_tokens_per_sec", "tokens_per_sec_per_device", "step_time", "mfu",
+                       "peak_memory_gib"):
+            record.pop(timing, None)
+        key = (record.pop("split"), record.pop("step"))
+        assert key not in records, f"two rows for {key}"
+        records[key] = record
     return records
 
 

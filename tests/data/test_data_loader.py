@@ -168,3 +168,35 @@ def test_bad_arguments(dataset, overrides, match):
 def test_empty_dataset_is_a_clear_error():
     with pytest.raises(DataError, match="the dataset is empty"):
         loader([])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("processes", [1, 3])
+def test_every_epoch_holds_each_sample_once_across_all_processes(dataset, packing, processes):
+    """Each process builds its own loader (as on a multi-process run); together, each epoch's batches hold every
+    sample exactly once, the processes' rows are disjoint, and batches_in_epochs counts the batches (in packed rows
+    with packing: fewer than one sample per row)."""
+    shards = [loader(dataset, batch_size=2, shard_index=p, shard_count=processes, packing=packing,
+                     drop_remainder=False) for p in range(processes)]
+    per_epoch = [shards[0].batches_in_epochs(e + 1) - shards[0].batches_in_epochs(e) for e in range(3)]
+    unpacked = -(-37 // (2 * processes))
+    assert per_epoch == [unpacked] * 3 if not packing else all(n < unpacked for n in per_epoch)
+    everything = Counter(key(s["input_ids"], s["labels"]) for s in dataset)
+    orders = []
+    for count in per_epoch:
+        epoch = [list(itertools.islice(shard, count)) for shard in shards]
+        seen = Counter(s for shard in epoch for b in shard for s in segments(b))
+        assert seen == everything
+        orders.append([s for b in epoch[0] for s in segments(b)])
+    assert orders[0] != orders[1]  # reshuffled each epoch
+
+
+def test_a_finite_loader_ends_after_its_epochs(dataset):
+    for packing in (False, True):
+        once = loader(dataset, num_epochs=2, packing=packing, drop_remainder=False)
+        assert len(list(once)) == once.batches_in_epochs(2)
+
+
+def test_an_epoch_without_a_whole_batch_is_a_clear_error(dataset):
+    with pytest.raises(DataError, match="an epoch of 37 samples fills no whole global batch of 40 rows"):
+        next(loader(dataset, batch_size=40, drop_remainder=True))

@@ -1,4 +1,5 @@
 import json
+import logging
 import sys
 import time
 
@@ -12,6 +13,7 @@ from tensorboard.util import tensor_util
 
 from automodel_jax.config import ConfigError
 from automodel_jax.training.metrics import MetricsLogger, loss_curves, wandb_defaults
+from reference import terminal_lines
 
 TRAIN = [(1, {"loss": 2.5, "learning_rate": 1e-4, "grad_norm": 1.5}), (2, {"loss": 2.0, "learning_rate": 2e-4})]
 VAL = [(2, {"loss": 2.25})]
@@ -65,6 +67,40 @@ def test_progress_bar_shows_every_known_metric(tmp_path, capsys):
     shown = capsys.readouterr().err
     for text in ("1/10", "loss=2.0000", "lr=3.00e-04", "gnorm=0.500", "tok/s=1234", "<"):  # "<" precedes the ETA
         assert text in shown
+
+
+def test_log_records_print_above_the_bar_and_the_ended_bar_leaves_a_whole_line(tmp_path, capsys):
+    handler = logging.StreamHandler(sys.stderr)  # as the CLI's logging setup: records on stderr, with the bar
+    logging.root.addHandler(handler)
+    try:
+        logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=None, total_steps=4)
+        logger.progress(1, {"loss": 2.0, "mfu": 0.4567})
+        logging.getLogger("automodel_jax.test").warning("saved a checkpoint")
+        logger.progress(2, {"loss": 1.5})
+        logger.end_progress()
+        print("validation loss: 1.5", file=sys.stderr)
+    finally:
+        logging.root.removeHandler(handler)
+    output = capsys.readouterr().err
+    lines = terminal_lines(output)
+    assert "saved a checkpoint" in lines and "validation loss: 1.5" in lines  # each a line of its own
+    assert any(line.endswith("loss=1.5000]") for line in lines) and "mfu=45.7%" in output
+
+
+def test_a_resumed_run_drops_the_rows_it_logs_again(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=None, total_steps=4)
+    for step in (1, 2, 3):
+        logger.log(step, {"loss": float(step)}, "train")
+        logger.log(step, {"loss": float(step)}, "val")
+    logger.close()
+    resumed = MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=None, total_steps=4, resumed_step=2)
+    resumed.log(2, {"loss": 2.5}, "val")
+    resumed.log(3, {"loss": 3.5}, "train")
+    resumed.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"], r["loss"]) for r in rows] == [(1, "train", 1.0), (1, "val", 1.0),
+                                                                  (2, "train", 2.0), (2, "val", 2.5),
+                                                                  (3, "train", 3.5)]
 
 
 def test_plot_losses_draws_train_and_val(tmp_path):

@@ -28,8 +28,8 @@ from automodel_jax.generation import check_context
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
 from automodel_jax.peft.lora import apply_lora, lora_defaults
 from automodel_jax.training import loop
-from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, train_loop,
-                                            trainer_defaults, validate)
+from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, start_label,
+                                            train_loop, trainer_defaults, validate)
 
 from automodel_jax.recipes.llm import embedded
 
@@ -123,9 +123,8 @@ def setup(cfg, model=None) -> Run:
     accum, process_batch = batch_geometry(cfg, mesh)
     loader = make_loader(train_set, batch_size=process_batch, seq_len=seq_len, pad_id=pad_id, seed=cfg.seed,
                          shard_index=jax.process_index(), shard_count=jax.process_count(),
-                         packing=data_cfg.packing, shuffle=data_cfg.shuffle)
-    steps_per_epoch = max(len(train_set) // cfg.train.global_batch_size, 1)
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.num_epochs
+                         packing=data_cfg.packing, shuffle=data_cfg.shuffle, drop_remainder=False)
+    total_steps = cfg.train.max_steps or loader.batches_in_epochs(cfg.train.num_epochs)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     val_batches = loop.validation_batches(val_set, cfg.train.val_max_samples, cfg.train.micro_batch_size * dp,
                                           seq_len, pad_id)
@@ -147,14 +146,16 @@ def generations(run: Run, title: str) -> None:
                                    cfg.train.sample_max_new_tokens)
 
 
-def finish(run: Run, first_val: float) -> dict:
-    """Final validation and checkpoint, generations, loss plot, export and evaluation; the run's results."""
+def finish(run: Run, first_val: float, first_label: str = "before") -> dict:
+    """Final validation and checkpoint, generations, loss plot, export and evaluation; the run's results.
+    `first_label`: what the summary calls the state `first_val` was measured on (see trainer.start_label)."""
     cfg, total_steps = run.cfg, run.total_steps
     final_val = validate(run, total_steps)
     run.checkpoints.save(total_steps, run.state, run.loader, final_val, final=True)
     generations(run, "after fine-tuning")
     if run.primary:
-        print(f"validation loss: {first_val:.4f} before -> {final_val:.4f} after {total_steps} steps", flush=True)
+        print(f"validation loss: {first_val:.4f} {first_label} -> {final_val:.4f} after {total_steps} steps",
+              flush=True)
     run.logger.plot_losses()
     run.logger.close()
     run.checkpoints.close()
@@ -180,7 +181,8 @@ def finish(run: Run, first_val: float) -> dict:
 def run(cfg) -> dict:
     """Train as `cfg` says; returns validation loss before/after, steps done, the trained model and evaluation."""
     run_ = setup(cfg)
-    first_val = validate(run_, int(run_.state["step"]))
-    generations(run_, "before fine-tuning")
+    step = int(run_.state["step"])
+    first_val = validate(run_, step)
+    generations(run_, "before fine-tuning" if step == 0 else start_label(step))
     train_loop(run_)
-    return finish(run_, first_val)
+    return finish(run_, first_val, start_label(step))

@@ -38,8 +38,8 @@ from automodel_jax.generation.vlm import generate_with_images
 from automodel_jax.models.vocab import substituted_token_ids
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
 from automodel_jax.peft.lora import apply_lora, lora_defaults
-from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, train_loop,
-                                            trainer_defaults, validate)
+from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, start_label,
+                                            train_loop, trainer_defaults, validate)
 
 from automodel_jax.recipes.vlm import embedded
 
@@ -143,9 +143,9 @@ def setup(cfg, model=None) -> Run:
                             max_patches=max_patches)
     accum, process_batch = batch_geometry(cfg, mesh)
     loader = make_vlm_loader(train_set, collate, batch_size=process_batch, seed=cfg.seed,
-                             shard_index=jax.process_index(), shard_count=jax.process_count())
-    steps_per_epoch = max(len(train_set) // cfg.train.global_batch_size, 1)
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.num_epochs
+                             shard_index=jax.process_index(), shard_count=jax.process_count(),
+                             drop_remainder=False)
+    total_steps = cfg.train.max_steps or loader.batches_in_epochs(cfg.train.num_epochs)
     model_cls, model_config = type(model), model.config
 
     def prepare(batch: dict) -> dict:
@@ -194,14 +194,15 @@ def held_out_answers(run: Run, title: str) -> float:
     return float(correct)
 
 
-def finish(run: Run, first_val: float, first_accuracy: float) -> dict:
-    """Final validation and checkpoint, held-out answers, loss plot, export; the run's results."""
+def finish(run: Run, first_val: float, first_accuracy: float, first_label: str = "before") -> dict:
+    """Final validation and checkpoint, held-out answers, loss plot, export; the run's results. `first_label`: what
+    the summary calls the state the first values were measured on (see trainer.start_label)."""
     cfg, total_steps = run.cfg, run.total_steps
     final_val = validate(run, total_steps)
     run.checkpoints.save(total_steps, run.state, run.loader, final_val, final=True)
     accuracy = held_out_answers(run, "after fine-tuning")
     if run.primary:
-        print(f"validation loss: {first_val:.4f} before -> {final_val:.4f} after {total_steps} steps; held-out "
+        print(f"validation loss: {first_val:.4f} {first_label} -> {final_val:.4f} after {total_steps} steps; held-out "
               f"accuracy {first_accuracy:.1%} -> {accuracy:.1%}", flush=True)
     run.logger.plot_losses()
     run.logger.close()
@@ -217,7 +218,8 @@ def finish(run: Run, first_val: float, first_accuracy: float) -> dict:
 def run(cfg) -> dict:
     """Train as `cfg` says; returns validation loss and held-out accuracy before/after, steps, the trained model."""
     run_ = setup(cfg)
-    first_val = validate(run_, int(run_.state["step"]))
-    first_accuracy = held_out_answers(run_, "before fine-tuning")
+    step = int(run_.state["step"])
+    first_val = validate(run_, step)
+    first_accuracy = held_out_answers(run_, "before fine-tuning" if step == 0 else start_label(step))
     train_loop(run_)
-    return finish(run_, first_val, first_accuracy)
+    return finish(run_, first_val, first_accuracy, start_label(step))

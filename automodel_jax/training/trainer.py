@@ -24,6 +24,7 @@ from automodel_jax.config import ConfigError, save_config
 from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
 from automodel_jax.parallel.sharding import mesh_from_config, tree_shardings
 from automodel_jax.peft.lora import split_model
+from automodel_jax.training.interrupt import SignalStop
 from automodel_jax.training.loop import TrainingError, check_metrics, global_batch, validation_loss
 from automodel_jax.training.metrics import MetricsLogger, wandb_defaults
 from automodel_jax.training.optim import build_optimizer, optim_defaults
@@ -41,7 +42,9 @@ def trainer_defaults(run_dir: str) -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.train = dict(global_batch_size=32, micro_batch_size=8, max_steps=config_dict.placeholder(int),
                      num_epochs=1, log_every=10, val_every=100, val_max_samples=config_dict.placeholder(int),
-                     sample_prompts=(), sample_max_new_tokens=32)
+                     sample_prompts=(), sample_max_new_tokens=32,
+                     # Stop after the current step, save a checkpoint and exit 128+N on this signal (and on SIGINT).
+                     preemption_signal="SIGTERM")
     cfg.optim = optim_defaults()
     cfg.loss = dict(impl="chunked", chunk_size=config_dict.placeholder(int))  # None: per-impl default
     cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1, zero3_over_data=False)
@@ -77,6 +80,14 @@ class Run:
     checkpoints: TrainCheckpoints
     logger: MetricsLogger
     prepare: Callable[[dict], dict] | None = None  # host transform of each loader batch (e.g. a VLM's host_batch)
+
+    def close(self) -> None:
+        """End the progress bar and metric writers, wait for the checkpoint save in flight and stop the checkpoint
+        managers' background work; safe to call twice (recipes close the run on every way out)."""
+        try:
+            self.logger.close()
+        finally:
+            self.checkpoints.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +142,20 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
     """Checkpoints (finding the one to resume, checked against the model) -> optimizer, train state and jitted steps
     on their declared shardings -> restored state and data position -> metrics logger: the `Run` to train.
     `frozen`: module patterns full SFT keeps frozen; `batch_ranks`: the batch's keys and per-row ranks."""
-    mesh, rules = started.mesh, started.rules
     checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
+    try:
+        return _build_run(cfg, started, checkpoints, model=model, lora=lora, model_path=model_path,
+                          tokenizer=tokenizer, loader=loader, val_batches=val_batches, accum=accum,
+                          total_steps=total_steps, right_padded=right_padded, frozen=frozen, batch_ranks=batch_ranks,
+                          prepare=prepare)
+    except BaseException:
+        checkpoints.close()  # its managers' background work ends before the error is reported
+        raise
+
+
+def _build_run(cfg, started: Started, checkpoints: TrainCheckpoints, *, model, lora, model_path, tokenizer, loader,
+               val_batches, accum, total_steps, right_padded, frozen, batch_ranks, prepare) -> Run:
+    mesh, rules = started.mesh, started.rules
     optimizer, schedule = build_optimizer(cfg.optim, total_steps)
     graphdef, trainable, frozen_params = split_model(model, lora, frozen)
     state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
@@ -159,7 +182,14 @@ def validate(run: Run, step: int) -> float:
 
 def train_loop(run: Run, until_step: int | None = None) -> None:
     """Train from the state's step to `until_step` (default: the run's total): the jitted step on each global batch,
-    metrics read one step behind (no host sync in the loop), validation and checkpoints on their cadence."""
+    metrics read one step behind (no host sync in the loop), validation and checkpoints on their cadence. On SIGINT
+    or train.preemption_signal: finish the step in flight, stop after the same step on every process, save its
+    checkpoint and raise `Interrupted`."""
+    with SignalStop(run.cfg.train.preemption_signal, at_step_end=True) as stop:
+        _train_steps(run, until_step, stop)
+
+
+def _train_steps(run: Run, until_step: int | None, stop: SignalStop) -> None:
     cfg, total_steps = run.cfg, run.total_steps
     until_step = total_steps if until_step is None else until_step
     start_step = int(run.state["step"])
@@ -175,7 +205,7 @@ def train_loop(run: Run, until_step: int | None = None) -> None:
             run.logger.close()  # ends the progress bar's line, so the error starts a line of its own
             raise
 
-    pending, tokens_since = None, 0
+    pending, tokens_since, stopped_after = None, 0, None
     for step in range(start_step, until_step):
         local = next(run.loader)
         batch = global_batch(local if run.prepare is None else run.prepare(local), run.accum, run.batch_3d)
@@ -201,8 +231,18 @@ def train_loop(run: Run, until_step: int | None = None) -> None:
         else:
             val_loss = None
         run.checkpoints.save(step + 1, run.state, run.loader, val_loss)  # asynchronous, every checkpoint.every_steps
+        if stop.agreed(step + 1, cfg.distributed.timeout_s):  # a signal: every process stops after this step
+            stopped_after = step + 1
+            break
     profiler.close(run.state)
+    last = until_step if stopped_after is None else stopped_after
     if pending is not None:
-        done = checked(pending, until_step)
-        run.logger.log(until_step, done, "train")
-        run.logger.progress(until_step, done)
+        done = checked(pending, last)
+        run.logger.log(last, done, "train")
+        run.logger.progress(last, done)
+    if stopped_after is not None:
+        run.checkpoints.save(stopped_after, run.state, run.loader, final=True)
+        run.checkpoints.wait()
+        saved = run.checkpoints.directory / str(stopped_after) if run.checkpoints.manager is not None else None
+        run.logger.close()  # ends the progress bar's line, so the message starts a line of its own
+        raise stop.interrupted(stopped_after, saved)

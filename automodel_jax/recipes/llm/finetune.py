@@ -161,8 +161,8 @@ def finish(run: Run, first_val: float) -> dict:
 
 def run(cfg) -> dict:
     """Train as `cfg` says; returns validation loss before/after, steps done, the trained model and evaluation."""
-    run_ = setup(cfg)
-    first_val = validate(run_, int(run_.state["step"]))
-    generations(run_, "before fine-tuning")
-    train_loop(run_)
-    return finish(run_, first_val)
+    with contextlib.closing(setup(cfg)) as run_:  # checkpoint saves and writers end on every way out
+        first_val = validate(run_, int(run_.state["step"]))
+        generations(run_, "before fine-tuning")
+        train_loop(run_)
+        return finish(run_, first_val)

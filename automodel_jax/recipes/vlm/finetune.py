@@ -210,8 +210,8 @@ def finish(run: Run, first_val: float, first_accuracy: float) -> dict:
 
 def run(cfg) -> dict:
     """Train as `cfg` says; returns validation loss and held-out accuracy before/after, steps, the trained model."""
-    run_ = setup(cfg)
-    first_val = validate(run_, int(run_.state["step"]))
-    first_accuracy = held_out_answers(run_, "before fine-tuning")
-    train_loop(run_)
-    return finish(run_, first_val, first_accuracy)
+    with contextlib.closing(setup(cfg)) as run_:  # checkpoint saves and writers end on every way out
+        first_val = validate(run_, int(run_.state["step"]))
+        first_accuracy = held_out_answers(run_, "before fine-tuning")
+        train_loop(run_)
+        return finish(run_, first_val, first_accuracy)

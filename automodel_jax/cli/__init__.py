@@ -52,8 +52,7 @@ def exit_code(action: Callable[[], object], errors: tuple[type[BaseException], .
         raise
     except BaseException as error:
         traceback.print_exc()
-        leave_cluster(1, f"{type(error).__name__}: {error}")  # returns for a single process only
-        raise SystemExit(1) from None
+        raise SystemExit(leave_cluster(1, f"{type(error).__name__}: {error}")) from None
     return leave_cluster(0)
 
 

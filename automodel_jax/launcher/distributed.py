@@ -22,11 +22,9 @@ _JAX_TIMEOUT_GRACE_S = 30
 _PROBE_INTERVAL_S = 0.25
 # Keys of the coordination service's key-value store (the JAX client's, shared by the processes of one run).
 _FAILED_KEY = "automodel_jax/failed"  # "process I/N failed: REASON", set by the first process that fails
-_SEEN_PREFIX = "automodel_jax/failure-seen/"  # + process index: this process has read the failure and is ending
 _FLAGS_PREFIX = "automodel_jax/flags/"  # + tag/process index: `any_process` votes
 _WATCH_POLL_MS = 1000
 _FAILED_GRACE_S = 2.0  # a process that failed itself at about the same time reports its own error, not the peer's
-_SEEN_WAIT_S = 10.0  # how long a failing process keeps the coordinator up for the others to read its failure
 _END_TIMEOUT_S = 24 * 3600  # the normal-end barrier waits for process 0's export; a failure ends it sooner
 
 
@@ -147,6 +145,7 @@ def initialize_distributed(timeout_s: int = 300) -> DistributedInfo:
             local_device_ids=list(spec.local_device_ids) if spec.local_device_ids is not None else None,
             cluster_detection_method="deactivate",
             initialization_timeout=timeout_s + _JAX_TIMEOUT_GRACE_S,
+            shutdown_timeout_seconds=timeout_s,  # how long leaving waits for a process that is gone
         )
     finally:
         finished.set()
@@ -188,11 +187,13 @@ def _watch_peers(spec: ClusterSpec) -> None:
             with _Watch.lock:
                 if _Watch.stopped.is_set():
                     return
-                with contextlib.suppress(Exception):
-                    client.key_value_set(f"{_SEEN_PREFIX}{spec.process_id}", "1")
                 print(f"error: {failure}; process {spec.process_id}/{spec.num_processes} stops too", file=sys.stderr,
                       flush=True)
-                os._exit(1)
+                if failure.startswith("process "):  # the coordinator is up: leave it with the failed process
+                    with contextlib.suppress(Exception):
+                        jax.distributed.shutdown()
+                sys.stderr.flush()
+                os._exit(1)  # the main thread may be waiting in a collective that never completes
 
     threading.Thread(target=watch, name="distributed-peer-watcher", daemon=True).start()
 
@@ -220,32 +221,24 @@ def leave_cluster(code: int, failure: str | None = None) -> int:
 
     Normal end (`failure` None, whatever `code`): wait at a barrier until every process is here (a failure
     announced meanwhile still ends this process), then shut the client and (process 0) the coordinator down in that
-    order, so that no process prints coordination-service errors. Call it after checkpoint managers are closed. Failure: announce "process I/N failed: FAILURE" to the others (they
-    stop at once with a line naming this process), give them a few seconds to read it, and end this process with
-    `code` at once (a shutdown would wait for processes that are gone)."""
+    order, so that no process prints coordination-service errors. Call it after checkpoint managers are closed.
+    Failure: announce "process I/N failed: FAILURE" to the others (they stop at once with a line naming this
+    process and leave the coordination service with this one, so that no process prints its errors)."""
     if not jax.distributed.is_initialized():
         return code
-    client, me, count = _client(), jax.process_index(), jax.process_count()
+    client = _client()
     if failure is None:
         client.wait_at_barrier("automodel_jax/end", _END_TIMEOUT_S * 1000)  # the watcher still ends a failed run
-        with _Watch.lock:
-            _Watch.stopped.set()
-        jax.distributed.shutdown()
-        return code
     with _Watch.lock:
         _Watch.stopped.set()
+    if failure is None:
+        jax.distributed.shutdown()  # client, then (process 0) coordinator; itself a barrier of every process
+        return code
     with contextlib.suppress(Exception):  # ALREADY_EXISTS: another process failed first, and the others know
-        client.key_value_set(_FAILED_KEY, f"process {me}/{count} failed: {failure}")
-    with contextlib.suppress(Exception):
-        client.key_value_set(f"{_SEEN_PREFIX}{me}", "1")
-    deadline = time.monotonic() + _SEEN_WAIT_S
-    for other in range(count):
-        with contextlib.suppress(Exception):  # a process that is gone never answers
-            client.blocking_key_value_get(f"{_SEEN_PREFIX}{other}",
-                                          max(1, int((deadline - time.monotonic()) * 1000)))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        client.key_value_set(_FAILED_KEY, f"process {jax.process_index()}/{jax.process_count()} failed: {failure}")
+    with contextlib.suppress(Exception):  # the others' watchers join this shutdown; one that is gone times out
+        jax.distributed.shutdown()
+    return code
 
 
 def describe_topology(mesh: jax.sharding.Mesh | None = None, echo: bool = True) -> str:

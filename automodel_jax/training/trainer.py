@@ -142,35 +142,28 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
     """Checkpoints (finding the one to resume, checked against the model) -> optimizer, train state and jitted steps
     on their declared shardings -> restored state and data position -> metrics logger: the `Run` to train.
     `frozen`: module patterns full SFT keeps frozen; `batch_ranks`: the batch's keys and per-row ranks."""
+    mesh, rules = started.mesh, started.rules
     checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
     try:
-        return _build_run(cfg, started, checkpoints, model=model, lora=lora, model_path=model_path,
-                          tokenizer=tokenizer, loader=loader, val_batches=val_batches, accum=accum,
-                          total_steps=total_steps, right_padded=right_padded, frozen=frozen, batch_ranks=batch_ranks,
-                          prepare=prepare)
+        optimizer, schedule = build_optimizer(cfg.optim, total_steps)
+        graphdef, trainable, frozen_params = split_model(model, lora, frozen)
+        state, state_shardings = init_state(trainable, optimizer, cfg.seed,
+                                            tree_shardings(model, trainable, mesh, rules))
+        frozen_shardings = tree_shardings(model, frozen_params, mesh, rules)
+        frozen_params = jax.device_put(frozen_params, frozen_shardings)
+        step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=right_padded)
+        train_step, eval_step, batch_3d, batch_2d = compile_steps(
+            make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
+            make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules, batch_ranks)
+        state = checkpoints.restore(state, state_shardings, loader)  # train state and data position, onto this mesh
+        logger = MetricsLogger(started.run_dir, enabled=started.primary, tensorboard=cfg.logging.tensorboard,
+                               wandb=cfg.logging.wandb, total_steps=total_steps, run_config=cfg.to_dict())
+        return Run(cfg, mesh, started.primary, started.run_dir, started.export_to, model_path, tokenizer, graphdef,
+                   state, frozen_params, train_step, eval_step, batch_3d, batch_2d, loader, val_batches, accum,
+                   total_steps, checkpoints, logger, prepare)
     except BaseException:
         checkpoints.close()  # its managers' background work ends before the error is reported
         raise
-
-
-def _build_run(cfg, started: Started, checkpoints: TrainCheckpoints, *, model, lora, model_path, tokenizer, loader,
-               val_batches, accum, total_steps, right_padded, frozen, batch_ranks, prepare) -> Run:
-    mesh, rules = started.mesh, started.rules
-    optimizer, schedule = build_optimizer(cfg.optim, total_steps)
-    graphdef, trainable, frozen_params = split_model(model, lora, frozen)
-    state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
-    frozen_shardings = tree_shardings(model, frozen_params, mesh, rules)
-    frozen_params = jax.device_put(frozen_params, frozen_shardings)
-    step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=right_padded)
-    train_step, eval_step, batch_3d, batch_2d = compile_steps(
-        make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
-        make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules, batch_ranks)
-    state = checkpoints.restore(state, state_shardings, loader)  # train state and data position, onto this mesh
-    logger = MetricsLogger(started.run_dir, enabled=started.primary, tensorboard=cfg.logging.tensorboard,
-                           wandb=cfg.logging.wandb, total_steps=total_steps, run_config=cfg.to_dict())
-    return Run(cfg, mesh, started.primary, started.run_dir, started.export_to, model_path, tokenizer, graphdef, state,
-               frozen_params, train_step, eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps,
-               checkpoints, logger, prepare)
 
 
 def validate(run: Run, step: int) -> float:

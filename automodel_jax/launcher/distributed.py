@@ -4,6 +4,7 @@ processes (`any_process`), and leave the cluster cleanly or, on a failure, so th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -23,7 +24,7 @@ _PROBE_INTERVAL_S = 0.25
 # Keys of the coordination service's key-value store (the JAX client's, shared by the processes of one run).
 _FAILED_KEY = "automodel_jax/failed"  # "process I/N failed: REASON", set by the first process that fails
 _FLAGS_PREFIX = "automodel_jax/flags/"  # + tag/process index: `any_process` votes
-_WATCH_POLL_MS = 1000
+_WATCH_POLL_MS = 500
 _FAILED_GRACE_S = 2.0  # a process that failed itself at about the same time reports its own error, not the peer's
 _END_TIMEOUT_S = 24 * 3600  # the normal-end barrier waits for process 0's export; a failure ends it sooner
 
@@ -195,7 +196,13 @@ def _watch_peers(spec: ClusterSpec) -> None:
                 sys.stderr.flush()
                 os._exit(1)  # the main thread may be waiting in a collective that never completes
 
-    threading.Thread(target=watch, name="distributed-peer-watcher", daemon=True).start()
+    thread = threading.Thread(target=watch, name="distributed-peer-watcher", daemon=True)
+    thread.start()
+
+    @atexit.register
+    def stop_watching() -> None:  # a program that never calls leave_cluster: no thread left in a C++ call at exit
+        _Watch.stopped.set()
+        thread.join(timeout=2 * _WATCH_POLL_MS / 1000)
 
 
 def any_process(flag: bool, tag: str, timeout_s: float) -> bool:

@@ -148,7 +148,9 @@ def test_preemption_signal_names(name, expected):
     assert resolve_signal(name) == expected
 
 
-@pytest.mark.parametrize("name", ["SIGFOO", "", "999"])
-def test_a_bad_preemption_signal_is_a_config_error(name):
-    with pytest.raises(ConfigError, match="train.preemption_signal=.* is not a signal"):
+@pytest.mark.parametrize("name, complaint", [("SIGFOO", "is not a signal"), ("", "is not a signal"),
+                                              ("999", "is not a signal"), ("kill", "SIGKILL cannot be handled"),
+                                              ("19", "SIGSTOP cannot be handled")])
+def test_a_bad_preemption_signal_is_a_config_error(name, complaint):
+    with pytest.raises(ConfigError, match=f"train.preemption_signal=.*{complaint}"):
         resolve_signal(name)

@@ -31,14 +31,19 @@ class Interrupted(Exception):
 
 def resolve_signal(name: str | int, key: str = "train.preemption_signal") -> signal.Signals:
     """'SIGTERM', 'term', 'SIGUSR1' or 15 -> the signal (names as NeMo Automodel's `resolve_signal` takes them);
-    ConfigError naming `key` for anything else."""
+    ConfigError naming `key` for anything else, or for a signal no program can handle (SIGKILL, SIGSTOP)."""
     try:
         if isinstance(name, int) or str(name).strip().isdigit():
-            return signal.Signals(int(name))
-        text = str(name).strip().upper()
-        return signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
+            sig = signal.Signals(int(name))
+        else:
+            text = str(name).strip().upper()
+            sig = signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
     except (KeyError, ValueError):
         raise ConfigError(f"{key}={name!r} is not a signal; give a name such as 'SIGTERM' or 'SIGUSR1'") from None
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        raise ConfigError(f"{key}={name!r}: {sig.name} cannot be handled by any program; give a signal such as "
+                          f"'SIGTERM' or 'SIGUSR1'")
+    return sig
 
 
 class SignalStop:

@@ -236,6 +236,6 @@ def _train_steps(run: Run, until_step: int | None, stop: SignalStop) -> None:
     if stopped_after is not None:
         run.checkpoints.save(stopped_after, run.state, run.loader, final=True)
         run.checkpoints.wait()
-        saved = run.checkpoints.directory / str(stopped_after) if run.checkpoints.manager is not None else None
+        saved = str(run.checkpoints.directory / str(stopped_after)) if run.checkpoints.manager is not None else None
         run.logger.close()  # ends the progress bar's line, so the message starts a line of its own
         raise stop.interrupted(stopped_after, saved)

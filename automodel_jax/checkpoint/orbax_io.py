@@ -74,6 +74,15 @@ def _manager(directory: Path, *, keep: int | None = None, keep_best: int = 0, as
     return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
 
+def _close(manager: ocp.CheckpointManager) -> None:
+    """Close `manager` after its start-up clean-up of interrupted saves (a background thread that `close` does not
+    wait for: left running at exit it prints a traceback)."""
+    await_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+        await_cleanup()
+    manager.close()
+
+
 def _steps(root: Path) -> list[int]:
     """The complete steps under `root` (Orbax's view: interrupted saves are not steps)."""
     if not root.is_dir():
@@ -177,14 +186,22 @@ class TrainCheckpoints:
                                 async_save=ck.async_save) if ck.enabled else None
         self._pending = None
         self.source = None  # (manager, step) to restore
+        try:  # the managers run background work from the start: a refused checkpoint closes them before the error
+            self._find_source(ck.restore_from, total_steps)
+        except BaseException:
+            self.close()
+            raise
+
+    def _find_source(self, restore_from: str | None, total_steps: int) -> None:
+        """The checkpoint to resume (this run_dir's latest, else `restore_from`), checked against the model."""
         own = self.manager.latest_step() if self.manager else None
         if own is not None:
             self.source = (self.manager, own)
-            if ck.restore_from and jax.process_index() == 0:
+            if restore_from and jax.process_index() == 0:
                 print(f"checkpoint.restore_from is not used: {self.directory} has checkpoints of its own (the run "
                       f"resumes its step {own})", flush=True)
-        elif ck.restore_from:
-            root, step = locate(ck.restore_from)
+        elif restore_from:
+            root, step = locate(restore_from)
             self.source = (_manager(root, create=False), step)
         if self.source is not None:
             manager, step = self.source
@@ -217,6 +234,7 @@ class TrainCheckpoints:
         loader.set_state(restored["data"])
         if manager is not self.manager:
             manager.close()
+        self.source = None
         if jax.process_index() == 0:
             print(f"resumed from checkpoint {Path(manager.directory) / str(step)} (step {step})", flush=True)
         return {**state, **restored["train"], "params": restored["params"]}
@@ -249,9 +267,15 @@ class TrainCheckpoints:
             self._pending = None
 
     def close(self) -> None:
-        self.wait()
-        if self.manager is not None:
-            self.manager.close()
+        """Wait for the save in flight, then stop the managers' background work; safe to call twice."""
+        try:
+            self.wait()
+        finally:
+            if self.source is not None and self.source[0] is not self.manager:
+                self.source[0].close()
+            if self.manager is not None:
+                _close(self.manager)
+            self.manager = self.source = None
 
     @contextlib.contextmanager
     def _errors(self):
@@ -272,10 +296,12 @@ def save_params_checkpoint(model: nnx.Module, out_dir, *, model_path: str, overw
     try:
         params = split_model(model, bool(adapters(model)))[1]
         manager = _manager(tmp)
-        manager.save(0, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            meta=ocp.args.JsonSave(model_meta(model, model_path, kind="params"))))
-        manager.close()
+        try:
+            manager.save(0, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                meta=ocp.args.JsonSave(model_meta(model, model_path, kind="params"))))
+        finally:
+            _close(manager)
         commit_output_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 PROG = "automodel-jax"
@@ -38,14 +39,32 @@ quiet_libraries()
 BAD_INPUT = (FileNotFoundError, FileExistsError, ValueError)
 
 
-def exit_code(action: Callable[[], object], errors: tuple[type[BaseException], ...] = BAD_INPUT) -> int:
-    """Run a command's `action`: 0 when it succeeds; one of `errors` becomes one `error:` line on stderr and 2."""
+def exit_code(action: Callable[[], object], errors: tuple[type[BaseException], ...] = BAD_INPUT,
+              rerun: str | None = None) -> int:
+    """Run a command's `action`: 0 when it succeeds; one of `errors` becomes one `error:` line on stderr and 2; a
+    signal (`Interrupted`, or Ctrl-C where no handler is installed) one line, with `rerun` (the command that resumes)
+    when given, and 128 + the signal number. In a multi-process run the process then leaves the cluster
+    (`leave_cluster`): cleanly when every process ends alike, else announcing its failure so the others stop at once
+    (a crash is announced after Python's traceback)."""
+    from automodel_jax.launcher.distributed import leave_cluster
+    from automodel_jax.training.interrupt import Interrupted
     try:
         action()
+    except Interrupted as error:
+        print(f"{error}{f'; resume with: {rerun}' if rerun else ''}", file=sys.stderr, flush=True)
+        return leave_cluster(error.exit_code, None if error.agreed else str(error))
+    except KeyboardInterrupt:
+        print("interrupted by SIGINT", file=sys.stderr, flush=True)
+        return leave_cluster(130, "interrupted by SIGINT")
     except errors as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return leave_cluster(2, str(error))
+    except SystemExit:  # --help and the like
+        raise
+    except BaseException as error:
+        traceback.print_exc()
+        raise SystemExit(leave_cluster(1, f"{type(error).__name__}: {error}")) from None
+    return leave_cluster(0)
 
 
 def usage() -> str:

@@ -11,6 +11,7 @@ key of a config with its type and value, and loads no model.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from automodel_jax.config.nemo_yaml import parse_nemo_yaml, yaml_config_path
 from automodel_jax.launcher.distributed import DistributedInitError
 from automodel_jax.recipes.llm import finetune as llm
 from automodel_jax.recipes.vlm import finetune as vlm
+from automodel_jax.training.interrupt import SignalStop
 from automodel_jax.training.loop import TrainingError
 from automodel_jax.training.trainer import completed_run, mark_complete
 
@@ -79,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    rerun = f"python -m automodel_jax.finetune {shlex.join(args)}"
     if PRINT_CONFIG in args:
         return exit_code(lambda: print(describe_config(load_config([a for a in args if a != PRINT_CONFIG]))))
-    return exit_code(lambda: run(load_config(args)), BAD_INPUT + (TrainingError, DistributedInitError))
+    return exit_code(lambda: run_interruptible(load_config(args)), BAD_INPUT + (TrainingError, DistributedInitError),
+                     rerun=rerun)
 
 
 def run(cfg) -> dict:
@@ -95,6 +99,13 @@ def run(cfg) -> dict:
     result = (vlm if cfg.get("vlm") else llm).run(cfg)
     mark_complete(given, result["steps"])
     return result
+
+
+def run_interruptible(cfg) -> dict:
+    """`run` with SIGINT and train.preemption_signal handled: in the train loop they stop after the current step
+    with a checkpoint, elsewhere at once; both raise `Interrupted`."""
+    with SignalStop(cfg.train.preemption_signal):
+        return run(cfg)
 
 
 if __name__ == "__main__":

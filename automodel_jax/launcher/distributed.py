@@ -1,7 +1,11 @@
-"""Multi-process start-up: detect the cluster, initialise `jax.distributed`, and report the topology."""
+"""Multi-process life cycle: detect the cluster, initialise `jax.distributed`, report the topology, agree across
+processes (`any_process`), and leave the cluster cleanly or, on a failure, so that the other processes stop at once
+(`leave_cluster`)."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import socket
 import sys
@@ -17,6 +21,12 @@ from automodel_jax.launcher.cluster import ClusterSpec, detect_cluster
 # JAX's own timeout aborts the process from C++ with a multi-line trace; ours fires first with one clear line.
 _JAX_TIMEOUT_GRACE_S = 30
 _PROBE_INTERVAL_S = 0.25
+# Keys of the coordination service's key-value store (the JAX client's, shared by the processes of one run).
+_FAILED_KEY = "automodel_jax/failed"  # "process I/N failed: REASON", set by the first process that fails
+_FLAGS_PREFIX = "automodel_jax/flags/"  # + tag/process index: `any_process` votes
+_WATCH_POLL_MS = 500
+_FAILED_GRACE_S = 2.0  # a process that failed itself at about the same time reports its own error, not the peer's
+_END_TIMEOUT_S = 24 * 3600  # the normal-end barrier waits for process 0's export; a failure ends it sooner
 
 
 class DistributedInitError(RuntimeError):
@@ -136,10 +146,106 @@ def initialize_distributed(timeout_s: int = 300) -> DistributedInfo:
             local_device_ids=list(spec.local_device_ids) if spec.local_device_ids is not None else None,
             cluster_detection_method="deactivate",
             initialization_timeout=timeout_s + _JAX_TIMEOUT_GRACE_S,
+            shutdown_timeout_seconds=timeout_s,  # how long leaving waits for a process that is gone
         )
     finally:
         finished.set()
+    _watch_peers(spec)
     return _current_info(spec.coordinator_address, spec.source)
+
+
+def _client():
+    """The coordination-service client of `jax.distributed` (JAX has no public API for its key-value store and
+    barriers; Orbax reads the same attribute)."""
+    from jax._src import distributed
+    return distributed.global_state.client
+
+
+class _Watch:
+    """State of this process's peer watcher: stopped (under `lock`) when the process leaves the cluster itself."""
+    lock = threading.Lock()
+    stopped = threading.Event()
+
+
+def _watch_peers(spec: ClusterSpec) -> None:
+    """Start a thread that ends this process with one line naming the failed process when another process announces
+    a failure (`leave_cluster`) or the coordinator is lost; otherwise this process would wait in its next collective
+    until JAX's heartbeat timeout aborts it with a C++ trace."""
+    _Watch.stopped.clear()
+
+    def watch() -> None:
+        client = _client()
+        while not _Watch.stopped.is_set():
+            try:
+                failure = client.blocking_key_value_get(_FAILED_KEY, _WATCH_POLL_MS)
+            except Exception as error:  # noqa: BLE001 - the client raises one JaxRuntimeError type for every status
+                if "DEADLINE_EXCEEDED" in str(error):
+                    continue
+                failure = (f"lost the JAX coordinator {spec.coordinator_address} (process 0 ended or is unreachable: "
+                           f"{str(error).splitlines()[0]})")
+            if _Watch.stopped.wait(_FAILED_GRACE_S):  # this process is failing too: it reports its own error
+                return
+            with _Watch.lock:
+                if _Watch.stopped.is_set():
+                    return
+                print(f"error: {failure}; process {spec.process_id}/{spec.num_processes} stops too", file=sys.stderr,
+                      flush=True)
+                if failure.startswith("process "):  # the coordinator is up: leave it with the failed process
+                    with contextlib.suppress(Exception):
+                        jax.distributed.shutdown()
+                sys.stderr.flush()
+                os._exit(1)  # the main thread may be waiting in a collective that never completes
+
+    thread = threading.Thread(target=watch, name="distributed-peer-watcher", daemon=True)
+    thread.start()
+
+    @atexit.register
+    def stop_watching() -> None:  # a program that never calls leave_cluster: no thread left in a C++ call at exit
+        _Watch.stopped.set()
+        thread.join(timeout=2 * _WATCH_POLL_MS / 1000)
+
+
+def any_process(flag: bool, tag: str, timeout_s: float) -> bool:
+    """Whether `flag` is true on any process, the same answer on every process: each calls this with the same
+    `tag` (unique per call, e.g. the step) at the same point of the program. One coordination-service barrier and one
+    read, no device work; `flag` itself for a single process. Raises TimeoutError when the processes do not all arrive
+    within `timeout_s`."""
+    if not jax.distributed.is_initialized():
+        return flag
+    client = _client()
+    if flag:
+        client.key_value_set(f"{_FLAGS_PREFIX}{tag}/{jax.process_index()}", "1")
+    try:
+        client.wait_at_barrier(f"{_FLAGS_PREFIX}{tag}", int(timeout_s * 1000))
+    except Exception as error:  # noqa: BLE001 - JaxRuntimeError for every status
+        raise TimeoutError(f"process {jax.process_index()}/{jax.process_count()}: not every process reached "
+                           f"'{tag}' within {timeout_s:.0f}s ({str(error).splitlines()[0]})") from None
+    return bool(client.key_value_dir_get(f"{_FLAGS_PREFIX}{tag}/"))
+
+
+def leave_cluster(code: int, failure: str | None = None) -> int:
+    """End this process's part in a multi-process run and return `code` (a no-op for a single process).
+
+    Normal end (`failure` None, whatever `code`): wait at a barrier until every process is here (a failure
+    announced meanwhile still ends this process), then shut the client and (process 0) the coordinator down in that
+    order, so that no process prints coordination-service errors. Call it after checkpoint managers are closed.
+    Failure: announce "process I/N failed: FAILURE" to the others (they stop at once with a line naming this
+    process and leave the coordination service with this one, so that no process prints its errors)."""
+    if not jax.distributed.is_initialized():
+        return code
+    client = _client()
+    if failure is None:
+        client.wait_at_barrier("automodel_jax/end", _END_TIMEOUT_S * 1000)  # the watcher still ends a failed run
+    with _Watch.lock:
+        _Watch.stopped.set()
+    if failure is None:
+        jax.distributed.shutdown()  # client, then (process 0) coordinator; itself a barrier of every process
+        return code
+    with contextlib.suppress(Exception):  # ALREADY_EXISTS: another process failed first, and the others know
+        client.key_value_set(_FAILED_KEY, f"process {jax.process_index()}/{jax.process_count()} failed: {failure}")
+    with contextlib.suppress(Exception):  # the others' watchers join this shutdown; one that is gone times out
+        jax.distributed.shutdown()
+    return code
 
 
 def describe_topology(mesh: jax.sharding.Mesh | None = None, echo: bool = True) -> str:

@@ -34,6 +34,7 @@ from automodel_jax.training.loop import (TrainingError, check_metrics, global_ba
                                          validation_loss)
 from automodel_jax.training.metrics import (MetricsLogger, Throughput, peak_tflops, train_flops_per_token,
                                             wandb_defaults)
+from automodel_jax.training.interrupt import SignalStop
 from automodel_jax.training.optim import build_optimizer, optim_defaults
 from automodel_jax.training.profile import StepProfiler, profile_defaults
 from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
@@ -51,7 +52,9 @@ def trainer_defaults(run_dir: str) -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.train = dict(global_batch_size=32, micro_batch_size=8, max_steps=config_dict.placeholder(int),
                      num_epochs=1, log_every=10, val_every=100, val_max_samples=config_dict.placeholder(int),
-                     sample_prompts=(), sample_max_new_tokens=32)
+                     sample_prompts=(), sample_max_new_tokens=32,
+                     # Stop after the current step, save a checkpoint and exit 128+N on this signal (and on SIGINT).
+                     preemption_signal="SIGTERM")
     cfg.optim = optim_defaults()
     cfg.loss = dict(impl="chunked", chunk_size=config_dict.placeholder(int))  # None: per-impl default
     cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1, zero3_over_data=False)
@@ -89,6 +92,14 @@ class Run:
     logger: MetricsLogger
     throughput: Throughput
     prepare: Callable[[dict], dict] | None = None  # host transform of each loader batch (e.g. a VLM's host_batch)
+
+    def close(self) -> None:
+        """End the progress bar and metric writers, wait for the checkpoint save in flight and stop the checkpoint
+        managers' background work; safe to call twice (recipes close the run on every way out)."""
+        try:
+            self.logger.close()
+        finally:
+            self.checkpoints.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,25 +159,30 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
     mesh, rules = started.mesh, started.rules
     optimizer, schedule = build_optimizer(cfg.optim, total_steps)
     checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
-    if started.primary:
-        record_config(started, resuming=checkpoints.source is not None)
-    graphdef, trainable, frozen_params = split_model(model, lora, frozen)
-    state, state_shardings = init_state(trainable, optimizer, cfg.seed, tree_shardings(model, trainable, mesh, rules))
-    frozen_shardings = tree_shardings(model, frozen_params, mesh, rules)
-    frozen_params = jax.device_put(frozen_params, frozen_shardings)
-    step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=right_padded)
-    train_step, eval_step, batch_3d, batch_2d = compile_steps(
-        make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
-        make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules, batch_ranks)
-    state = checkpoints.restore(state, state_shardings, loader)  # train state and data position, onto this mesh
-    logger = MetricsLogger(started.run_dir, enabled=started.primary, tensorboard=cfg.logging.tensorboard,
-                           wandb=cfg.logging.wandb, total_steps=total_steps, run_config=cfg.to_dict(),
-                           resumed_step=None if checkpoints.source is None else int(state["step"]))
-    throughput = Throughput(train_flops_per_token(model, trainable, frozen_params, cfg.data.seq_len),
-                            peak_tflops(jax.devices()[0].device_kind, cfg.logging.peak_tflops), jax.devices())
-    return Run(cfg, mesh, started.primary, started.run_dir, started.export_to, model_path, tokenizer, graphdef, state,
-               frozen_params, train_step, eval_step, batch_3d, batch_2d, loader, val_batches, accum, total_steps,
-               checkpoints, logger, throughput, prepare)
+    try:
+        if started.primary:
+            record_config(started, resuming=checkpoints.source is not None)
+        graphdef, trainable, frozen_params = split_model(model, lora, frozen)
+        state, state_shardings = init_state(trainable, optimizer, cfg.seed,
+                                            tree_shardings(model, trainable, mesh, rules))
+        frozen_shardings = tree_shardings(model, frozen_params, mesh, rules)
+        frozen_params = jax.device_put(frozen_params, frozen_shardings)
+        step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=right_padded)
+        train_step, eval_step, batch_3d, batch_2d = compile_steps(
+            make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
+            make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules, batch_ranks)
+        state = checkpoints.restore(state, state_shardings, loader)  # train state and data position, onto this mesh
+        logger = MetricsLogger(started.run_dir, enabled=started.primary, tensorboard=cfg.logging.tensorboard,
+                               wandb=cfg.logging.wandb, total_steps=total_steps, run_config=cfg.to_dict(),
+                               resumed_step=None if checkpoints.source is None else int(state["step"]))
+        throughput = Throughput(train_flops_per_token(model, trainable, frozen_params, cfg.data.seq_len),
+                                peak_tflops(jax.devices()[0].device_kind, cfg.logging.peak_tflops), jax.devices())
+        return Run(cfg, mesh, started.primary, started.run_dir, started.export_to, model_path, tokenizer, graphdef,
+                   state, frozen_params, train_step, eval_step, batch_3d, batch_2d, loader, val_batches, accum,
+                   total_steps, checkpoints, logger, throughput, prepare)
+    except BaseException:
+        checkpoints.close()  # its managers' background work ends before the error is reported
+        raise
 
 
 def record_config(started: Started, resuming: bool) -> None:
@@ -252,8 +268,15 @@ def train_loop(run: Run, until_step: int | None = None) -> None:
 
     A non-finite step stops training with TrainingError after saving the last good state (steps after the bad one
     leave the state as it was; see training.step) with its own step count and the data position before the bad
-    step's batch, so the checkpoint's step, parameters and data position agree.
+    step's batch, so the checkpoint's step, parameters and data position agree. On SIGINT or
+    train.preemption_signal: finish the step in flight, stop after the same step on every process, save its
+    checkpoint and raise `Interrupted`.
     """
+    with SignalStop(run.cfg.train.preemption_signal, at_step_end=True) as stop:
+        _train_steps(run, until_step, stop)
+
+
+def _train_steps(run: Run, until_step: int | None, stop: SignalStop) -> None:
     cfg, total_steps = run.cfg, run.total_steps
     until_step = total_steps if until_step is None else until_step
     start_step = int(run.state["step"])
@@ -262,8 +285,9 @@ def train_loop(run: Run, until_step: int | None = None) -> None:
     positions = {}  # data position before each step whose metrics are not read yet
     t_last = time.perf_counter()
 
-    def record(metrics, step: int) -> None:
-        """Reads step `step`'s metrics (steps counted from 1): logged at log steps, shown on the progress bar."""
+    def record(metrics, step: int, force_log: bool = False) -> None:
+        """Reads step `step`'s metrics (steps counted from 1): logged at log steps (and the last one), shown on the
+        progress bar."""
         nonlocal t_last
         try:
             done = check_metrics(metrics, step, causes)
@@ -276,14 +300,14 @@ def train_loop(run: Run, until_step: int | None = None) -> None:
             raise
         positions.pop(step - 1, None)
         run.throughput.add(done)
-        if step % cfg.train.log_every == 0 or step == until_step:
+        if force_log or step % cfg.train.log_every == 0 or step == until_step:
             now = time.perf_counter()
             done.update(run.throughput.rates(now - t_last))
             t_last = now
             run.logger.log(step, done, "train")
         run.logger.progress(step, done)
 
-    pending = None
+    pending, stopped_after = None, None
     for step in range(start_step, until_step):
         positions[step] = run.loader.get_state()
         local = next(run.loader)
@@ -308,7 +332,17 @@ def train_loop(run: Run, until_step: int | None = None) -> None:
             val_loss = validate(run, step + 1)
             t_last += time.perf_counter() - t_validate  # throughput counts training time only
         run.checkpoints.save(step + 1, run.state, run.loader, val_loss)  # asynchronous, every checkpoint.every_steps
+        if stop.agreed(step + 1, cfg.distributed.timeout_s):  # a signal: every process stops after this step
+            stopped_after = step + 1
+            break
     profiler.close(run.state)
+    last = until_step if stopped_after is None else stopped_after
     if pending is not None:
-        record(pending, until_step)
+        record(pending, last, force_log=True)
     run.logger.end_progress()
+    if stopped_after is not None:
+        run.checkpoints.save(stopped_after, run.state, run.loader, final=True)
+        run.checkpoints.wait()
+        saved = str(run.checkpoints.directory / str(stopped_after)) if run.checkpoints.manager is not None else None
+        run.logger.close()  # ends the progress bar's line, so the message starts a line of its own
+        raise stop.interrupted(stopped_after, saved)

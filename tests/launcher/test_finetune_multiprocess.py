@@ -2,6 +2,7 @@
 collectives train exactly like one process with 4 devices; bad meshes and an unreachable coordinator fail early with
 one line."""
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,12 @@ def assert_same_training(run_dir: Path, reference_dir: Path) -> None:
                 assert mine[key] == pytest.approx(theirs[key], rel=TOLERANCE, abs=TOLERANCE), (mine, theirs)
 
 
+def assert_quiet_end(output: str) -> None:
+    """No error text from the coordination service, Orbax or Python at the end of a run."""
+    for noise in ("CANCELLED", "Traceback", " ERROR ", "E0000", "F0000"):
+        assert noise not in output, output[-3000:]
+
+
 def start(command: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -93,6 +100,7 @@ def test_two_processes_train_like_one(tmp_path):
     for rank, output in enumerate((rank0, rank1)):
         assert f"[topology] process {rank}/2 " in output and "devices per process [2, 2]" in output
         assert "mesh data=1 x fsdp=4 x tensor=1 x context=1" in output
+        assert_quiet_end(output)
     assert_same_training(multi_dir, single_dir)
     # Only process 0 writes: one copy of each record (both processes share the run dir here) and one summary line.
     assert len(metrics(multi_dir)) == len(metrics(single_dir))
@@ -134,3 +142,45 @@ def test_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
         "port open?)")
     assert "Traceback" not in result.stderr
     assert time.monotonic() - began < 60
+
+
+@pytest.mark.slow
+def test_a_failing_process_stops_the_other_at_once_naming_it(tmp_path):
+    """Process 1 refuses its config after the checkpoint managers started, while process 0 goes on into collectives
+    that need process 1: process 0 stops within seconds (not JAX's 100 s heartbeat timeout) with a line naming it."""
+    error = "optim.schedule.warmup_steps must be in [0, total_steps=3), got 20"
+    envs = two_process_envs()
+    procs = [start(finetune_command(tmp_path / "run"), envs[0]),
+             start(finetune_command(tmp_path / "run", "--config.optim.schedule.warmup_steps=20"), envs[1])]
+    procs[1].wait(timeout=400)
+    failed_at = time.monotonic()
+    procs[0].wait(timeout=400)
+    assert time.monotonic() - failed_at < 30
+    rank0, rank1 = finish(procs)
+    assert procs[1].returncode == 2 and rank1.strip().splitlines()[-1] == f"error: {error}", rank1[-3000:]
+    assert procs[0].returncode == 1, rank0[-3000:]
+    assert rank0.strip().splitlines()[-1] == f"error: process 1/2 failed: {error}; process 0/2 stops too"
+    for output in (rank0, rank1):
+        assert "Traceback" not in output and "CANCELLED" not in output
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_after_the_same_step_with_one_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    command = finetune_command(run_dir, "--config.train.max_steps=100000", "--config.checkpoint.every_steps=0")
+    procs = [start(command, env) for env in two_process_envs()]
+    deadline = time.monotonic() + 400
+    while not (run_dir / "metrics.jsonl").exists() or not [r for r in metrics(run_dir) if r["split"] == "train"]:
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    rank0, rank1 = finish(procs)
+    assert [p.returncode for p in procs] == [143, 143], (rank0[-3000:], rank1[-3000:])
+    [stopped] = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir())
+    assert [r["step"] for r in metrics(run_dir) if r["split"] == "train"][-1] == stopped
+    saved = f"stopped after step {stopped}, checkpoint {run_dir / 'checkpoints' / str(stopped)} saved; resume with: "
+    assert rank1.strip().splitlines()[-1].startswith(f"interrupted by SIGTERM: {saved}")
+    assert rank0.strip().splitlines()[-1].startswith(
+        f"interrupted by a signal to another process (SIGTERM assumed): {saved}")
+    for output in (rank0, rank1):
+        assert_quiet_end(output)

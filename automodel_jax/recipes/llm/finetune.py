@@ -180,9 +180,9 @@ def finish(run: Run, first_val: float, first_label: str = "before") -> dict:
 
 def run(cfg) -> dict:
     """Train as `cfg` says; returns validation loss before/after, steps done, the trained model and evaluation."""
-    run_ = setup(cfg)
-    step = int(run_.state["step"])
-    first_val = validate(run_, step)
-    generations(run_, "before fine-tuning" if step == 0 else start_label(step))
-    train_loop(run_)
-    return finish(run_, first_val, start_label(step))
+    with contextlib.closing(setup(cfg)) as run_:  # checkpoint saves and writers end on every way out
+        step = int(run_.state["step"])
+        first_val = validate(run_, step)
+        generations(run_, "before fine-tuning" if step == 0 else start_label(step))
+        train_loop(run_)
+        return finish(run_, first_val, start_label(step))

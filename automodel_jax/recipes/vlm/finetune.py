@@ -217,9 +217,9 @@ def finish(run: Run, first_val: float, first_accuracy: float, first_label: str =
 
 def run(cfg) -> dict:
     """Train as `cfg` says; returns validation loss and held-out accuracy before/after, steps, the trained model."""
-    run_ = setup(cfg)
-    step = int(run_.state["step"])
-    first_val = validate(run_, step)
-    first_accuracy = held_out_answers(run_, "before fine-tuning" if step == 0 else start_label(step))
-    train_loop(run_)
-    return finish(run_, first_val, first_accuracy, start_label(step))
+    with contextlib.closing(setup(cfg)) as run_:  # checkpoint saves and writers end on every way out
+        step = int(run_.state["step"])
+        first_val = validate(run_, step)
+        first_accuracy = held_out_answers(run_, "before fine-tuning" if step == 0 else start_label(step))
+        train_loop(run_)
+        return finish(run_, first_val, first_accuracy, start_label(step))

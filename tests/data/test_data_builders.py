@@ -15,12 +15,18 @@ from automodel_jax.data import IGNORE, DataError, build_dataset, check_vocabular
 from reference import DATA
 
 REPO = Path(__file__).resolve().parents[2]
+
 ALPACA = DATA / "alpaca" / "alpaca_en_demo.json"
 SQUAD = DATA / "squad" / "validation.jsonl"
 HELLASWAG = DATA / "hellaswag" / "validation.jsonl"
 CHAT = DATA / "chat" / "messages_demo.jsonl"
 ALPACA_COLUMNS = dict(instruction="instruction", input="input", answer="output")
 ALPACA_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nResponse: "
+
+
+def builder_records(caplog) -> list:
+    """The log records of the dataset builders (other libraries, e.g. datasets, may log at INFO in between)."""
+    return [r for r in caplog.records if r.name == "automodel_jax.data.builders"]
 
 
 def jsonl_rows(path, n):
@@ -132,7 +138,7 @@ def test_truncate_and_drop_counts_match_the_untruncated_lengths(tokenizer, alpac
 def test_builder_logs_one_line_with_the_counts(tokenizer, caplog):
     with caplog.at_level("INFO", logger="automodel_jax.data.builders"):
         ds = build_dataset(instruction_cfg(ALPACA), tokenizer, 160, "drop")
-    [record] = caplog.records
+    [record] = builder_records(caplog)
     assert (f"{len(ds)} of 40 rows kept at seq_len 160 (0 truncated, {40 - len(ds)} dropped as too long, "
             "0 dropped with no loss tokens)") in record.getMessage()
 
@@ -330,7 +336,7 @@ def test_squad_mostly_lost_to_seq_len_is_an_error_or_a_warning_with_the_seq_len_
 
     with caplog.at_level(logging.INFO, logger="automodel_jax.data.builders"):
         ds = build_dataset(squad, tokenizer, 256, "truncate", min_kept_fraction=0)
-    [record] = caplog.records
+    [record] = builder_records(caplog)
     assert len(ds) == kept and record.levelno == logging.WARNING
     assert f"{kept} of 1000 rows kept at seq_len 256" in record.getMessage()
     assert f"data.seq_len={fits} would fit 95% of the rows whole" in record.getMessage()
@@ -344,7 +350,7 @@ def test_the_truncation_hint_appears_only_where_truncation_would_keep_rows(token
     with caplog.at_level(logging.WARNING, logger="automodel_jax.data.builders"):
         build_dataset(hellaswag, tokenizer, 96, "drop")
         build_dataset(hellaswag, tokenizer, 96, "truncate")
-    dropped, truncated = (r.getMessage() for r in caplog.records)
+    dropped, truncated = (r.getMessage() for r in builder_records(caplog))
     assert f"data.truncation='truncate' would keep {reachable} of the {too_long} rows longer than seq_len 96" in dropped
     assert "data.truncation" not in truncated
     assert f"{too_long - reachable} rows have all their loss tokens after token 96" in truncated

@@ -23,6 +23,13 @@ VOCAB, SEQ = 101, 9
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 
 
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    """float32 matmuls at full precision (GPUs default to TF32, which misses the 1e-5 tolerances against PEFT)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _randomize_adapters(model) -> None:
     """Nonzero lora_b everywhere (fresh adapters have B = 0, under which an ignored adapter would pass unnoticed)."""
     for i, layer in enumerate(l for l in linear_modules(model).values() if l.lora_a is not None):

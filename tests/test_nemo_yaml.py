@@ -410,9 +410,18 @@ def test_bad_recipes_are_one_clear_error_naming_the_key(tmp_path, overrides, fra
         assert fragment in message, message
 
 
-def test_missing_warmup_steps_is_an_error_saying_how_to_set_them(tmp_path):
-    with pytest.raises(ConfigError, match=r"lr_scheduler.lr_warmup_steps is missing.*--lr_scheduler.lr_warmup_steps N"):
-        translate(tmp_path, SQUAD_PEFT.replace("  lr_warmup_steps: 0\n", ""))
+def test_missing_warmup_steps_follow_max_steps_or_are_an_error_saying_how_to_set_them(tmp_path):
+    """The ported system's default warmup, min(1000, total_steps // 10), from step_scheduler.max_steps when it is set
+    (their shipped SQuAD PEFT recipe gives none); without max_steps the length depends on the data: an error."""
+    recipe = SQUAD_PEFT.replace("  lr_warmup_steps: 0\n", "")
+    cfg, _ = translate(tmp_path, recipe, "--step_scheduler.max_steps", "250")
+    assert (cfg.train.max_steps, cfg.optim.schedule.warmup_steps) == (250, 25)
+    cfg, _ = translate(tmp_path, recipe, "--step_scheduler.max_steps", "50000")
+    assert cfg.optim.schedule.warmup_steps == 1000
+    no_max_steps = "\n".join(line for line in recipe.splitlines() if "max_steps" not in line) + "\n"
+    with pytest.raises(ConfigError, match=r"lr_scheduler.lr_warmup_steps is missing and step_scheduler.max_steps is "
+                                          r"not set.*--lr_scheduler.lr_warmup_steps N"):
+        translate(tmp_path, no_max_steps)
 
 
 def test_yaml_is_data_only(tmp_path):

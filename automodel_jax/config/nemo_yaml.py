@@ -459,12 +459,18 @@ class _Translator:
             raise ConfigError(f"lr_scheduler.lr_decay_style {style!r} is not supported; supported: "
                               f"{', '.join(SCHEDULES)}")
         self.set("lr_scheduler.lr_decay_style", "optim.schedule.name", SCHEDULES[style])
-        if "lr_warmup_steps" not in section:
-            raise ConfigError("lr_scheduler.lr_warmup_steps is missing: the ported system's default, "
-                              "min(1000, total_steps // 10), depends on the data's length; set it in the file or "
-                              "with --lr_scheduler.lr_warmup_steps N")
-        warmup = _integer("lr_scheduler.lr_warmup_steps", section.pop("lr_warmup_steps"))
-        self.set("lr_scheduler.lr_warmup_steps", "optim.schedule.warmup_steps", warmup)
+        if "lr_warmup_steps" in section:
+            warmup = _integer("lr_scheduler.lr_warmup_steps", section.pop("lr_warmup_steps"))
+            self.set("lr_scheduler.lr_warmup_steps", "optim.schedule.warmup_steps", warmup)
+        elif self.cfg.train.max_steps and any(m[0] == "step_scheduler.max_steps" for m in self.out.mapping):
+            # the ported system's default, min(1000, total_steps // 10), with the run's length known
+            warmup = min(1000, self.cfg.train.max_steps // 10)
+            self.set("(lr_scheduler.lr_warmup_steps: min(1000, step_scheduler.max_steps // 10))",
+                     "optim.schedule.warmup_steps", warmup)
+        else:
+            raise ConfigError("lr_scheduler.lr_warmup_steps is missing and step_scheduler.max_steps is not set: the "
+                              "ported system's default, min(1000, total_steps // 10), then depends on the data's "
+                              "length; set it in the file or with --lr_scheduler.lr_warmup_steps N")
         init_lr = _number("lr_scheduler.init_lr", section.pop("init_lr", lr * 0.1))
         if warmup and init_lr:
             self.out.warnings.append(f"lr_scheduler.init_lr={init_lr:g}: warmup starts from 0 here, not from "

@@ -351,6 +351,7 @@ def test_resumed_run_says_so_and_keeps_one_metrics_row_per_step(hellaswag, tmp_p
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first_rows = {(r["split"], r["step"]): r for r in rows}
     shutil.rmtree(run_dir / "checkpoints" / "3")
+    (run_dir / "complete.json").unlink()  # a killed run never records that it completed
 
     done = subprocess.run([sys.executable, "-m", "automodel_jax.finetune", *argv], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)

@@ -159,9 +159,10 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
     mesh, rules = started.mesh, started.rules
     optimizer, schedule = build_optimizer(cfg.optim, total_steps)
     checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
+    resuming = checkpoints.source is not None  # (restore() lets go of the source)
     try:
         if started.primary:
-            record_config(started, resuming=checkpoints.source is not None)
+            record_config(started, resuming=resuming)
         graphdef, trainable, frozen_params = split_model(model, lora, frozen)
         state, state_shardings = init_state(trainable, optimizer, cfg.seed,
                                             tree_shardings(model, trainable, mesh, rules))
@@ -174,7 +175,7 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
         state = checkpoints.restore(state, state_shardings, loader)  # train state and data position, onto this mesh
         logger = MetricsLogger(started.run_dir, enabled=started.primary, tensorboard=cfg.logging.tensorboard,
                                wandb=cfg.logging.wandb, total_steps=total_steps, run_config=cfg.to_dict(),
-                               resumed_step=None if checkpoints.source is None else int(state["step"]))
+                               resumed_step=int(state["step"]) if resuming else None)
         throughput = Throughput(train_flops_per_token(model, trainable, frozen_params, cfg.data.seq_len),
                                 peak_tflops(jax.devices()[0].device_kind, cfg.logging.peak_tflops), jax.devices())
         return Run(cfg, mesh, started.primary, started.run_dir, started.export_to, model_path, tokenizer, graphdef,

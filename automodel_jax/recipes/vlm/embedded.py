@@ -328,7 +328,7 @@ def tiny_hf_config(info: dict) -> dict:
                 # patch, and left/right were not learned. Few, fast t and h frequencies leave w useful ones.
                 text_config=dict(text, model_type="qwen2_5_vl_text",
                                  rope_parameters=dict(rope_type="default", mrope_section=[2, 2, 12],
-                                                      rope_theta=1000.0)),
+                                                      rope_theta=100.0)),
                 vision_config=dict(model_type="qwen2_5_vl", depth=2, hidden_size=64, intermediate_size=128,
                                    num_heads=4, patch_size=info["patch_size"],
                                    temporal_patch_size=info["temporal_patch_size"],
@@ -342,7 +342,7 @@ def tiny_hf_config(info: dict) -> dict:
 MODEL_NAMES = {"tiny-gemma3": "gemma3", "tiny-qwen2_5_vl": "qwen2_5_vl"}
 # Token length of the longest rendered-task conversation, rounded up to 8 (Qwen's template adds a system turn).
 SEQ_LEN = {"gemma3": 96, "qwen2_5_vl": 136}
-MODEL_VERSION = 4  # bump when the task or the tiny models change, so cached assets are rebuilt
+MODEL_VERSION = 5  # bump when the task or the tiny models change, so cached assets are rebuilt
 # Pre-training learning rate per architecture. Qwen2.5-VL's merger output has no norm: at 2e-3 its features grow ~200x
 # and collapse to "which red level is there" (green and blue became near-identical; colour 38% on held-out images),
 # while 5e-4 keeps them apart (every single skill but position >= 97%, the new instructions 100% after LoRA).

@@ -2,8 +2,8 @@
 
 Presets: "" (default) = the embedded default: a tiny Gemma 3 (SigLIP tower, pooled projector, Gemma 3 decoder) with
 its processor, built and pre-trained by the project on rendered shapes, then LoRA on two new instructions over
-held-out images (CPU, about 14 minutes the first time on 2 cores, no network); "gemma3-4b" = google/gemma-3-4b-it on CORD-v2 receipts, as NeMo
-Automodel's Gemma 3 VL 4B CORD-v2 PEFT example (LoRA r=8 on the language model, vision tower frozen).
+held-out images (CPU, about 14 minutes the first time on 2 cores, no network; 100% held-out); "gemma3-4b" =
+google/gemma-3-4b-it on CORD-v2 receipts, as NeMo Automodel's Gemma 3 VL 4B CORD-v2 PEFT example (LoRA r=8 on the language model, vision tower frozen).
 """
 from automodel_jax.recipes.vlm.presets import cord_v2, embedded_default
 

@@ -371,7 +371,8 @@ def pretrain_config(cfg, init_dir: Path, run_dir: Path, model_type: str):
     cfg.evaluation.samples = 32
     learning_rate = PRETRAIN["learning_rate"][model_type]
     cfg.optim.update(name="adamw", learning_rate=learning_rate, weight_decay=0.0)
-    cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"], min_learning_rate=learning_rate / 10)
+    cfg.optim.schedule.update(name="cosine", warmup_steps=PRETRAIN["warmup_steps"],
+                              min_learning_rate=learning_rate / 10)
     cfg.mesh.update(data=-1, fsdp=1)
     cfg.checkpoint.update(every_steps=PRETRAIN_CHECKPOINT_EVERY, keep=1)  # an interrupted build resumes
     cfg.export.when = "never"

@@ -155,9 +155,9 @@ def test_a_failing_process_stops_the_other_at_once_naming_it(tmp_path):
     procs[1].wait(timeout=400)
     failed_at = time.monotonic()
     procs[0].wait(timeout=400)
-    assert time.monotonic() - failed_at < 30
+    assert time.monotonic() - failed_at < 60  # JAX's own heartbeat timeout would take 100 s
     rank0, rank1 = finish(procs)
-    assert procs[1].returncode == 2 and rank1.strip().splitlines()[-1] == f"error: {error}", rank1[-3000:]
+    assert procs[1].returncode == 2 and f"error: {error}" in rank1.splitlines(), rank1[-3000:]
     assert procs[0].returncode == 1, rank0[-3000:]
     # the line naming the failed process; the coordination service may add its own CANCELLED text after it when the
     # failed process leaves first (a failure, not a normal end: only a normal end must be free of error text)

@@ -11,6 +11,10 @@ from reference import ASSETS, ASSETS_ENV, STORIES, TINY, missing_assets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The commands turn JAX's persistent compilation cache on at start; in the test process (and the commands tests
+# start) it stays off, so no test writes compiled programs to disk or loads another test's
+# (tests/test_compilation_cache.py runs it on purpose).
+os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
 
 MISSING_ASSETS = missing_assets()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from automodel_jax.cli import exit_code
+from automodel_jax.config.cache import enable_compilation_cache
 from automodel_jax.data.sources import DataError, load_rows
 from automodel_jax.evaluation import DEFAULT_DATA, TASKS, evaluate
 from automodel_jax.auto import load_for_inference
@@ -37,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def run():
+        enable_compilation_cache()
         hub_name, split = DEFAULT_DATA[args.task]
         try:
             rows = load_rows(args.data or hub_name, split, args.limit)

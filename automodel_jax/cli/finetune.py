@@ -17,6 +17,7 @@ from pathlib import Path
 
 from automodel_jax.cli import BAD_INPUT, exit_code
 from automodel_jax.config import config_file_presets, describe_config, parse_config
+from automodel_jax.config.cache import enable_compilation_cache
 from automodel_jax.config.nemo_yaml import parse_nemo_yaml, yaml_config_path
 from automodel_jax.launcher.distributed import DistributedInitError
 from automodel_jax.recipes.llm import finetune as llm
@@ -84,8 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     rerun = f"python -m automodel_jax.finetune {shlex.join(args)}"
     if PRINT_CONFIG in args:
         return exit_code(lambda: print(describe_config(load_config([a for a in args if a != PRINT_CONFIG]))))
-    return exit_code(lambda: run_interruptible(load_config(args)), BAD_INPUT + (TrainingError, DistributedInitError),
-                     rerun=rerun)
+    return exit_code(lambda: run_interruptible(start_process(load_config(args))),
+                     BAD_INPUT + (TrainingError, DistributedInitError), rerun=rerun)
+
+
+def start_process(cfg):
+    """The process-wide settings a run needs before anything compiles (JAX's persistent compilation cache, as
+    train.compilation_cache and train.compilation_cache_dir say); returns `cfg`."""
+    enable_compilation_cache(cfg.train.compilation_cache, cfg.train.compilation_cache_dir,
+                             fix="set train.compilation_cache_dir to a writable directory, or "
+                                 "train.compilation_cache=false")
+    return cfg
 
 
 def run(cfg) -> dict:

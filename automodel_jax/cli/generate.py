@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from automodel_jax.cli import exit_code
+from automodel_jax.config.cache import enable_compilation_cache
 from automodel_jax.auto import load_for_inference, load_vlm_for_inference
 from automodel_jax.generation import generate
 from automodel_jax.generation.vlm import chat_inputs, generate_with_images
@@ -90,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def run():
+        enable_compilation_cache()
         empty = [i for i, p in enumerate(args.prompt) if not p.strip()]
         if empty:
             raise ValueError(f"--prompt number {empty[0] + 1} is empty; give some text to continue")

@@ -54,7 +54,10 @@ def trainer_defaults(run_dir: str) -> ml_collections.ConfigDict:
                      num_epochs=1, log_every=10, val_every=100, val_max_samples=config_dict.placeholder(int),
                      sample_prompts=(), sample_max_new_tokens=32,
                      # Stop after the current step, save a checkpoint and exit 128+N on this signal (and on SIGINT).
-                     preemption_signal="SIGTERM")
+                     preemption_signal="SIGTERM",
+                     # JAX's persistent compilation cache: a rerun or resume loads its compiled steps from here
+                     # (None: xla/ in the project's cache directory; see config/cache.py).
+                     compilation_cache=True, compilation_cache_dir=config_dict.placeholder(str))
     cfg.optim = optim_defaults()
     cfg.loss = dict(impl="chunked", chunk_size=config_dict.placeholder(int))  # None: per-impl default
     cfg.mesh = dict(data=1, fsdp=-1, tensor=1, context=1, zero3_over_data=False)

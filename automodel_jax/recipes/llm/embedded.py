@@ -17,6 +17,8 @@ import shutil
 import string
 from pathlib import Path
 
+from automodel_jax.config.cache import cache_dir as project_cache_dir
+
 SCHEME = "embedded:"
 MODEL_NAME = "tiny-llama"
 def _shift(word: str) -> str:
@@ -39,7 +41,8 @@ PRETRAIN_CHECKPOINT_EVERY = 100  # steps between the checkpoints an interrupted 
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("AUTOMODEL_JAX_CACHE", Path.home() / ".cache" / "automodel_jax")) / "embedded"
+    """Where this recipe's embedded assets are built: embedded/ in the project's cache directory."""
+    return project_cache_dir() / "embedded"
 
 
 def _words(seed: int, count: int, exclude: set[str] = frozenset()) -> list[str]:

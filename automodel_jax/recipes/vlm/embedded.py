@@ -21,6 +21,7 @@ import random
 import shutil
 from pathlib import Path
 
+from automodel_jax.config.cache import cache_dir as project_cache_dir
 from automodel_jax.data.vlm import (has_torchvision, load_processor, processor_model_type,
                                     qwen_images_only_processor_class)
 
@@ -213,7 +214,8 @@ SPLIT_SIZES = {"pretrain": 4000, "pretrain-validation": 128, "train": 2000, "val
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("AUTOMODEL_JAX_CACHE", Path.home() / ".cache" / "automodel_jax")) / "embedded-vlm"
+    """Where this recipe's embedded assets are built: embedded-vlm/ in the project's cache directory."""
+    return project_cache_dir() / "embedded-vlm"
 
 
 def _scene(rng: random.Random, task: str) -> dict:

@@ -51,6 +51,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 # A VLM's processor (image processor settings, processor class and options); copied with the tokenizer files.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+# Bytes of checkpoint tensors a load has on their way to the devices at once (see `Placing`).
+HOST_BYTES_IN_FLIGHT = 512 << 20
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -169,7 +171,10 @@ def _untie_stored_head(directory: Path, tensors: CheckpointTensors, on_disk: dic
         on_disk[embed] = on_disk.pop(head)
         return False
     a, b = tensors.get(on_disk[head])[0], tensors.get(on_disk[embed])[0]
-    if a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8)):
+    same = a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    for name in (on_disk[head], on_disk[embed]):  # the comparison read both: their pages go until they are loaded
+        tensors.release(name)
+    if same:
         del on_disk[head]
         return False
     log.warning("%s: config.json ties %s to %s (tie_word_embeddings), but the checkpoint stores both with different "
@@ -206,6 +211,36 @@ def _check_tensor_names(directory: Path, model_class: str, expected: set, on_dis
                               f"the config.json the checkpoint was saved with, or a checkpoint without them")
 
 
+class Placing:
+    """Tensors on their way from the mapped files to the devices, at most `budget` bytes of them at once.
+
+    While a tensor is placed its host pages are resident (and the runtime may stage a copy of them for the transfer);
+    once the devices hold it, `release(name)` drops those pages. Several layer-sized tensors in flight keep reading
+    the next overlapped with transferring the last; a tensor larger than the budget (an embedding) is placed alone,
+    so the host holds about max(budget, largest tensor) of the checkpoint at any time.
+    """
+
+    def __init__(self, release, budget: int):
+        self.release, self.budget = release, budget
+        self.pending: list[tuple[str, jax.Array, int]] = []
+        self.bytes = 0
+
+    def make_room(self, nbytes: int) -> None:
+        """Wait for the oldest tensors in flight until `nbytes` more fit in the budget (or none is left)."""
+        while self.pending and self.bytes + nbytes > self.budget:
+            name, placed, size = self.pending.pop(0)
+            placed.block_until_ready()
+            self.release(name)
+            self.bytes -= size
+
+    def add(self, name: str, placed: jax.Array, nbytes: int) -> None:
+        self.pending.append((name, placed, nbytes))
+        self.bytes += nbytes
+
+    def drain(self) -> None:
+        self.make_room(self.budget + 1)
+
+
 def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None, rules=DEFAULT_RULES,
                     model_overrides: dict | None = None) -> CausalLM:
     """Build the model for `path`'s config and stream its safetensors onto the mesh (one device when mesh is None).
@@ -226,12 +261,8 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
     expected = {hf_name(p)[0]: p for p in shapes}
     _check_tensor_names(directory, cls.__name__, set(expected),
                         {n: on_disk[n] for n in on_disk if not IGNORED_HF_KEYS.match(n)})
-    def settle(entry):
-        if entry is not None:
-            entry[1].block_until_ready()
-            tensors.release(on_disk[entry[0]])
-
-    params, source_dtypes, in_flight = {}, [], None
+    params, source_dtypes = {}, []
+    placing = Placing(lambda name: tensors.release(on_disk[name]), HOST_BYTES_IN_FLIGHT)
     for name, path_ in expected.items():
         view, file = tensors.get(on_disk[name])
         shape, target_dtype = shapes[path_]
@@ -243,15 +274,13 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
         spec = shardings[path_].spec
         hf_spec = jax.sharding.PartitionSpec(*reversed(tuple(spec) + (None,) * (len(shape) - len(spec)))) \
             if transpose else spec
+        placing.make_room(view.nbytes)
         raw = jax.make_array_from_callback(hf_shape, jax.sharding.NamedSharding(mesh, hf_spec),
                                            lambda idx, v=view: np.asarray(v[idx]))
         params[path_] = _to_param(raw, transpose=transpose, dtype=target_dtype, sharding=shardings[path_])
+        placing.add(name, params[path_], view.nbytes)
         source_dtypes.append((name, dtype_name(view.dtype)))
-        # Once the devices hold the previous tensor its host pages can go; waiting one tensor behind keeps reading
-        # this one overlapped with that one's transfer, with at most two tensors resident on the host.
-        settle(in_flight)
-        in_flight = (name, params[path_])
-    settle(in_flight)
+    placing.drain()
     model = nnx.merge(graphdef, unflatten(params))
     model.hf_source = HFSource(str(directory), json.dumps(hf_config), tuple(sorted(source_dtypes)))
     return model

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from automodel_jax import AutoModelForCausalLM
+from automodel_jax.config.cache import enable_compilation_cache
 from automodel_jax.recipes.llm.embedded import build_tokenizer
 from automodel_jax.recipes.llm.finetune import default_config, setup, train_loop
 
@@ -117,7 +118,11 @@ def main() -> int:
     parser.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
     parser.add_argument("--loss", default="chunked", choices=("naive", "chunked", "pallas"))
     parser.add_argument("--profile", help="write a jax.profiler trace of two timed steps under DIR/WORKLOAD")
+    parser.add_argument("--compilation-cache", metavar="DIR",
+                        help="JAX's persistent compilation cache in DIR, as the commands use it (a second run shows "
+                             "the compile time of a rerun); default: off, every run compiles")
     args = parser.parse_args()
+    enable_compilation_cache(bool(args.compilation_cache), args.compilation_cache)
     for key in args.workloads:
         print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile)), flush=True)
     return 0

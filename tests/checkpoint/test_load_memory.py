@@ -52,7 +52,8 @@ def test_loading_holds_about_one_tensor_beyond_the_model_not_the_whole_file(hf_l
     [file] = directory.glob("*.safetensors")
     file_bytes = file.stat().st_size  # float32: about 256 MB, largest tensor 32 MB
     # (on a GPU the test process holds most of its memory: the probe takes only what it needs)
-    env = dict(os.environ, JAX_PLATFORMS={"gpu": "cuda"}.get(platform, platform), PYTHONPATH=str(REPO), XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env = dict(os.environ, JAX_PLATFORMS={"gpu": "cuda"}.get(platform, platform), PYTHONPATH=str(REPO),
+               XLA_PYTHON_CLIENT_PREALLOCATE="false")
     done = subprocess.run([sys.executable, "-c", PROBE, str(directory)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

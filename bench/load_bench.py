@@ -8,6 +8,8 @@ started before the load and its own resident memory reported apart (`backend_ini
 same for any use of the device). On a CPU the "device" memory is the host's own, so there the growth beyond the
 loaded model's bytes is what the loader holds (`peak_rss_growth_over_model_gb`, the one compared with the target).
 
+The first run in a directory only writes the checkpoint; the next one measures (the peak RSS is the process's own).
+
     python bench/load_bench.py --shape llama3.1-8b --dir /tmp/ckpt8b --shards 4      # on the GPU machine
     python bench/load_bench.py --shape llama3.1-8b --layers 2 --dir /tmp/ckpt8b2     # CPU: 2.9 GB, largest 1 GB
     python bench/load_bench.py --shape tiny --dir /tmp/ckpt_tiny --shards 2          # anywhere
@@ -94,7 +96,11 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=4)
     args = parser.parse_args()
     cfg = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
-    files = sorted(args.dir.glob("model-*.safetensors")) or write_checkpoint(cfg, args.dir, args.shards)
+    files = sorted(args.dir.glob("model-*.safetensors"))
+    if not files:  # writing holds a tensor too, and the peak RSS is the process's: measure on the next run
+        write_checkpoint(cfg, args.dir, args.shards)
+        print(f"wrote the checkpoint to {args.dir}; run the same command again to measure the load", flush=True)
+        return 0
     largest = max(math.prod(s) * 2 for _, s in hf_tensors(cfg))
     t0 = time.perf_counter()
     read = 0

@@ -6,12 +6,15 @@ transposed; `embedding` and `scale` are HF's `weight` as they are; `bias` is `bi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -51,8 +54,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 # A VLM's processor (image processor settings, processor class and options); copied with the tokenizer files.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-# Bytes of checkpoint tensors a load has on their way to the devices at once (see `Placing`).
+# Bytes of checkpoint tensors a load has on their way to the devices at once, and the largest piece of a tensor it
+# transfers in one go (see `Placing` and `row_pieces`).
 HOST_BYTES_IN_FLIGHT = 512 << 20
+PIECE_BYTES = 128 << 20
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -134,8 +139,8 @@ class CheckpointTensors:
         f = self.where[name]
         return f.get(name), f.path
 
-    def release(self, name: str) -> None:
-        self.where[name].release(name)
+    def release(self, name: str, rows: slice | None = None) -> None:
+        self.where[name].release(name, rows)
 
 
 def _abstract_model(cls, cfg, dtype, param_dtype):
@@ -146,8 +151,19 @@ def _abstract_model(cls, cfg, dtype, param_dtype):
 
 
 @jax.jit(static_argnames=("transpose", "dtype", "sharding"))
-def _to_param(x, *, transpose, dtype, sharding):
+def _to_param(pieces, *, transpose, dtype, sharding):
+    x = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
     return jax.lax.with_sharding_constraint((x.T if transpose else x).astype(dtype), sharding)
+
+
+def row_pieces(shape: tuple[int, ...], itemsize: int, rows_split: bool) -> list[slice | None]:
+    """The row ranges (axis 0) a tensor is transferred in, each at most PIECE_BYTES, or [None] (whole): only when the
+    devices do not split axis 0 (not `rows_split`), so that each device joins its pieces without communication."""
+    row_bytes = math.prod(shape[1:]) * itemsize
+    if not shape or rows_split or shape[0] * row_bytes <= PIECE_BYTES:
+        return [None]
+    step = max(1, PIECE_BYTES // row_bytes)
+    return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
 
 
 def _is_head(name: str) -> bool:
@@ -212,29 +228,29 @@ def _check_tensor_names(directory: Path, model_class: str, expected: set, on_dis
 
 
 class Placing:
-    """Tensors on their way from the mapped files to the devices, at most `budget` bytes of them at once.
+    """Pieces of tensors on their way from the mapped files to the devices, at most `budget` bytes of them at once.
 
-    While a tensor is placed its host pages are resident (and the runtime may stage a copy of them for the transfer);
-    once the devices hold it, `release(name)` drops those pages. Several layer-sized tensors in flight keep reading
-    the next overlapped with transferring the last; a tensor larger than the budget (an embedding) is placed alone,
-    so the host holds about max(budget, largest tensor) of the checkpoint at any time.
+    While a piece is placed its host pages are resident, and a GPU runtime stages a pinned copy of them for the
+    transfer (a pool that keeps its largest size); once the devices hold it, its `release` drops those pages. Several
+    pieces in flight keep reading the next overlapped with transferring the last, and the host holds about
+    max(budget, largest piece) of the checkpoint at any time.
     """
 
-    def __init__(self, release, budget: int):
-        self.release, self.budget = release, budget
-        self.pending: list[tuple[str, jax.Array, int]] = []
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.pending: list[tuple[jax.Array, int, Callable[[], None]]] = []
         self.bytes = 0
 
     def make_room(self, nbytes: int) -> None:
-        """Wait for the oldest tensors in flight until `nbytes` more fit in the budget (or none is left)."""
+        """Wait for the oldest pieces in flight until `nbytes` more fit in the budget (or none is left)."""
         while self.pending and self.bytes + nbytes > self.budget:
-            name, placed, size = self.pending.pop(0)
+            placed, size, release = self.pending.pop(0)
             placed.block_until_ready()
-            self.release(name)
+            release()
             self.bytes -= size
 
-    def add(self, name: str, placed: jax.Array, nbytes: int) -> None:
-        self.pending.append((name, placed, nbytes))
+    def add(self, placed: jax.Array, nbytes: int, release: Callable[[], None]) -> None:
+        self.pending.append((placed, nbytes, release))
         self.bytes += nbytes
 
     def drain(self) -> None:
@@ -246,7 +262,8 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
     """Build the model for `path`'s config and stream its safetensors onto the mesh (one device when mesh is None).
 
     Each tensor is mapped from disk and placed in HF layout and source dtype onto its target sharding (a device reads
-    only its own slice), then transposed and cast on the devices; the host never holds the whole checkpoint.
+    only its own slice; a large tensor goes in row pieces, see `row_pieces`), then joined, transposed and cast on the
+    devices; the host holds about HOST_BYTES_IN_FLIGHT of the checkpoint at a time (`Placing`), never all of it.
     """
     directory = resolve_checkpoint_dir(path)
     hf_config = read_hf_config(directory)
@@ -262,7 +279,7 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
     _check_tensor_names(directory, cls.__name__, set(expected),
                         {n: on_disk[n] for n in on_disk if not IGNORED_HF_KEYS.match(n)})
     params, source_dtypes = {}, []
-    placing = Placing(lambda name: tensors.release(on_disk[name]), HOST_BYTES_IN_FLIGHT)
+    placing = Placing(HOST_BYTES_IN_FLIGHT)
     for name, path_ in expected.items():
         view, file = tensors.get(on_disk[name])
         shape, target_dtype = shapes[path_]
@@ -274,11 +291,17 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
         spec = shardings[path_].spec
         hf_spec = jax.sharding.PartitionSpec(*reversed(tuple(spec) + (None,) * (len(shape) - len(spec)))) \
             if transpose else spec
-        placing.make_room(view.nbytes)
-        raw = jax.make_array_from_callback(hf_shape, jax.sharding.NamedSharding(mesh, hf_spec),
-                                           lambda idx, v=view: np.asarray(v[idx]))
-        params[path_] = _to_param(raw, transpose=transpose, dtype=target_dtype, sharding=shardings[path_])
-        placing.add(name, params[path_], view.nbytes)
+        hf_sharding = jax.sharding.NamedSharding(mesh, hf_spec)
+        pieces = []
+        for rows in row_pieces(hf_shape, view.itemsize, hf_sharding.shard_shape(hf_shape)[:1] != hf_shape[:1]):
+            piece = view if rows is None else view[rows]
+            placing.make_room(piece.nbytes)
+            pieces.append(jax.make_array_from_callback(piece.shape, hf_sharding,
+                                                       lambda idx, v=piece: np.asarray(v[idx])))
+            placing.add(pieces[-1], piece.nbytes, functools.partial(tensors.release, on_disk[name], rows))
+        params[path_] = _to_param(tuple(pieces), transpose=transpose, dtype=target_dtype, sharding=shardings[path_])
+        # On a CPU a piece may alias the file's pages, which the conversion then reads again: they go once it is done.
+        placing.add(params[path_], 0, functools.partial(tensors.release, on_disk[name], None))
         source_dtypes.append((name, dtype_name(view.dtype)))
     placing.drain()
     model = nnx.merge(graphdef, unflatten(params))

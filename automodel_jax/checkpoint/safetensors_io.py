@@ -80,15 +80,17 @@ class SafetensorsFile:
         start = self._data_start + begin
         return self._mmap[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
 
-    def release(self, name: str) -> None:
-        """Drop tensor `name`'s pages from this process's resident memory once it is on the devices, so a load's
-        host footprint stays near one tensor (the pages are file-backed: reading again would fault them back in)."""
+    def release(self, name: str, rows: slice | None = None) -> None:
+        """Drop tensor `name`'s pages (of `rows` along axis 0 only, a step-1 slice, when given) from this process's
+        resident memory once they are on the devices, so a load's host footprint stays small (the pages are
+        file-backed: reading again would fault them back in)."""
         if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         dtype, shape, begin = self.entries[name]
-        page = mmap.PAGESIZE
-        start = (self._data_start + begin) // page * page
-        end = self._data_start + begin + math.prod(shape) * dtype.itemsize
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        first, stop = (0, shape[0] if shape else 1) if rows is None else rows.indices(shape[0])[:2]
+        start = (self._data_start + begin + first * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = self._data_start + begin + stop * row_bytes
         self._mmap._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 

@@ -2,7 +2,7 @@
 the loaded model, never the whole file. Measured in a fresh process (its resident set sampled every millisecond) on
 a second load, when every program is compiled, with the budget set below the largest tensor: whole-file loading
 would show the file's size on top of the model (on a CPU the model itself is host memory, so it is subtracted; on a
-GPU the host holds none of it)."""
+GPU the host holds none of it). A large tensor travels in row pieces, which join into exactly the tensor."""
 from __future__ import annotations
 
 import json
@@ -62,3 +62,43 @@ def test_loading_holds_about_one_tensor_beyond_the_model_not_the_whole_file(hf_l
     beyond_model = measured["growth"] - (measured["model_bytes"] if platform == "cpu" else 0)
     # about one 32 MB tensor's pages and its transfer copy; loading the whole file would add 256 MB
     assert beyond_model < 0.4 * file_bytes, (beyond_model, file_bytes)
+
+
+PIECES = r"""
+import json, sys
+import jax, numpy as np
+from automodel_jax.checkpoint import hf
+from automodel_jax.models.params import flatten, pure_dict
+from automodel_jax.parallel.sharding import make_mesh
+
+whole = flatten(pure_dict(hf.load_pretrained(sys.argv[1])))  # every tensor in one transfer
+hf.PIECE_BYTES, hf.HOST_BYTES_IN_FLIGHT = 1000, 3000  # rows of 48 float32: pieces of 5 rows, 3 in flight
+pieced = {}
+for shape in (None, {"fsdp": 2, "tensor": 2}):
+    mesh = make_mesh(shape)
+    counts = []
+    row_pieces = hf.row_pieces
+    hf.row_pieces = lambda *a: counts.append(len(row_pieces(*a))) or row_pieces(*a)
+    model = hf.load_pretrained(sys.argv[1], mesh=mesh)
+    hf.row_pieces = row_pieces
+    same = all(np.array_equal(np.asarray(x), np.asarray(whole[path]))
+               for path, x in flatten(pure_dict(model)).items())
+    pieced[str(shape)] = dict(same=same, most_pieces=max(counts), whole_tensors=counts.count(1), tensors=len(counts))
+print(json.dumps(pieced))
+"""
+
+
+def test_tensors_transferred_in_row_pieces_load_bit_identically_on_any_mesh(hf_llama_factory):
+    """The pieces of a tensor join on the devices into exactly the tensor: on one device and on an fsdp x tensor mesh
+    (where a tensor whose rows the devices split goes whole), with transposed kernels and a short last piece."""
+    _, directory = hf_llama_factory()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", PIECES, str(directory)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, mesh = json.loads(done.stdout.splitlines()[-1]).values()
+    assert one["same"] and mesh["same"], (one, mesh)
+    assert mesh["most_pieces"] > 1  # the other tensors still go in pieces, split over the mesh along their columns
+    assert one["most_pieces"] == 21 and one["whole_tensors"] < one["tensors"]  # 101 vocabulary rows: 20 x 5 + 1
+    assert mesh["whole_tensors"] > one["whole_tensors"]  # rows split over the mesh: whole

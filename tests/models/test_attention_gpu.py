@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from automodel_jax import AutoModelForCausalLM
+from automodel_jax.models import attention as attention_module
 from automodel_jax.models.attention import (AttentionInputs, attention, attention_mask, bidirectional_attention,
                                             cudnn_segments, ragged_layout)
 from automodel_jax.peft.lora import split_model
@@ -369,12 +370,13 @@ def test_ragged_layout_describes_the_segment_mask(window, max_segments):
         np.testing.assert_array_equal(mask[covered[row]], expected[row][covered[row]])
 
 
-def test_cudnn_segments_picks_the_fused_layout_or_xla(caplog):
+def test_cudnn_segments_picks_the_fused_layout_or_xla(caplog, monkeypatch):
     """Which rows cuDNN takes, decided on any backend (as on a GPU): valid lengths for right-padded rows, ragged for
     packed ones with a bound; XLA otherwise, with one log line per reason on a GPU; 'cudnn' refuses what it cannot
     run."""
     bf16, rows = jnp.bfloat16, packed(PACKED_ROWS, max_segments=6)
     gpu = dict(impl="auto", backend="gpu")
+    monkeypatch.setattr(attention_module, "_logged_fallbacks", set())  # what earlier tests logged
     assert cudnn_segments(right_padded(LENGTHS), bf16, None, **gpu) == 1
     assert cudnn_segments(rows, bf16, None, **gpu) == 6
     assert cudnn_segments(rows, bf16, None, impl="cudnn", backend="gpu") == 6
@@ -389,8 +391,8 @@ def test_cudnn_segments_picks_the_fused_layout_or_xla(caplog):
             assert cudnn_segments(rows, bf16, 50.0, **gpu) is None
             assert cudnn_segments(rows, jnp.float32, None, **gpu) is None
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == len(set(lines)) <= 2  # once per reason (none if an earlier test logged it already)
-    assert all("packed rows take the XLA path" in line for line in lines)
+    assert len(lines) == len(set(lines)) == 2 and all("packed rows take the XLA path" in line for line in lines)
+    assert "soft-capping 50.0" in lines[0] and "dtype float32" in lines[1]
     for dtype, softcap in ((jnp.float32, None), (bf16, 50.0)):
         with pytest.raises(ValueError, match="implementation 'cudnn' needs a GPU and bf16/fp16"):
             cudnn_segments(rows, dtype, softcap, impl="cudnn", backend="gpu")

@@ -130,26 +130,13 @@ def ours(impl, inputs, **kw):
 @pytest.mark.parametrize("heads, kv_heads", HEADS, ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("window", WINDOWS, ids=["causal", "sliding16"])
 @pytest.mark.parametrize("impl", ["cudnn", "auto"])
-def test_cudnn_matches_xla_on_right_padded_rows(impl, window, heads, kv_heads, dtype):
-    """Padded rows, a one-token row and an all-padding row, GQA/MQA, sliding window: forward, dq, dk, dv."""
-    q, k, v = qkv(len(LENGTHS), heads, kv_heads, dtype)
-    inputs = right_padded(LENGTHS)
-    assert uses_cudnn(ours(impl, inputs, sliding_window=window), q, k, v)
-    assert_same_attention(ours(impl, inputs, sliding_window=window), ours("xla", inputs, sliding_window=window),
-                          q, k, v, inputs.segment_ids, TOLERANCE[dtype])
-
-
-@pytest.mark.gpu
-@on_gpu
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("heads, kv_heads", HEADS, ids=["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("window", WINDOWS, ids=["causal", "sliding16"])
-@pytest.mark.parametrize("impl", ["cudnn", "auto"])
-def test_cudnn_matches_xla_on_packed_rows(impl, window, heads, kv_heads, dtype):
-    """Packed rows (several samples, a one-token sample, a full row, an all-padding row) with a bound above the most
-    samples a row holds: cuDNN's ragged layout, forward, dq, dk, dv, never a [B, H, T, T] score tensor."""
-    q, k, v = qkv(len(PACKED_ROWS), heads, kv_heads, dtype)
-    inputs = packed(PACKED_ROWS, max_segments=6)
+@pytest.mark.parametrize("layout", ["right_padded", "packed"])
+def test_cudnn_matches_xla(layout, impl, window, heads, kv_heads, dtype):
+    """GQA/MQA, sliding window, forward, dq, dk, dv, on right-padded rows (a one-token row, an all-padding row) and
+    on packed rows with a bound above the most samples a row holds (several samples, a one-token sample, a full row,
+    an all-padding row: cuDNN's ragged layout). Neither program holds a [.., T, T] score or mask array."""
+    inputs = right_padded(LENGTHS) if layout == "right_padded" else packed(PACKED_ROWS, max_segments=6)
+    q, k, v = qkv(inputs.segment_ids.shape[0], heads, kv_heads, dtype)
     fused = ours(impl, inputs, sliding_window=window)
     assert uses_cudnn(fused, q, k, v)
     assert f",{T},{T}]" not in compiled_text(fused, q, k, v), "a [.., T, T] scores or mask array in the program"

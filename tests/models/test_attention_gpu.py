@@ -3,9 +3,10 @@
 On a GPU, `attention(impl="cudnn")` and `impl="auto"` run cuDNN's fused attention for bf16/fp16 rows that are
 right-padded (valid lengths) or packed with a `max_segments` bound (ragged offsets); everything cuDNN cannot take
 (float32, left padding, packed rows without the bound, soft-capping) goes to XLA, which the routing tests check in the
-compiled program. Packed batches give every sample the loss and gradients it has alone in a padded row. Compared only where the result is defined: the
-outputs of real (non-padding) queries, and gradients of a loss over them; every output, padding included, and every
-gradient must be finite (an all-padding row is what fills the last evaluation batch).
+compiled program. Packed batches give every sample the loss and gradients it has alone in a padded row. Compared
+only where the result is defined: the outputs of real (non-padding) queries, and gradients of a loss over them; every
+output, padding included, and every gradient must be finite (an all-padding row is what fills the last evaluation
+batch).
 
 The GPU tests need only pytest and the package (jax[cuda]); on a CPU they are skipped with one reason. The CPU tests
 below them run the same comparisons of our XLA path against jax's own reference implementation, so the harness is

@@ -112,10 +112,14 @@ def compiled_text(fn, *args) -> str:
     return jax.jit(fn).lower(*args).compile().as_text()
 
 
-def uses_cudnn(fn, *args) -> bool:
-    """Whether the compiled program (forward and backward) calls cuDNN's fused attention."""
-    text = compiled_text(fn, *args) + compiled_text(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
+def program_text(fn, *args) -> str:
+    """The compiled programs of fn and of its gradient (forward and backward), as text."""
+    return compiled_text(fn, *args) + compiled_text(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
                                                              argnums=(0, 1, 2)), *args)
+
+
+def uses_cudnn(text: str) -> bool:
+    """Whether a compiled program calls cuDNN's fused attention."""
     return "cudnn$fmha" in text
 
 
@@ -139,8 +143,8 @@ def test_cudnn_matches_xla(layout, impl, window, heads, kv_heads, dtype):
     inputs = right_padded(LENGTHS) if layout == "right_padded" else packed(PACKED_ROWS, max_segments=6)
     q, k, v = qkv(inputs.segment_ids.shape[0], heads, kv_heads, dtype)
     fused = ours(impl, inputs, sliding_window=window)
-    assert uses_cudnn(fused, q, k, v)
-    assert f",{T},{T}]" not in compiled_text(fused, q, k, v), "a [.., T, T] scores or mask array in the program"
+    text = program_text(fused, q, k, v)
+    assert uses_cudnn(text) and f",{T},{T}]" not in text, "no cuDNN, or a [.., T, T] scores or mask array"
     assert_same_attention(fused, ours("xla", inputs, sliding_window=window), q, k, v, inputs.segment_ids,
                           TOLERANCE[dtype])
 
@@ -168,7 +172,7 @@ def test_layouts_cudnn_cannot_take_run_on_xla_under_auto(case):
               }.get(case, right_padded((T, 77, 1)))
     kw = dict(softcap=20.0) if case == "softcap" else {}
     q, k, v = qkv(inputs.segment_ids.shape[0], 8, 2, dtype)
-    assert not uses_cudnn(ours("auto", inputs, **kw), q, k, v)
+    assert not uses_cudnn(program_text(ours("auto", inputs, **kw), q, k, v))
     np.testing.assert_array_equal(np.asarray(jax.jit(ours("auto", inputs, **kw))(q, k, v), np.float32),
                                   np.asarray(jax.jit(ours("xla", inputs, **kw))(q, k, v), np.float32))
     if case in ("float32", "softcap"):
@@ -185,7 +189,7 @@ def test_vision_encoder_attention_matches_xla(dtype):
 
     def fused(q, k, v):
         return bidirectional_attention(q, k, v, impl="cudnn")
-    assert uses_cudnn(fused, q, k, v)
+    assert uses_cudnn(program_text(fused, q, k, v))
     assert_same_attention(fused, lambda q, k, v: bidirectional_attention(q, k, v, impl="xla"), q, k, v,
                           jnp.ones((2, T), jnp.int32), TOLERANCE[dtype])
 
@@ -235,7 +239,7 @@ def test_training_loss_and_gradients_match_xla(family):
     batch = token_batch(LENGTHS)
     loss, grads, text = model_loss_and_grads(family, "auto", batch)
     ref_loss, ref_grads, _ = model_loss_and_grads(family, "xla", batch)
-    assert ("cudnn$fmha" in text) == (family != "gemma2_softcap")
+    assert uses_cudnn(text) == (family != "gemma2_softcap")
     assert np.isfinite(loss) and abs(loss - ref_loss) < TOLERANCE[jnp.bfloat16] * abs(ref_loss)
     flat, ref_flat = jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)
     for (path, grad), ref_grad in zip(flat, ref_flat):
@@ -305,7 +309,7 @@ def assert_packed_equals_unpacked(family: str, dtype, impl: str, expect_cudnn: b
     unpacked_rows = tuple((size,) for row in PACKED_ROWS for size in row)
     loss, grads, text = per_sample_losses(family, dtype, impl, PACKED_ROWS, max_segments=6)
     ref_loss, ref_grads, ref_text = per_sample_losses(family, dtype, impl, unpacked_rows, max_segments=1)
-    assert ("cudnn$fmha" in text) == ("cudnn$fmha" in ref_text) == expect_cudnn
+    assert uses_cudnn(text) == uses_cudnn(ref_text) == expect_cudnn
     assert loss.shape == (len(unpacked_rows) - 1,) == ref_loss.shape  # the one-token sample has no label
     assert np.isfinite(loss).all()
     np.testing.assert_allclose(loss, ref_loss, rtol=LOSS_TOLERANCE[dtype])

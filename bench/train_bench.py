@@ -6,6 +6,13 @@ it measures the loop users run. One JSON line per workload: tokens/s, mean step 
 FLOP count as the HF peer, ../shared/peers/peer_hf.py), peak device memory, compile + first step time.
 
     python bench/train_bench.py w1 w2 w3 w4 [--remat save_dots] [--loss chunked] [--steps 10] [--profile DIR]
+
+`packing` (issue 14): Llama-3.2-1B shape LoRA on real SQuAD rows (answer-only loss) tokenized by `--tokenizer`
+(stories260K's 512-piece SentencePiece: median 523 tokens a row), seq 1024, global batch 64, micro batch 8, run
+padded and then packed; one JSON line each (step time, label tokens/s, non-padding tokens/s) and one with the ratios:
+
+    python bench/train_bench.py packing --data ../shared/assets/data/squad/validation.jsonl \
+        --tokenizer ../shared/assets/models/stories260K
 """
 from __future__ import annotations
 
@@ -20,13 +27,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from transformers import AutoTokenizer
 
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.config.cache import enable_compilation_cache
+from automodel_jax.data import IGNORE
 from automodel_jax.recipes.llm.embedded import build_tokenizer
 from automodel_jax.recipes.llm.finetune import default_config, setup, train_loop
 
 PEAK_TFLOPS = float(os.environ.get("PEAK_TFLOPS", "790"))
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 SHAPES = {
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True,
@@ -35,7 +45,7 @@ SHAPES = {
                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,
                         max_position_embeddings=131072),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=256),
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=1024),
 }
 # name: (shape, lora rank or None, lora alpha, micro batch, seq, global batch)
 WORKLOADS = {
@@ -44,7 +54,11 @@ WORKLOADS = {
     "w3": ("W3 llama3.1-8b LoRA r8 b4 s2048", "llama3.1-8b", 8, 32, 4, 2048, 4),
     "w4": ("W4 llama3.1-8b LoRA r16 b2 s4096 gbs32", "llama3.1-8b", 16, 32, 2, 4096, 32),
     "smoke": ("smoke: tiny LoRA on CPU", "tiny", 8, 32, 2, 64, 4),
+    "packing": ("P1 llama3.2-1b LoRA r8 b8 s1024 gbs64 SQuAD", "llama3.2-1b", 8, 32, 8, 1024, 64),
+    "packing_smoke": ("smoke: tiny LoRA on SQuAD rows on CPU", "tiny", 8, 32, 2, 1024, 8),
 }
+# Workloads on real rows (--data, --tokenizer), run padded and packed.
+REAL_DATA = ("packing", "packing_smoke")
 
 
 def flops_per_token(cfg: dict, seq: int, lora: bool) -> float:
@@ -57,24 +71,38 @@ def flops_per_token(cfg: dict, seq: int, lora: bool) -> float:
     return 3 * fwd if not lora else 2 * fwd + 2 * attn
 
 
-def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str | None = None) -> dict:
-    """One workload through the recipe's own phases: `setup` (state, jitted steps, grain loader of mock rows) and
-    `train_loop` (the loop users run, metrics read one step behind), timed over `steps` steps after `warmup`.
+def label_tokens(loader, position: dict, steps: int) -> tuple[int, int]:
+    """(label tokens, non-padding tokens) of the `steps` global batches the loader gives from `position` on."""
+    loader.set_state(position)
+    batches = [next(loader) for _ in range(steps)]
+    return (sum(int((b["labels"] != IGNORE).sum()) for b in batches),
+            sum(int((b["segment_ids"] != 0).sum()) for b in batches))
+
+
+def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str | None = None,
+        data: str | None = None, tokenizer: str | None = None, packing: bool = False) -> dict:
+    """One workload through the recipe's own phases: `setup` (state, jitted steps, grain loader of mock rows, or of
+    the SQuAD rows in `data` tokenized by the HF tokenizer folder `tokenizer`, packed or not) and `train_loop` (the
+    loop users run, metrics read one step behind), timed over `steps` steps after `warmup`.
     `profile`: a directory for a `jax.profiler` trace of two steps after warm-up (the recipe's `profile` section)."""
     name, shape, rank, alpha, micro, seq, global_batch = WORKLOADS[key]
     lora = rank is not None
     hf_cfg = dict(model_type="llama", **SHAPES[shape])
     model_dir = Path(tempfile.mkdtemp(prefix="train_bench-"))
     (model_dir / "config.json").write_text(json.dumps(hf_cfg))
-    build_tokenizer().save_pretrained(model_dir)  # the mock rows need only its pad id
+    # The mock rows need only a pad id; real rows are tokenized by `tokenizer`.
+    (build_tokenizer() if data is None else AutoTokenizer.from_pretrained(tokenizer)).save_pretrained(model_dir)
     cfg = default_config()
     cfg.run_dir = str(model_dir / "run")
     cfg.model.update(path=str(model_dir), dtype="bfloat16", param_dtype="bfloat16" if lora else "float32",
                      remat=remat)
     cfg.peft.update(method="lora" if lora else "none", r=rank or 8, alpha=float(alpha), target_modules=("*_proj",))
     for split in ("train", "validation"):
-        cfg.data[split].update(kind="mock", vocab_size=hf_cfg["vocab_size"], num_samples=global_batch * 4)
-    cfg.data.seq_len = seq
+        if data is None:
+            cfg.data[split].update(kind="mock", vocab_size=hf_cfg["vocab_size"], num_samples=global_batch * 4)
+        else:
+            cfg.data[split].update(kind="squad", path=str(Path(data).absolute()), split="train")
+    cfg.data.update(seq_len=seq, packing=packing)
     cfg.train.update(global_batch_size=global_batch, micro_batch_size=micro, max_steps=warmup + steps, val_every=0,
                      log_every=10 ** 9, val_max_samples=micro)
     cfg.optim.update(name="adamw", learning_rate=1e-5, grad_clip=0.0)
@@ -84,7 +112,8 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
     cfg.export.when = "never"
     cfg.logging.tensorboard = False
     if profile:
-        cfg.profile.update(enabled=True, start_step=warmup, num_steps=2, dir=str(Path(profile).absolute() / key))
+        trace_dir = Path(profile).absolute() / (key + "-packed" * packing)
+        cfg.profile.update(enabled=True, start_step=warmup, num_steps=2, dir=str(trace_dir))
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=jnp.bfloat16,
                                              param_dtype=jnp.bfloat16 if lora else jnp.float32, remat=remat)
     run_ = setup(cfg, model=model)
@@ -95,17 +124,20 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
     compile_and_first = time.perf_counter() - t0
     train_loop(run_, until_step=warmup)
     jax.block_until_ready(run_.state)
+    position = run_.loader.get_state()
     t0 = time.perf_counter()
     train_loop(run_, until_step=warmup + steps)
     jax.block_until_ready(run_.state)
     step_s = (time.perf_counter() - t0) / steps
+    labels, real = label_tokens(run_.loader, position, steps)
     run_.logger.close()
     shutil.rmtree(model_dir, ignore_errors=True)
     tok_s = global_batch * seq / step_s
     tflops = tok_s * flops_per_token(hf_cfg, seq, lora) / 1e12
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
     return dict(impl="automodel-jax", workload=name, batch=micro, seq=seq, global_batch=global_batch,
-                remat=remat, loss_impl=loss, step_s=round(step_s, 4), tokens_per_s=round(tok_s),
+                remat=remat, loss_impl=loss, packing=packing, step_s=round(step_s, 4), tokens_per_s=round(tok_s),
+                label_tokens_per_s=round(labels / steps / step_s), real_tokens_per_s=round(real / steps / step_s),
                 model_tflops=round(tflops, 1), mfu=round(tflops / PEAK_TFLOPS, 3), peak_mem_gb=round(peak, 1),
                 compile_and_first_step_s=round(compile_and_first, 1), jax=jax.__version__)
 
@@ -121,10 +153,30 @@ def main() -> int:
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help="JAX's persistent compilation cache in DIR, as the commands use it (a second run shows "
                              "the compile time of a rerun); default: off, every run compiles")
+    parser.add_argument("--data", default=str(ASSETS / "data/squad/validation.jsonl"),
+                        help="SQuAD rows (JSON lines, rajpurkar/squad schema) for the real-data workloads")
+    parser.add_argument("--tokenizer", default=str(ASSETS / "models/stories260K"),
+                        help="HF tokenizer folder for the real-data workloads")
     args = parser.parse_args()
     enable_compilation_cache(bool(args.compilation_cache), args.compilation_cache)
     for key in args.workloads:
-        print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile)), flush=True)
+        if key not in REAL_DATA:
+            print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile)), flush=True)
+            continue
+        for name, path in (("--data", args.data), ("--tokenizer", args.tokenizer)):
+            if not Path(path).exists():
+                parser.error(f"{name} {path} does not exist; pass the SQuAD JSON lines file and a tokenizer folder")
+        rows = []
+        for packing in (False, True):
+            rows.append(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile, data=args.data,
+                            tokenizer=args.tokenizer, packing=packing))
+            print(json.dumps(rows[-1]), flush=True)
+        padded, packed = rows
+        step_ratio = packed["step_s"] / padded["step_s"]
+        label_ratio = packed["label_tokens_per_s"] / padded["label_tokens_per_s"]
+        print(json.dumps(dict(workload=packed["workload"], packed_over_padded_step_s=round(step_ratio, 3),
+                              packed_over_padded_label_tokens_per_s=round(label_ratio, 3),
+                              targets_met=step_ratio <= 1.1 and label_ratio >= 1.4)), flush=True)
     return 0
 
 

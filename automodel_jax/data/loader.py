@@ -93,6 +93,15 @@ class EpochPlan:
             full = self.num_samples // self.global_batch
         return batches[:full] if self.drop_remainder else batches
 
+    @functools.cached_property
+    def max_segments(self) -> int:
+        """The most samples any row can hold, in every epoch (a static bound for fused attention of packed rows): 1
+        unpacked; packed, how many of the shortest non-empty samples fit in seq_len together."""
+        if self.lengths is None:
+            return 1
+        shortest = np.sort(self.lengths[self.lengths > 0])
+        return max(1, int(np.searchsorted(np.cumsum(shortest), self.seq_len, side="right")))
+
     def num_batches(self, epoch: int) -> int:
         """How many global batches `epoch` has (packed: depends on the epoch's shuffle)."""
         if self.lengths is None:

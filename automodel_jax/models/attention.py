@@ -1,22 +1,44 @@
 """Attention: the one attention function every model calls, and the decoder self-attention module of every family.
 
-cuDNN flash attention (through `jax.nn.dot_product_attention(implementation="cudnn")`) on GPU for bf16/fp16 inputs
-whose mask is expressible as causal + per-row valid length; an exact XLA implementation everywhere else (CPU, float32,
-left padding, packed samples, soft-capping, the KV cache). Segment ids carry both padding (0) and packing (1..n): a
-query attends to a key only in the same non-zero segment, at or before its slot, and within the sliding window (in
-positions) if one is set.
+cuDNN flash attention on GPU for bf16/fp16 inputs whose mask is expressible as causal within contiguous samples:
+right-padded rows (one sample + padding: per-row valid lengths) and packed rows (several samples one after another,
+then padding: cuDNN's ragged "THD" layout, one (offset, length) pair per sample, so no [B, H, T, T] scores or mask
+exist and no work is spent across samples); an exact XLA implementation everywhere else (CPU, float32, left padding,
+rows without a layout promise, soft-capping, bidirectional blocks, the KV cache). Segment ids carry both padding (0)
+and packing (1..n): a query attends to a key only in the same non-zero segment, at or before its slot, and within
+the sliding window (in positions) if one is set.
+
+Fused options for packed rows (checked against jax 0.10.2 here and jax-ml/jax main at 0.11.1.dev, Aug 2026):
+- `jax.nn.dot_product_attention(implementation="cudnn")` takes per-row lengths only ([B]), or a dense `mask`/`bias`
+  [B, 1, T, S], which cuDNN reads as an additive bias (T*S reads per head, no skipping of other samples' blocks;
+  before jax 0.11.1 a boolean mask also made the backward pass compute dbias).
+- `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention` (which jax.nn calls) also takes `q_offsets` /
+  `kv_offsets` [B, M+1] with lengths [B, M]: samples packed in a row as separate sequences, with gradients,
+  PADDING_CAUSAL masking and `sliding_window_length` (cuDNN >= 9.x on Hopper or newer; no soft-capping, as no
+  score modifier is exposed). jax < 0.11.1 scales kv_offsets by the query head count (jax commit be78ee0, "Fix cuDNN
+  packed-attention kv_offsets for GQA/MQA"), so there keys/values are repeated to one head per query head. Used here.
+- `jax.experimental.pallas.ops.gpu.attention.mha` has `segment_ids` and a backward pass but no GQA, sliding window
+  or soft-capping, computes every block of a packed row, and is deprecated in jax 0.11 (in favour of tokamax, not
+  installable on our GPU machine). Not used.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
+from jax._src.cudnn.fused_attention_stablehlo import MaskType
+from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dot_product_attention
 
 from automodel_jax.models.kvcache import LayerCache
 from automodel_jax.parallel.sharding import context_parallel, gather_kv
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+log = logging.getLogger(__name__)
+_logged_fallbacks: set[str] = set()
+# jax releases from 0.11.1 on give cuDNN kv_offsets in key/value heads (commit be78ee0); older ones in query heads.
+_PACKED_GQA_FIXED = jax.__version_info__ >= (0, 11, 1)
 
 
 @jax.tree_util.register_dataclass
@@ -30,12 +52,16 @@ class AttentionInputs:
     bidirectional_ids [B, T] int32 or None: tokens with the same non-zero id also see each other's later slots
         (Gemma 3's image tokens attend bidirectionally within their image).
     right_padded (static): every row is one sample followed by padding, so cuDNN can take valid lengths.
+    max_segments (static) or None: every row is packed samples, each a contiguous run of one non-zero segment id with
+        positions 0, 1, ... (what the packing loader writes), at most `max_segments` runs per row, then padding; so
+        cuDNN can take them as a ragged batch. Breaking the promise leaves the extra runs' outputs zero.
     """
     segment_ids: jax.Array
     positions: jax.Array
     dropout_rng: jax.Array | None = None
     bidirectional_ids: jax.Array | None = None
     right_padded: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    max_segments: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
     def build(cls, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
@@ -92,32 +118,84 @@ def _xla_attention(q, k, v, mask, scale, softcap):
     return out.reshape(b, t, n, d).astype(v.dtype)
 
 
-def _cudnn_attention(q, k, v, segment_ids, scale, sliding_window):
-    """cuDNN flash attention of right-padded rows (segment ids 1..1 0..0), causal within each row's valid length.
+def ragged_layout(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """cuDNN's ragged ("THD") description of packed rows: (lengths [B, M], offsets [B, M + 1], covered [B, T] bool).
 
-    cuDNN does not define the slots past a row's length, in the output nor in dq, dk and dv (a bf16 train step on an
-    H200 got NaN gradients from them), so padding is zeroed on the way in and on the way out: `where` passes no
+    Each contiguous run of one non-zero segment id is a sample; a row's k-th run starts at slot offsets[b, k] and has
+    lengths[b, k] tokens, in slot order. Entries past a row's last run are -1, as
+    `fused_attention_stablehlo.dot_product_attention` wants them (M = `max_segments`). `covered` marks the slots of
+    the first M runs: the only ones cuDNN computes (padding and any run beyond M are not).
+    """
+    b, t = segment_ids.shape
+    real = segment_ids != 0
+    previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))
+    starts = real & (segment_ids != previous)
+    run = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1  # the run each slot belongs to (where real)
+    covered = real & (run < max_segments)
+    rows = jnp.arange(b)[:, None]
+    lengths = jnp.zeros((b, max_segments), jnp.int32).at[rows, jnp.where(covered, run, max_segments)].add(
+        1, mode="drop")
+    runs = jnp.minimum(starts.sum(axis=1, dtype=jnp.int32), max_segments)[:, None]
+    lengths = jnp.where(jnp.arange(max_segments)[None] < runs, lengths, -1)
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    offsets = jnp.full((b, max_segments + 1), -1, jnp.int32).at[
+        rows, jnp.where(starts & covered, run, max_segments + 1)].set(slots, mode="drop")
+    return lengths, offsets, covered
+
+
+def _cudnn_attention(q, k, v, segment_ids, scale, sliding_window, max_segments):
+    """cuDNN flash attention, causal within each sample: right-padded rows (max_segments 1: per-row valid lengths,
+    segment ids 1..1 0..0) or packed rows (ragged offsets and lengths of up to `max_segments` runs per row).
+
+    cuDNN does not define the slots outside its samples, in the output nor in dq, dk and dv (a bf16 train step on an
+    H200 got NaN gradients from them), so those slots are zeroed on the way in and on the way out: `where` passes no
     cotangent to the slots it does not select, which keeps those values out of every gradient. Padding queries thus
     get 0 (XLA's attend to earlier tokens); no loss reads them. tests/models/test_attention_gpu.py checks this.
     """
-    real = segment_ids != 0
-    q, k, v = (jnp.where(real[:, :, None, None], x, jnp.zeros((), x.dtype)) for x in (q, k, v))
-    lengths = jnp.sum(real, axis=1, dtype=jnp.int32)
-    out = jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        local_window_size=None if sliding_window is None else (sliding_window - 1, 0), implementation="cudnn")
-    return jnp.where(real[:, :, None, None], out, jnp.zeros((), out.dtype))
+    if max_segments == 1:
+        covered = segment_ids != 0
+        lengths, offsets = jnp.sum(covered, axis=1, dtype=jnp.int32), None
+    else:
+        lengths, offsets, covered = ragged_layout(segment_ids, max_segments)
+    q, k, v = (jnp.where(covered[:, :, None, None], x, jnp.zeros((), x.dtype)) for x in (q, k, v))
+    if offsets is not None and not _PACKED_GQA_FIXED and k.shape[2] != q.shape[2]:
+        k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
+    out = cudnn_dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                                      kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL,
+                                      sliding_window_length=sliding_window)
+    return jnp.where(covered[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
-def _use_cudnn(impl: str, q: jax.Array, softcap) -> bool:
-    if impl == "xla":
-        return False
-    ok = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and softcap is None
-    if impl == "cudnn" and not ok:
+def _cudnn_refusal(impl: str, dtype, softcap, backend: str) -> str | None:
+    """Why cuDNN's fused attention cannot run these inputs (None: it can); raises ValueError for impl 'cudnn'."""
+    refusal = (f"backend {backend}" if backend != "gpu" else
+               f"dtype {jnp.dtype(dtype).name}" if dtype not in (jnp.bfloat16, jnp.float16) else
+               f"soft-capping {softcap}" if softcap is not None else None)
+    if impl == "cudnn" and refusal:
         raise ValueError(
             f"attention implementation 'cudnn' needs a GPU and bf16/fp16 inputs without soft-capping "
-            f"(got backend {jax.default_backend()}, dtype {q.dtype}); use attention 'auto' or 'xla'")
-    return ok
+            f"(got {refusal}); use attention 'auto' or 'xla'")
+    return refusal
+
+
+def cudnn_segments(inputs: AttentionInputs, dtype, softcap: float | None, impl: str,
+                   backend: str | None = None) -> int | None:
+    """How cuDNN takes these rows (self-attention, no cache): 1 (right-padded: valid lengths), n > 1 (packed:
+    ragged, up to n samples a row) or None (the XLA path: impl 'xla', no layout promise, bidirectional blocks, or
+    what cuDNN cannot do, such as float32 or soft-capping; on a GPU that last case is logged once per reason).
+    `backend` defaults to jax's. Raises ValueError when impl is 'cudnn' and cuDNN cannot run these inputs."""
+    if impl == "xla":
+        return None
+    backend = backend or jax.default_backend()
+    refusal = _cudnn_refusal(impl, dtype, softcap, backend)
+    segments = 1 if inputs.right_padded else inputs.max_segments
+    if segments is None or inputs.bidirectional_ids is not None:
+        return None
+    if refusal and backend == "gpu" and refusal not in _logged_fallbacks:
+        _logged_fallbacks.add(refusal)
+        log.warning("attention: %s rows take the XLA path (%s is not in cuDNN's fused attention), which materialises "
+                    "[batch, heads, seq, seq] float32 scores", "right-padded" if segments == 1 else "packed", refusal)
+    return None if refusal else segments
 
 
 def attention(q, k, v, inputs: AttentionInputs, *, scale: float | None = None, sliding_window: int | None = None,
@@ -127,8 +205,9 @@ def attention(q, k, v, inputs: AttentionInputs, *, scale: float | None = None, s
     Without `cache`, k/v are the same T tokens as q. With `cache` (whose k/v, segment ids and positions already hold
     the new tokens at slots [index, index+T)), k/v are its S slots and the mask is `attention_mask`'s (XLA always).
     `inputs.right_padded` promises that every row is one sample followed by padding (segment ids 1...1 0...0), which
-    lets cuDNN take valid lengths instead of a dense mask. `inputs.bidirectional_ids` (Gemma 3's image blocks) let a
-    query also see later keys of its own block; that mask is always XLA's.
+    lets cuDNN take valid lengths instead of a dense mask; `inputs.max_segments` promises packed rows, which cuDNN
+    takes as a ragged batch (see `cudnn_segments`). `inputs.bidirectional_ids` (Gemma 3's image blocks) let a query
+    also see later keys of its own block; that mask is always XLA's.
     """
     segment_ids, positions = inputs.segment_ids, inputs.positions
     if impl not in IMPLEMENTATIONS:
@@ -141,8 +220,8 @@ def attention(q, k, v, inputs: AttentionInputs, *, scale: float | None = None, s
             raise ValueError("attention implementation 'cudnn' cannot run with context parallelism (mesh.context > 1);"
                              " use attention 'auto' or 'xla'")
         k, v = gather_kv(k, v)
-    elif cache is None and _use_cudnn(impl, q, softcap) and inputs.right_padded and inputs.bidirectional_ids is None:
-        return _cudnn_attention(q, k, v, segment_ids, scale, sliding_window)
+    elif cache is None and (segments := cudnn_segments(inputs, q.dtype, softcap, impl)) is not None:
+        return _cudnn_attention(q, k, v, segment_ids, scale, sliding_window, segments)
     bid = inputs.bidirectional_ids
     if cache is None:
         mask = attention_mask(segment_ids, segment_ids, positions, positions, sliding_window=sliding_window,
@@ -166,7 +245,7 @@ def bidirectional_attention(q, k, v, segment_ids: jax.Array | None = None, *, sc
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if segment_ids is None and _use_cudnn(impl, q, None):
+    if segment_ids is None and impl != "xla" and not _cudnn_refusal(impl, q.dtype, None, jax.default_backend()):
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     if segment_ids is None:
         mask = jnp.ones((q.shape[0], 1, q.shape[1], k.shape[1]), bool)

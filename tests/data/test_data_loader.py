@@ -200,3 +200,14 @@ def test_a_finite_loader_ends_after_its_epochs(dataset):
 def test_an_epoch_without_a_whole_batch_is_a_clear_error(dataset):
     with pytest.raises(DataError, match="an epoch of 37 samples fills no whole global batch of 40 rows"):
         next(loader(dataset, batch_size=40, drop_remainder=True))
+
+
+def test_max_segments_bounds_every_packed_row(dataset):
+    """The static bound fused attention compiles for: no packed row of any epoch holds more samples; it is the most
+    of the shortest samples that fit one row together; one sample a row unpacked."""
+    packed = loader(dataset, packing=True, num_epochs=3, drop_remainder=False)
+    bound = packed.plan.max_segments
+    most = max(int(batch["segment_ids"][row].max()) for batch in packed for row in range(4))
+    lengths = np.sort([len(sample["input_ids"]) for sample in dataset])
+    assert 2 <= most <= bound and lengths[:bound].sum() <= SEQ_LEN < lengths[:bound + 1].sum()
+    assert loader(dataset).plan.max_segments == 1

@@ -2,7 +2,7 @@
 
 Presets: "" (default) = the embedded default: a tiny Qwen2.5-VL (windowed vision transformer, patch merger, M-RoPE
 Qwen2 decoder) with its processor, built and pre-trained by the project on rendered shapes, then LoRA on two new
-instructions over held-out images (CPU, about 19 minutes the first time on 2 cores, no network; 87.5% held-out);
+instructions over held-out images (CPU, about 20 minutes the first time on 2 cores, no network; 100% held-out);
 "qwen2.5-vl-3b" = Qwen/Qwen2.5-VL-3B-Instruct on CORD-v2 receipts (LoRA r=8 on the language model, vision tower frozen).
 """
 from automodel_jax.recipes.vlm.presets import cord_v2, embedded_default

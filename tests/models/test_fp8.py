@@ -152,10 +152,13 @@ def train_losses(run_dir) -> dict[int, float]:
 
 def test_emulated_fp8_full_sft_of_stories260k_tracks_bf16_within_2_percent(hellaswag, tmp_path):
     """Full SFT of the real stories260K on HellaSwag rows, bf16 compute over float32 master weights, 40 steps: the
-    FP8 run's loss stays within 2% of the bf16 run's at every step, and FP8 did change the numbers."""
+    FP8 run's loss stays within 2% of the bf16 run's at every step (measured: at most 1.9%; bf16 against float32
+    compute differs by at most 0.3%), and FP8 did change the numbers. The gap is mostly the forward's E4M3 error on
+    a hidden size of 64, which varies from batch to batch (0.1% to 2% before any update)."""
     train, validation = hellaswag
     common = ["--config.model.dtype=bfloat16", "--config.peft.method=none", "--config.train.max_steps=40",
-              "--config.optim.lr=3e-3", "--config.checkpoint.enabled=false", "--config.export.when=never",
+              "--config.optim.learning_rate=2e-4", "--config.train.global_batch_size=16",
+              "--config.train.micro_batch_size=16", "--config.checkpoint.enabled=false", "--config.export.when=never",
               "--config.train.val_max_samples=8"]
     runs = {}
     for name, extra in [("bf16", []), ("fp8", ["--config.model.fp8.enabled=true", "--config.model.fp8.emulate=true"])]:
@@ -165,4 +168,4 @@ def test_emulated_fp8_full_sft_of_stories260k_tracks_bf16_within_2_percent(hella
     gaps = {s: abs(runs["fp8"][s] - runs["bf16"][s]) / runs["bf16"][s] for s in runs["bf16"]}
     assert max(gaps.values()) < 0.02, gaps
     assert any(gaps.values())
-    assert runs["bf16"][40] < runs["bf16"][1] - 0.3  # the runs learn, so the comparison covers a moving curve
+    assert runs["bf16"][40] < runs["bf16"][1] - 0.5  # the runs learn, so the comparison covers a moving curve

@@ -58,8 +58,7 @@ def _fp8_dot_bwd(residuals, g):
     dtype = g.dtype
     g_, x_, k_ = dequantize(qg, sg, dtype), dequantize(qx, sx, dtype), dequantize(qk, sk, dtype)
     dx = jnp.dot(g_, k_.T)
-    batch_axes = tuple(range(x_.ndim - 1))
-    dkernel = jnp.tensordot(x_, g_, axes=(batch_axes, batch_axes))
+    dkernel = jnp.dot(x_.reshape(-1, x_.shape[-1]).T, g_.reshape(-1, g_.shape[-1]))  # 2-D, as cuBLASLt takes it
     return dx, dkernel
 
 

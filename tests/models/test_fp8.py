@@ -84,6 +84,22 @@ def test_fp8_dot_forward_and_gradients_are_the_dots_of_the_fp8_rounded_operands(
         assert 0.0 < relative < bound / 2, relative  # FP8 rounding is there, and far below one element's worst case
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu" or fp8_unsupported(jax.devices()[0]) is not None,
+                    reason="needs an NVIDIA GPU with FP8 matmuls (compute capability 8.9+)")
+def test_xla_turns_the_fp8_dot_and_its_gradients_into_fp8_gemms():
+    """On Hopper the forward and both backward dots of `fp8_dot` compile to cuBLASLt FP8 GEMMs (E4M3 x E4M3
+    forward, E5M2 gradient backward), not to bf16 GEMMs of dequantized operands."""
+    x = jnp.ones((4, 256, 1024), jnp.bfloat16)
+    w = jnp.ones((1024, 2048), jnp.bfloat16)
+    loss = lambda x, w: jnp.sum(jnp.square(fp8_dot(x, w).astype(jnp.float32)))  # needs y: all three dots stay
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    gemms = [line for line in hlo.splitlines() if "custom-call" in line and "cublas" in line]
+    fp8 = [line for line in gemms if "f8e4m3fn" in line or "f8e5m2" in line]
+    assert len(fp8) == 3 and len(gemms) == 3, "\n".join(gemms)
+    assert sum("f8e5m2" in line for line in fp8) == 2, "\n".join(fp8)
+
+
 def test_cpus_have_no_fp8_matmuls():
     assert fp8_unsupported(jax.devices("cpu")[0]) == "cpu devices have no FP8 matmuls"
 

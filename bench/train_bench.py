@@ -140,7 +140,8 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
     tflops = tok_s * flops_per_token(hf_cfg, seq, lora) / 1e12
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
     return dict(impl="automodel-jax", workload=name, batch=micro, seq=seq, global_batch=global_batch,
-                remat=remat, loss_impl=loss, packing=packing, fp8=fp8, step_s=round(step_s, 4), tokens_per_s=round(tok_s),
+                remat=remat, loss_impl=loss, packing=packing, fp8=fp8, step_s=round(step_s, 4),
+                tokens_per_s=round(tok_s),
                 label_tokens_per_s=round(labels / steps / step_s), real_tokens_per_s=round(real / steps / step_s),
                 model_tflops=round(tflops, 1), mfu=round(tflops / PEAK_TFLOPS, 3), peak_mem_gb=round(peak, 1),
                 compile_and_first_step_s=round(compile_and_first, 1), jax=jax.__version__)
@@ -166,7 +167,8 @@ def main() -> int:
     enable_compilation_cache(bool(args.compilation_cache), args.compilation_cache)
     for key in args.workloads:
         if key not in REAL_DATA:
-            print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile, fp8=args.fp8)), flush=True)
+            print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile, fp8=args.fp8)),
+                  flush=True)
             continue
         for name, path in (("--data", args.data), ("--tokenizer", args.tokenizer)):
             if not Path(path).exists():

@@ -95,10 +95,11 @@ def apply_fp8(model: nnx.Module, filter_modules: tuple[str, ...] = ()) -> list[s
     """Turn on FP8 matmuls (in place) in every Linear of `model` but the output layer (`lm_head`, which stays in the
     compute dtype with the loss) and those matching a `filter_modules` pattern (NeMo Automodel's filter: globs on
     module names/paths or "re:<regex>" on full paths, see `params.module_matches`); returns the FP8 module paths.
-    Raises ValueError naming a pattern that matches no Linear layer (a typo would otherwise keep nothing in bf16)."""
+    Raises ValueError naming a pattern that matches no Linear layer nor `lm_head` (a typo would otherwise keep
+    nothing in bf16)."""
     linears = linear_modules(model)
     for pattern in filter_modules:
-        if not any(module_matches(name, pattern) for name in linears):
+        if not any(module_matches(name, pattern) for name in [*linears, *OUTPUT_LAYERS]):
             names = sorted({n.rsplit(".", 1)[-1] for n in linears})
             raise ValueError(f"model.fp8.filter_modules pattern {pattern!r} matches no Linear layer; layer names "
                              f"are {names}")

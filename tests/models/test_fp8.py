@@ -17,7 +17,7 @@ from automodel_jax.cli import finetune as finetune_cli
 from automodel_jax.models.fp8 import E4M3, E5M2, dequantize, fp8_dot, fp8_unsupported, quantize
 from automodel_jax.models.layers import apply_fp8, linear_modules
 from automodel_jax.peft.lora import apply_lora
-from reference import STORIES
+from reference import REPO, STORIES
 from test_finetune import error_line, hellaswag, isolated, stories_argv  # noqa: F401 - shared fixtures
 
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
@@ -186,3 +186,11 @@ def test_emulated_fp8_full_sft_of_stories260k_tracks_bf16_within_2_percent(hella
     assert max(gaps.values()) < 0.02, gaps
     assert any(gaps.values())
     assert runs["bf16"][40] < runs["bf16"][1] - 0.5  # the runs learn, so the comparison covers a moving curve
+
+
+def test_the_device_check_waits_for_the_run_so_configs_print_anywhere(capsys):
+    """--print-config (and launchers on login nodes) check the config without the run's devices: an FP8 preset
+    prints on a CPU, and the run itself is what refuses the CPU (test_bad_fp8_config_is_one_error_line_...)."""
+    assert finetune_cli.main(["--config", str(REPO / "configs" / "llama_sft.py") + ":llama3.2-1b-hellaswag-fp8",
+                              "--print-config"]) == 0
+    assert "model.fp8.enabled: bool = True" in capsys.readouterr().out

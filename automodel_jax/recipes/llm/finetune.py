@@ -75,12 +75,11 @@ def check_parallelism(cfg, mesh, rules, model_path: str) -> None:
     check_process_layout(mesh, rules)
 
 
-def check_fp8(cfg) -> None:
-    """model.fp8 against its recipes and the device: ConfigError unless the devices have FP8 matmuls (or are CPUs and
-    model.fp8.emulate is on)."""
+def check_fp8_devices(cfg) -> None:
+    """With model.fp8 on, the run's devices (checked once they are known, so that --print-config and launchers work
+    on machines without them): ConfigError unless they have FP8 matmuls, or are CPUs and model.fp8.emulate is on."""
     if not cfg.model.fp8.enabled:
         return
-    validate_choice(cfg, "model.fp8.recipe", FP8_RECIPES)
     device = jax.devices()[0]
     why = fp8_unsupported(device)
     if why and not (device.platform == "cpu" and cfg.model.fp8.emulate):
@@ -93,7 +92,7 @@ def check_fp8(cfg) -> None:
 def check_run_config(cfg) -> None:
     """The recipe's choices, before anything is built."""
     validate_choice(cfg, "peft.method", ("lora", "none"))
-    check_fp8(cfg)
+    validate_choice(cfg, "model.fp8.recipe", FP8_RECIPES)
     validate_choice(cfg, "loss.impl", ("naive", "chunked", "pallas"))
     if validate_choice(cfg, "evaluation.task", ("none", "hellaswag", "squad")) != "none" and not cfg.evaluation.data:
         raise ConfigError("evaluation.data is empty; point it at the task's rows (a local file, saved dataset or "
@@ -121,6 +120,7 @@ def setup(cfg, model=None) -> Run:
     """
     check_run_config(cfg)
     started = start(cfg)
+    check_fp8_devices(cfg)
     mesh, rules = started.mesh, started.rules
 
     # Model, tokenizer, adapters.

@@ -26,6 +26,7 @@ EXPECTED = {
     ("llama_sft.py", ""): ("embedded:tiny-llama", "none"),
     ("llama_sft.py", "llama3.2-1b"): ("meta-llama/Llama-3.2-1B", "none"),
     ("llama_sft.py", "llama3.1-8b"): ("meta-llama/Llama-3.1-8B", "none"),
+    ("llama_sft.py", "llama3.2-1b-hellaswag-fp8"): ("meta-llama/Llama-3.2-1B", "none"),
     ("qwen2_lora.py", ""): ("Qwen/Qwen2.5-0.5B-Instruct", "lora"),
     ("qwen2_lora.py", "qwen2.5-0.5b"): ("Qwen/Qwen2.5-0.5B-Instruct", "lora"),
     ("qwen3_lora.py", ""): ("Qwen/Qwen3-0.6B", "lora"),
@@ -90,10 +91,12 @@ def test_preset_loads_with_its_model_and_method(file, preset):
     if path.startswith("embedded:"):  # the CPU default: float32, the project's word tasks
         assert (cfg.model.dtype, cfg.model.param_dtype) == ("float32", "float32")
         assert cfg.data.train.path == "embedded:word-tasks/train"
-    else:  # real models: bfloat16 compute over float32 weights, SQuAD from the Hub
+    else:  # real models: bfloat16 compute over float32 weights, SQuAD (HellaSwag for the FP8 preset) from the Hub
         assert (cfg.model.dtype, cfg.model.param_dtype) == ("bfloat16", "float32")
-        assert (cfg.data.train.kind, cfg.data.train.split, cfg.data.validation.split) == ("squad", "train",
-                                                                                           "validation")
+        kind = "hellaswag" if preset.endswith("hellaswag-fp8") else "squad"
+        assert (cfg.data.train.kind, cfg.data.train.split, cfg.data.validation.split) == (kind, "train",
+                                                                                          "validation")
+        assert cfg.model.fp8.enabled == preset.endswith("fp8")
         assert cfg.optim.learning_rate == 1e-5 and cfg.optim.schedule.min_learning_rate == pytest.approx(1e-6)
 
 

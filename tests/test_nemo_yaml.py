@@ -457,3 +457,32 @@ def test_mock_dataset_and_negative_override_values(tmp_path):
     assert cfg.data.train.seed == 3 and cfg.mesh.fsdp == -1
     with pytest.raises(ConfigError, match="dataset.mean_len has no equivalent"):
         translate(tmp_path, text, "--dataset.mean_len=12")
+
+
+FP8 = """
+compile:
+  enabled: true
+fp8:
+  enabled: true
+  recipe_name: tensorwise
+  enable_fsdp_float8_all_gather: true
+  precompute_float8_dynamic_scale_for_fsdp: true
+  force_recompute_fp8_weight_in_bwd: true
+  filter_fqns: ["lm_head", "down_proj"]
+  emulate: true
+"""
+
+
+def test_the_fp8_section_translates_to_model_fp8(tmp_path):
+    """The ported system's llama_3_2_1b_hellaswag_fp8 section: its switches map to model.fp8, its FSDP and
+    recompute settings (speed and memory only) are one warning each, and a recipe other than tensorwise is refused."""
+    cfg, translation = translate(tmp_path, HELLASWAG_SFT + FP8)
+    assert cfg.model.fp8.to_dict() == dict(enabled=True, recipe="tensorwise", filter_modules=("lm_head", "down_proj"),
+                                           emulate=True)
+    assert {w for w in translation.warnings if w.startswith(("fp8", "compile"))} == {
+        "compile is ignored: XLA compiles every step",
+        "fp8.enable_fsdp_float8_all_gather is ignored: XLA chooses how sharded weights are gathered",
+        "fp8.precompute_float8_dynamic_scale_for_fsdp is ignored: XLA chooses how sharded weights are gathered",
+        "fp8.force_recompute_fp8_weight_in_bwd is ignored: the backward reuses the forward's FP8 weight here"}
+    with pytest.raises(ConfigError, match=r"^fp8.recipe_name 'rowwise' is not supported; supported: tensorwise$"):
+        translate(tmp_path, HELLASWAG_SFT + FP8, "--fp8.recipe_name=rowwise")

@@ -80,6 +80,10 @@ NO_EFFECT = {
     "wandb": "set logging.wandb in a Python config to log to W&B",
     "mlflow": "MLflow logging is not available here",
     "ci": "CI settings of the ported system",
+    "compile": "XLA compiles every step",
+    "fp8.enable_fsdp_float8_all_gather": "XLA chooses how sharded weights are gathered",
+    "fp8.precompute_float8_dynamic_scale_for_fsdp": "XLA chooses how sharded weights are gathered",
+    "fp8.force_recompute_fp8_weight_in_bwd": "the backward reuses the forward's FP8 weight here",
 }
 ACCEPTED = {  # their _target_ helpers whose defaults are what this project does anyway
     "rng._target_": ("nemo_automodel.components.training.rng.StatefulRNG",),
@@ -239,6 +243,7 @@ class _Translator:
         self.lr_scheduler(lr)
         self.checkpoint()
         self.clip_grad_norm()
+        self.fp8()
         for name in list(self.recipe):
             if name in NO_EFFECT:
                 self.out.warnings.append(f"{name} is ignored: {NO_EFFECT[name]}")
@@ -247,7 +252,7 @@ class _Translator:
             raise ConfigError(f"section(s) {', '.join(sorted(self.recipe))} have no equivalent in automodel_jax; "
                               "supported: step_scheduler, model, peft, dataset, validation_dataset, packed_sequence, "
                               "dataloader, optimizer, lr_scheduler, loss_fn, distributed, checkpoint, rng, "
-                              "clip_grad_norm, dist_env")
+                              "clip_grad_norm, dist_env, fp8")
 
     def step_scheduler(self) -> None:
         section = self.section("step_scheduler")
@@ -510,6 +515,26 @@ class _Translator:
             self.set("clip_grad_norm.max_norm", "optim.grad_clip",
                      0.0 if value is None else _number("clip_grad_norm.max_norm", value))
         self.leftover("clip_grad_norm", section, ["max_norm"])
+
+    def fp8(self) -> None:
+        """torchao Float8 training (the ported system's `fp8` section) -> model.fp8; recipe_name null is torchao's
+        default, tensorwise."""
+        section = self.section("fp8")
+        if not section:
+            return
+        if "fp8" not in self.cfg.model:
+            raise ConfigError("fp8: FP8 training is supported by the LLM recipe only; remove the fp8 section")
+        for key in ("enabled", "emulate"):
+            if key in section:
+                self.set(f"fp8.{key}", f"model.fp8.{key}", bool(section.pop(key)))
+        recipe = section.pop("recipe_name", None) or "tensorwise"
+        if recipe != "tensorwise":
+            raise ConfigError(f"fp8.recipe_name {recipe!r} is not supported; supported: tensorwise")
+        self.set("fp8.recipe_name", "model.fp8.recipe", recipe)
+        if "filter_fqns" in section:
+            self.set("fp8.filter_fqns", "model.fp8.filter_modules",
+                     _strings("fp8.filter_fqns", section.pop("filter_fqns")))
+        self.leftover("fp8", section, ["enabled", "recipe_name", "filter_fqns", "emulate"])
 
 
 def _shorten(text: str, width: int = 100) -> str:

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from automodel_jax.models.fp8 import fp8_dot
+from automodel_jax.models.params import module_matches, path_str
 from automodel_jax.parallel.sharding import constrain
 
 
@@ -30,7 +32,9 @@ def _init(key, shape, dtype, std):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel + bias, kernel stored [in, out]; plus (dropout(x) @ lora_a @ lora_b) * lora_scale when adapted."""
+    """y = x @ kernel + bias, kernel stored [in, out]; plus (dropout(x) @ lora_a @ lora_b) * lora_scale when adapted.
+    With `fp8` (set by `apply_fp8`) x @ kernel is an FP8 matmul (`models.fp8.fp8_dot`); the adapter stays in the
+    compute dtype."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str, str],
                  dtype, param_dtype, rngs: nnx.Rngs, init_std: float = 0.02):
@@ -40,10 +44,11 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
         self.lora_a, self.lora_b = as_data(None), as_data(None)
         self.lora_scale, self.lora_dropout, self.lora_salt = 0.0, 0.0, 0
+        self.fp8 = False
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        y = (fp8_dot if self.fp8 else jnp.dot)(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
@@ -65,9 +70,10 @@ class Linear(nnx.Module):
         """(x' [..., in'], kernel' [in', out]) whose product x' @ kernel' is this bias-free layer's output, for callers
         that fuse the matmul with what follows (the lm_head into the loss): x (compute dtype) and the kernel, or with
         an adapter x' = [x, scale * dropout(x) @ lora_a] and kernel' = [kernel; lora_b] (in' = in + r), so that
-        gradients reach lora_a through x' and lora_b through kernel'. Raises ValueError for a layer with a bias."""
-        if self.bias is not None:
-            raise ValueError("matmul_operands: the layer has a bias; call the layer instead")
+        gradients reach lora_a through x' and lora_b through kernel'. Raises ValueError for a layer with a bias or with
+        FP8 matmuls."""
+        if self.bias is not None or self.fp8:
+            raise ValueError("matmul_operands: the layer has a bias or FP8 matmuls; call the layer instead")
         x = x.astype(self.dtype)
         kernel = self.kernel[...]
         if self.lora_a is None:
@@ -75,6 +81,33 @@ class Linear(nnx.Module):
         h = self.lora_input(x, dropout_rng) * jnp.asarray(self.lora_scale, self.dtype)
         return (jnp.concatenate([x, h], axis=-1),
                 jnp.concatenate([kernel, self.lora_b[...].astype(kernel.dtype)], axis=0))
+
+
+OUTPUT_LAYERS = ("lm_head",)
+
+
+def linear_modules(model: nnx.Module) -> dict[str, Linear]:
+    """{module path: layer} of every Linear in `model`."""
+    return {path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, Linear)}
+
+
+def apply_fp8(model: nnx.Module, filter_modules: tuple[str, ...] = ()) -> list[str]:
+    """Turn on FP8 matmuls (in place) in every Linear of `model` but the output layer (`lm_head`, which stays in the
+    compute dtype with the loss) and those matching a `filter_modules` pattern (NeMo Automodel's filter: globs on
+    module names/paths or "re:<regex>" on full paths, see `params.module_matches`); returns the FP8 module paths.
+    Raises ValueError naming a pattern that matches no Linear layer nor `lm_head` (a typo would otherwise keep
+    nothing in bf16)."""
+    linears = linear_modules(model)
+    for pattern in filter_modules:
+        if not any(module_matches(name, pattern) for name in [*linears, *OUTPUT_LAYERS]):
+            names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise ValueError(f"model.fp8.filter_modules pattern {pattern!r} matches no Linear layer; layer names "
+                             f"are {names}")
+    chosen = [name for name in linears if name.rsplit(".", 1)[-1] not in OUTPUT_LAYERS
+              and not any(module_matches(name, p) for p in filter_modules)]
+    for name in chosen:
+        linears[name].fp8 = True
+    return chosen
 
 
 class Embedding(nnx.Module):

@@ -4,6 +4,9 @@ Training and checkpointing work on these explicit pytrees; `nnx.merge(graphdef, 
 """
 from __future__ import annotations
 
+import fnmatch
+import re
+
 from flax import nnx
 
 
@@ -36,3 +39,15 @@ def unflatten(flat: dict[tuple, object]) -> dict:
 
 def path_str(path: tuple) -> str:
     return ".".join(map(str, path))
+
+
+def module_matches(name: str, pattern: str) -> bool:
+    """Whether module path `name` (e.g. `model.layers.0.self_attn.q_proj`) matches `pattern`, as PEFT's
+    target_modules reads it: "re:<regex>" on the full path, a glob on the last name or the full path, or a plain name
+    equal to the path or its tail."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    last = name.rsplit(".", 1)[-1]
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(last, pattern) or fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)

@@ -7,9 +7,7 @@ gradients and optimizer state exist only for them. `adapters(model)` gives the `
 """
 from __future__ import annotations
 
-import fnmatch
 import math
-import re
 from collections.abc import Sequence
 
 import jax
@@ -17,11 +15,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from automodel_jax.models.layers import Embedding, Linear, LoRAParam
+from automodel_jax.models.layers import OUTPUT_LAYERS, Embedding, Linear, LoRAParam, linear_modules
+from automodel_jax.models.params import module_matches as _matches
 from automodel_jax.models.params import path_str, pure_dict
 
 ALL_LINEAR = "all-linear"
-OUTPUT_LAYERS = ("lm_head",)
 
 
 def lora_defaults() -> ml_collections.ConfigDict:
@@ -31,19 +29,6 @@ def lora_defaults() -> ml_collections.ConfigDict:
         target_modules=("*_proj",),  # globs on module names/paths, "re:<regex>" on full paths, or "all-linear"
         exclude_modules=(),
     ))
-
-
-def _matches(name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    last = name.rsplit(".", 1)[-1]
-    if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(last, pattern) or fnmatch.fnmatchcase(name, pattern)
-    return name == pattern or name.endswith("." + pattern)
-
-
-def linear_modules(model: nnx.Module) -> dict[str, Linear]:
-    return {path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, Linear)}
 
 
 def unadaptable_modules(model: nnx.Module) -> dict[str, str]:

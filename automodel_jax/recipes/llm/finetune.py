@@ -25,6 +25,8 @@ from automodel_jax.config import ConfigError, validate_choice
 from automodel_jax.data import (build_dataset, check_vocabulary, data_defaults, load_rows, make_loader,
                                 resolve_pad_id)
 from automodel_jax.generation import check_context
+from automodel_jax.models.fp8 import MIN_COMPUTE_CAPABILITY, fp8_unsupported
+from automodel_jax.models.layers import apply_fp8
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
 from automodel_jax.peft.lora import apply_lora, lora_defaults
 from automodel_jax.training import loop
@@ -34,6 +36,7 @@ from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load
 from automodel_jax.recipes.llm import embedded
 
 log = logging.getLogger("automodel_jax.finetune")
+FP8_RECIPES = ("tensorwise",)  # "delayed" (amax history in the train state) is not implemented yet
 
 
 def load_tokenizer(path: str):
@@ -46,6 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
     cfg = trainer_defaults("runs/finetune")
     cfg.model = dict(path="embedded:tiny-llama", dtype="bfloat16", param_dtype="float32", remat="none",
                      attention="auto")
+    # FP8 matmuls in the decoder's Linear layers (not lm_head), E4M3 forward / E5M2 backward with per-tensor current
+    # scaling; filter_modules: module patterns kept in model.dtype; emulate: allow it on CPU (tests only).
+    cfg.model.fp8 = dict(enabled=False, recipe="tensorwise", filter_modules=(), emulate=False)
     cfg.peft = lora_defaults()
     cfg.data = data_defaults()
     # Evaluation at the end of training: "none", "hellaswag" (acc, acc_norm) or "squad" (exact match, F1).
@@ -69,9 +75,24 @@ def check_parallelism(cfg, mesh, rules, model_path: str) -> None:
     check_process_layout(mesh, rules)
 
 
+def check_fp8_devices(cfg) -> None:
+    """With model.fp8 on, the run's devices (checked once they are known, so that --print-config and launchers work
+    on machines without them): ConfigError unless they have FP8 matmuls, or are CPUs and model.fp8.emulate is on."""
+    if not cfg.model.fp8.enabled:
+        return
+    device = jax.devices()[0]
+    why = fp8_unsupported(device)
+    if why and not (device.platform == "cpu" and cfg.model.fp8.emulate):
+        emulation = " (on CPU, model.fp8.emulate=true emulates FP8 for tests)" if device.platform == "cpu" else ""
+        raise ConfigError(f"model.fp8.enabled: {why}; run on an NVIDIA GPU of compute capability "
+                          f"{MIN_COMPUTE_CAPABILITY} or newer (H100, H200, L40S, B200) or set model.fp8.enabled=false"
+                          f"{emulation}")
+
+
 def check_run_config(cfg) -> None:
     """The recipe's choices, before anything is built."""
     validate_choice(cfg, "peft.method", ("lora", "none"))
+    validate_choice(cfg, "model.fp8.recipe", FP8_RECIPES)
     validate_choice(cfg, "loss.impl", ("naive", "chunked", "pallas"))
     if validate_choice(cfg, "evaluation.task", ("none", "hellaswag", "squad")) != "none" and not cfg.evaluation.data:
         raise ConfigError("evaluation.data is empty; point it at the task's rows (a local file, saved dataset or "
@@ -99,6 +120,7 @@ def setup(cfg, model=None) -> Run:
     """
     check_run_config(cfg)
     started = start(cfg)
+    check_fp8_devices(cfg)
     mesh, rules = started.mesh, started.rules
 
     # Model, tokenizer, adapters.
@@ -106,6 +128,9 @@ def setup(cfg, model=None) -> Run:
     check_parallelism(cfg, mesh, rules, model_path)
     tokenizer = load_tokenizer(model_path)
     model = load_model(cfg, model_path, started) if model is None else model
+    if cfg.model.fp8.enabled:
+        log.info("FP8 (%s) matmuls in %d Linear layers", cfg.model.fp8.recipe,
+                 len(apply_fp8(model, tuple(cfg.model.fp8.filter_modules))))
     lora = cfg.peft.method == "lora"
     if lora:
         apply_lora(model, r=cfg.peft.r, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,

@@ -44,9 +44,13 @@ def path_str(path: tuple) -> str:
 def module_matches(name: str, pattern: str) -> bool:
     """Whether module path `name` (e.g. `model.layers.0.self_attn.q_proj`) matches `pattern`, as PEFT's
     target_modules reads it: "re:<regex>" on the full path, a glob on the last name or the full path, or a plain name
-    equal to the path or its tail."""
+    equal to the path or its tail. Raises ValueError naming a "re:" pattern that is not a valid regular expression."""
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        try:
+            return re.fullmatch(pattern[3:], name) is not None
+        except re.error as e:
+            raise ValueError(f"module pattern {pattern!r} is not a valid regular expression ({e}); fix it in "
+                             f"peft.target_modules / exclude_modules or model.fp8.filter_modules") from None
     last = name.rsplit(".", 1)[-1]
     if any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(last, pattern) or fnmatch.fnmatchcase(name, pattern)

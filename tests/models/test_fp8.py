@@ -153,7 +153,10 @@ def test_fp8_model_logits_stay_close_and_lora_trains_over_the_fp8_base(stories_m
     (["--config.model.fp8.enabled=true", "--config.model.fp8.emulate=true",
       "--config.model.fp8.filter_modules=('down_prj',)"],
      ["model.fp8.filter_modules pattern 'down_prj' matches no Linear layer", "down_proj"]),
-], ids=["cpu_without_emulate", "unknown_recipe", "filter_typo"])
+    (["--config.model.fp8.enabled=true", "--config.model.fp8.emulate=true",
+      "--config.model.fp8.filter_modules=('re:[',)"],
+     ["module pattern 're:[' is not a valid regular expression", "model.fp8.filter_modules"]),
+], ids=["cpu_without_emulate", "unknown_recipe", "filter_typo", "filter_bad_regex"])
 def test_bad_fp8_config_is_one_error_line_before_the_run(hellaswag, tmp_path, capsys, overrides, fragments):
     train, validation = hellaswag
     assert finetune_cli.main(stories_argv(tmp_path / "run", train, validation, *overrides)) == 2

@@ -39,6 +39,8 @@ def test_all_linear_skips_lm_head_and_bad_targets_are_clear():
     assert not any("lm_head" in t for t in find_targets(_model(), "all-linear"))
     with pytest.raises(ValueError, match=r"matches no Linear layer; layer names are \[.*'q_proj'"):
         find_targets(_model(), ["qkv"])
+    with pytest.raises(ValueError, match=r"module pattern 're:\[' is not a valid regular expression"):
+        find_targets(_model(), ["re:["])
 
 
 def test_init_shapes_scale_and_zero_output_change():

@@ -24,7 +24,7 @@ def get_config(preset: str = ""):
         cfg = squad("runs/llama3.2-1b_hellaswag_fp8", "meta-llama/Llama-3.2-1B", global_batch=8, micro_batch=8,
                     seq_len=256, lora_targets=None)
         for split in ("train", "validation"):
-            cfg.data[split].update(kind="hellaswag", path="rowan/hellaswag", split=split)
+            cfg.data[split].update(kind="hellaswag", path="Rowan/hellaswag", split=split)
         cfg.train.update(max_steps=300, val_max_samples=64)
         cfg.optim.name = "adam"  # torch.optim.Adam, weight decay 0, no lr scheduler: a constant learning rate
         cfg.optim.schedule.name = "constant"

@@ -51,16 +51,15 @@ class AttentionInputs:
     dropout_rng: PRNG key for LoRA dropout (None = no dropout: evaluation, generation).
     bidirectional_ids [B, T] int32 or None: tokens with the same non-zero id also see each other's later slots
         (Gemma 3's image tokens attend bidirectionally within their image).
-    right_padded (static): every row is one sample followed by padding, so cuDNN can take valid lengths.
-    max_segments (static) or None: every row is packed samples, each a contiguous run of one non-zero segment id with
-        positions 0, 1, ... (what the packing loader writes), at most `max_segments` runs per row, then padding; so
-        cuDNN can take them as a ragged batch. Breaking the promise leaves the extra runs' outputs zero.
+    max_segments (static): the rows' layout, a promise that lets cuDNN take them. 1: every row is one sample followed
+        by padding (segment ids 1..1 0..0: valid lengths). n > 1: every row is packed samples, each a contiguous run
+        of one non-zero segment id with positions 0, 1, ... (what the packing loader writes), at most n runs per row,
+        then padding (a ragged batch; breaking the promise leaves the extra runs' outputs zero). None: no promise.
     """
     segment_ids: jax.Array
     positions: jax.Array
     dropout_rng: jax.Array | None = None
     bidirectional_ids: jax.Array | None = None
-    right_padded: bool = dataclasses.field(default=False, metadata=dict(static=True))
     max_segments: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
@@ -69,6 +68,7 @@ class AttentionInputs:
               dropout_rng: jax.Array | None = None, cache_index: jax.Array | int | None = None) -> "AttentionInputs":
         """From HF-style arguments: positions default to 0..T-1 after the `cache_index` cached tokens (not shifted by
         left padding); `attention_mask` (1 = token, 0 = padding) becomes segment ids; all ones when neither is given.
+        `right_padded` promises one sample per row followed by padding (max_segments 1).
         """
         # No mask and no segments: one unpadded sample per row, which the fused kernel takes as it is.
         right_padded = right_padded or (segment_ids is None and attention_mask is None)
@@ -78,7 +78,8 @@ class AttentionInputs:
         if positions is None:
             offset = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(offset + jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-        return cls(jnp.asarray(segment_ids), jnp.asarray(positions), dropout_rng, right_padded=right_padded)
+        return cls(jnp.asarray(segment_ids), jnp.asarray(positions), dropout_rng,
+                   max_segments=1 if right_padded else None)
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_positions: jax.Array,
@@ -188,7 +189,7 @@ def cudnn_segments(inputs: AttentionInputs, dtype, softcap: float | None, impl: 
         return None
     backend = backend or jax.default_backend()
     refusal = _cudnn_refusal(impl, dtype, softcap, backend)
-    segments = 1 if inputs.right_padded else inputs.max_segments
+    segments = inputs.max_segments
     if segments is None or inputs.bidirectional_ids is not None:
         return None
     if refusal and backend == "gpu" and refusal not in _logged_fallbacks:
@@ -204,9 +205,8 @@ def attention(q, k, v, inputs: AttentionInputs, *, scale: float | None = None, s
 
     Without `cache`, k/v are the same T tokens as q. With `cache` (whose k/v, segment ids and positions already hold
     the new tokens at slots [index, index+T)), k/v are its S slots and the mask is `attention_mask`'s (XLA always).
-    `inputs.right_padded` promises that every row is one sample followed by padding (segment ids 1...1 0...0), which
-    lets cuDNN take valid lengths instead of a dense mask; `inputs.max_segments` promises packed rows, which cuDNN
-    takes as a ragged batch (see `cudnn_segments`). `inputs.bidirectional_ids` (Gemma 3's image blocks) let a query
+    `inputs.max_segments` promises the rows' layout (right-padded: valid lengths; packed: a ragged batch), which lets
+    cuDNN take them without a dense mask (see `cudnn_segments`). `inputs.bidirectional_ids` (Gemma 3's image blocks) let a query
     also see later keys of its own block; that mask is always XLA's.
     """
     segment_ids, positions = inputs.segment_ids, inputs.positions

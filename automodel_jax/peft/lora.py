@@ -16,7 +16,7 @@ import ml_collections
 from flax import nnx
 
 from automodel_jax.models.layers import OUTPUT_LAYERS, Embedding, Linear, LoRAParam, linear_modules
-from automodel_jax.models.params import module_matches as _matches
+from automodel_jax.models.params import module_matches
 from automodel_jax.models.params import path_str, pure_dict
 
 ALL_LINEAR = "all-linear"
@@ -56,12 +56,12 @@ def find_targets(model: nnx.Module, target_modules: str | Sequence[str],
     if ALL_LINEAR in patterns:
         chosen = [n for n in linears if n.rsplit(".", 1)[-1] not in OUTPUT_LAYERS]
     else:
-        chosen = [n for n in linears if any(_matches(n, p) for p in patterns)]
-    chosen = [n for n in chosen if not any(_matches(n, p) for p in exclude_modules)]
+        chosen = [n for n in linears if any(module_matches(n, p) for p in patterns)]
+    chosen = [n for n in chosen if not any(module_matches(n, p) for p in exclude_modules)]
     if ALL_LINEAR not in patterns:
         for name, why in unadaptable_modules(model).items():
-            hit = next((p for p in patterns if _matches(name, p)), None)
-            if hit is not None and not any(_matches(name, p) for p in exclude_modules):
+            hit = next((p for p in patterns if module_matches(name, p)), None)
+            if hit is not None and not any(module_matches(name, p) for p in exclude_modules):
                 raise ValueError(f"peft.target_modules pattern {hit!r} names {name}, which LoRA cannot adapt here: "
                                  f"{why}; remove it from peft.target_modules or add it to peft.exclude_modules")
     if not chosen:
@@ -140,7 +140,7 @@ def split_model(model: nnx.Module, lora: bool, frozen: Sequence[str] = ()):
 
     def is_frozen(path, _value) -> bool:
         module = path_str(tuple(path[:-1]))
-        return any(_matches(module, p) for p in frozen)
+        return any(module_matches(module, p) for p in frozen)
 
     graphdef, frozen_state, trainable = nnx.split(model, nnx.All(nnx.Param, is_frozen), nnx.Param)
     return graphdef, pure_dict(trainable), pure_dict(frozen_state)

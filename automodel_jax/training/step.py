@@ -43,17 +43,16 @@ def batch_axes(key: str, rank: int) -> tuple[str | None, ...]:
     return ("batch",) + (None,) * rank
 
 
-def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, right_padded: bool, dropout_rng=None,
-               chunk_size: int | None = None, max_segments: int | None = None):
+def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, max_segments: int | None, dropout_rng=None,
+               chunk_size: int | None = None):
     """(sum of token losses, number of label tokens) of one micro-batch.
 
-    `right_padded` / `max_segments`: the rows' layout promise for fused attention (see `AttentionInputs`).
+    `max_segments`: the rows' layout promise for fused attention (1 = right-padded; see `AttentionInputs`).
 
     Keys beyond BATCH_KEYS (a VLM's pixel_values, token_type_ids, ...) go to the model's `hidden_states` by name.
     """
     model = nnx.merge(graphdef, trainable, frozen)
-    inputs = AttentionInputs(batch["segment_ids"], batch["positions"], dropout_rng, right_padded=right_padded,
-                             max_segments=max_segments)
+    inputs = AttentionInputs(batch["segment_ids"], batch["positions"], dropout_rng, max_segments=max_segments)
     extra = {k: v for k, v in batch.items() if k not in BATCH_KEYS}
     hidden, kernel = model.output_head(model.hidden_states(batch["input_ids"], inputs, **extra), dropout_rng)
     return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), kernel, batch["labels"].reshape(-1),
@@ -62,8 +61,7 @@ def token_loss(graphdef, trainable, frozen, batch, *, loss_impl: str, right_padd
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: Callable, *, loss_impl: str,
-                    right_padded: bool, chunk_size: int | None = None, grad_shardings=None,
-                    max_segments: int | None = None):
+                    max_segments: int | None, chunk_size: int | None = None, grad_shardings=None):
     """step(state, frozen, batch) -> (state, metrics); batch arrays are [accum, micro_batch, seq].
 
     Gradients of the summed loss are accumulated over micro-batches with a scan, then divided by the global token
@@ -84,7 +82,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
             micro_batch, i = xs
             grad_fn = jax.value_and_grad(
                 lambda p: token_loss(graphdef, p, frozen, micro_batch, loss_impl=loss_impl, chunk_size=chunk_size,
-                                     right_padded=right_padded, max_segments=max_segments,
+                                     max_segments=max_segments,
                                      dropout_rng=jax.random.fold_in(step_rng, i)),
                 has_aux=True)
             (loss_sum, count), grads = grad_fn(state["params"])
@@ -111,12 +109,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     return step
 
 
-def make_eval_step(graphdef, *, loss_impl: str, right_padded: bool, chunk_size: int | None = None,
-                   max_segments: int | None = None):
+def make_eval_step(graphdef, *, loss_impl: str, max_segments: int | None, chunk_size: int | None = None):
     """eval(trainable, frozen, batch [batch, seq]) -> (loss sum, token count)."""
     def evaluate(trainable, frozen, batch):
-        return token_loss(graphdef, trainable, frozen, batch, loss_impl=loss_impl, right_padded=right_padded,
-                          chunk_size=chunk_size, max_segments=max_segments)
+        return token_loss(graphdef, trainable, frozen, batch, loss_impl=loss_impl, max_segments=max_segments,
+                          chunk_size=chunk_size)
     return evaluate
 
 

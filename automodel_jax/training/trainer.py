@@ -153,14 +153,13 @@ def batch_geometry(cfg, mesh) -> tuple[int, int]:
 
 
 def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, tokenizer, loader, val_batches: list,
-              accum: int, total_steps: int, right_padded: bool, frozen: tuple[str, ...] = (),
-              batch_ranks: dict[str, int] | None = None, prepare: Callable[[dict], dict] | None = None,
-              max_segments: int | None = None) -> Run:
+              accum: int, total_steps: int, max_segments: int | None, frozen: tuple[str, ...] = (),
+              batch_ranks: dict[str, int] | None = None, prepare: Callable[[dict], dict] | None = None) -> Run:
     """Optimizer -> checkpoints (finding the one to resume, checked against the model and its config) -> the resolved
     config saved into the run dir (process 0; the first write into it) -> train state and jitted steps on their
     declared shardings -> restored state and data position -> metrics logger: the `Run` to train.
     `frozen`: module patterns full SFT keeps frozen; `batch_ranks`: the batch's keys and per-row ranks;
-    `right_padded` / `max_segments`: the batches' row layout (see `AttentionInputs`)."""
+    `max_segments`: the batches' row layout (1 = right-padded, n = packed; see `AttentionInputs`)."""
     mesh, rules = started.mesh, started.rules
     optimizer, schedule = build_optimizer(cfg.optim, total_steps)
     checkpoints = TrainCheckpoints(cfg, model, total_steps, model_path)
@@ -173,8 +172,7 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
                                             tree_shardings(model, trainable, mesh, rules))
         frozen_shardings = tree_shardings(model, frozen_params, mesh, rules)
         frozen_params = jax.device_put(frozen_params, frozen_shardings)
-        step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, right_padded=right_padded,
-                       max_segments=max_segments)
+        step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, max_segments=max_segments)
         train_step, eval_step, batch_3d, batch_2d = compile_steps(
             make_train_step(graphdef, optimizer, schedule, grad_shardings=state_shardings["params"], **step_kw),
             make_eval_step(graphdef, **step_kw), state_shardings, frozen_shardings, mesh, rules, batch_ranks)

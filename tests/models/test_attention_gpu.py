@@ -50,7 +50,7 @@ def right_padded(lengths) -> AttentionInputs:
     """Segment ids 1..1 0..0 and positions 0..n-1 then 0 per row, as the unpacked loader writes them."""
     real = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
     return AttentionInputs(jnp.asarray(real, jnp.int32), jnp.asarray(np.where(real, np.arange(T), 0), jnp.int32),
-                           right_padded=True)
+                           max_segments=1)
 
 
 def left_padded(lengths) -> AttentionInputs:
@@ -214,7 +214,7 @@ def model_loss_and_grads(family: str, impl: str, batch: dict):
     graphdef, params, frozen = split_model(model, lora=False)
 
     def loss(params):
-        total, count = token_loss(graphdef, params, frozen, batch, loss_impl="chunked", right_padded=True)
+        total, count = token_loss(graphdef, params, frozen, batch, loss_impl="chunked", max_segments=1)
         return total / count
     grad_fn = jax.jit(jax.value_and_grad(loss))
     value, grads = grad_fn(params)
@@ -281,8 +281,7 @@ def per_sample_losses(family: str, dtype, impl: str, rows, max_segments: int):
     cap = model.logit_softcap
     graphdef, params, frozen = split_model(model, lora=False)
     batch, inputs, sample_of = sample_batch(rows, TINY["vocab_size"])
-    inputs = AttentionInputs(inputs.segment_ids, inputs.positions, right_padded=max_segments == 1,
-                             max_segments=max_segments)
+    inputs = AttentionInputs(inputs.segment_ids, inputs.positions, max_segments=max_segments)
     n = int(sample_of.max()) + 1
     owner = jnp.asarray(np.where(sample_of < 0, n, sample_of).ravel())
 

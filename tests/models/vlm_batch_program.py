@@ -139,7 +139,7 @@ def train(model_type: str, steps: int = 3) -> None:
         optimizer, schedule = build_optimizer(optim, 10)
         graphdef, trainable, frozen = split_model(model, lora=False)
         state, shardings = init_state(trainable, optimizer, 0, tree_shardings(model, trainable, mesh, rules))
-        kw = dict(loss_impl="chunked", right_padded=True)
+        kw = dict(loss_impl="chunked", max_segments=1)
         step, _, batch_3d, _ = compile_steps(make_train_step(graphdef, optimizer, schedule,
                                                              grad_shardings=shardings["params"], **kw),
                                              make_eval_step(graphdef, **kw), shardings, {}, mesh, rules, ranks)

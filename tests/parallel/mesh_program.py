@@ -128,7 +128,7 @@ def train(mesh_cfg: dict | None, lora: bool, loss_impl: str = "naive", chunk_siz
     state, shardings = init_state(trainable, opt, 0, tree_shardings(model, trainable, mesh, rules))
     frozen_shardings = tree_shardings(model, frozen, mesh, rules)
     frozen = jax.device_put(frozen, frozen_shardings)
-    kw = dict(loss_impl=loss_impl, chunk_size=chunk_size, right_padded=not packed)
+    kw = dict(loss_impl=loss_impl, chunk_size=chunk_size, max_segments=None if packed else 1)
     train_step, _, batch_3d, _ = compile_steps(
         make_train_step(graphdef, opt, schedule, grad_shardings=shardings["params"], **kw),
         make_eval_step(graphdef, **kw), shardings, frozen_shardings, mesh, rules)

@@ -88,7 +88,7 @@ def test_loss_and_adapter_gradients_equal_peft(adapted, impl):
     graphdef, trainable, frozen = split_model(model, lora=True)
     (loss_sum, count), grads = jax.value_and_grad(
         lambda p: token_loss(graphdef, p, frozen, {k: jnp.asarray(v) for k, v in batch.items()}, loss_impl=impl,
-                             right_padded=True, chunk_size=8),
+                             max_segments=1, chunk_size=8),
         has_aux=True)(trainable)
     ref.train()  # dropout is 0: train mode only makes autograd record
     logits = ref(torch.tensor(batch["input_ids"], dtype=torch.long),
@@ -126,7 +126,7 @@ def test_training_moves_lm_head_adapter(hf_llama_factory):
     optimizer, schedule = build_optimizer(cfg, 3)
     graphdef, trainable, frozen = split_model(model, lora=True)
     state, _ = init_state(trainable, optimizer, 0, tree_shardings(model, trainable, make_mesh()))
-    step = jax.jit(make_train_step(graphdef, optimizer, schedule, loss_impl="chunked", right_padded=True))
+    step = jax.jit(make_train_step(graphdef, optimizer, schedule, loss_impl="chunked", max_segments=1))
     batch = {k: jnp.asarray(v)[None] for k, v in _batch().items()}
     assert not state["params"]["lm_head"]["lora_b"].any()
     for _ in range(3):

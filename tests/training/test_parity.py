@@ -48,7 +48,7 @@ def _jax_losses(model, lora, lr):
     graphdef, trainable, frozen = split_model(model, lora)
     mesh = make_mesh()
     state, _ = init_state(trainable, optimizer, 0, tree_shardings(model, trainable, mesh))
-    step = jax.jit(make_train_step(graphdef, optimizer, schedule, loss_impl="chunked", right_padded=True))
+    step = jax.jit(make_train_step(graphdef, optimizer, schedule, loss_impl="chunked", max_segments=1))
     losses = []
     for batch in _batches():
         state, metrics = step(state, frozen, {k: jnp.asarray(v) for k, v in batch.items()})

@@ -50,7 +50,7 @@ def test_step_counts_processed_and_label_tokens_of_the_global_batch(hf_llama_fac
     positions = np.broadcast_to(np.arange(SEQ, dtype=np.int32), ids.shape).copy()
     batch = {k: jnp.asarray(v) for k, v in dict(input_ids=ids, labels=labels, segment_ids=segment_ids,
                                                   positions=positions).items()}
-    _, metrics = jax.jit(make_train_step(graphdef, optimizer, schedule, loss_impl="chunked", right_padded=True))(
+    _, metrics = jax.jit(make_train_step(graphdef, optimizer, schedule, loss_impl="chunked", max_segments=1))(
         state, frozen, batch)
     assert int(metrics["tokens"]) == lengths.sum() == 48
     assert int(metrics["label_tokens"]) == (labels != -100).sum() == 48 - 3 * 5

@@ -157,7 +157,7 @@ def setup(cfg, model=None) -> Run:
     # Checkpoints, optimizer, state and jitted steps.
     return build_run(cfg, started, model=model, lora=lora, model_path=model_path, tokenizer=tokenizer, loader=loader,
                      val_batches=val_batches, accum=accum, total_steps=total_steps,
-                     right_padded=not data_cfg.packing, max_segments=loader.plan.max_segments)
+                     max_segments=loader.plan.max_segments)
 
 
 def generations(run: Run, title: str) -> None:

@@ -162,7 +162,7 @@ def setup(cfg, model=None) -> Run:
 
     # Checkpoints, optimizer, state and jitted steps.
     return build_run(cfg, started, model=model, lora=lora, model_path=model_path, tokenizer=processor, loader=loader,
-                     val_batches=val_batches, accum=accum, total_steps=total_steps, right_padded=True,
+                     val_batches=val_batches, accum=accum, total_steps=total_steps, max_segments=1,
                      frozen=() if lora else frozen_patterns, batch_ranks=batch_ranks, prepare=prepare)
 
 

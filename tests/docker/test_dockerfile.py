@@ -39,8 +39,15 @@ def _copied_sources() -> list[str]:
     return [p for line in re.findall(r"^COPY (.+)$", DOCKERFILE.read_text(), re.M) for p in line.split()[:-1]]
 
 
+def _tracked(word: str) -> bool:
+    """Whether `word` is a file or folder git tracks here (not an output such as runs/, which a command made)."""
+    listed = subprocess.run(["git", "ls-files", "--", word], cwd=REPO, capture_output=True, text=True)
+    return word not in (".", "") and listed.returncode == 0 and bool(listed.stdout)  # 128: outside the repository
+
+
 def _readme_command_paths(readme: Path) -> set[str]:
-    """Repository paths (files, folders, `-m` modules) named by the `python` commands in README's bash blocks."""
+    """Repository paths (tracked files, folders, `-m` modules) named by the `python` commands in README's bash
+    blocks."""
     paths = set()
     for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), re.S):
         for command in re.split(r"&&|;|\||\n", block):
@@ -50,7 +57,7 @@ def _readme_command_paths(readme: Path) -> set[str]:
             for i, word in enumerate(words):
                 if i and words[i - 1] == "-m":
                     paths.add(word.replace(".", "/") + ".py")
-                elif (REPO / word.split(":")[0]).exists() and word.split(":")[0] not in (".", ""):
+                elif _tracked(word.split(":")[0]):
                     paths.add(word.split(":")[0])
     return paths
 

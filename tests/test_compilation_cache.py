@@ -67,7 +67,7 @@ def test_a_rerun_loads_the_compiled_train_step_and_the_switch_turns_the_cache_of
     assert len(entries(xla)) > len(written)  # generation's own programs
 
 
-def test_a_cache_directory_that_cannot_be_written_is_one_error_line(hellaswag, tmp_path, capsys):
+def test_a_cache_directory_that_cannot_be_written_is_one_error_line(hellaswag, tmp_path, capsys, monkeypatch):
     train, validation = hellaswag
     taken = tmp_path / "a_file"
     taken.write_text("not a directory")
@@ -79,6 +79,10 @@ def test_a_cache_directory_that_cannot_be_written_is_one_error_line(hellaswag, t
         with pytest.raises(ValueError, match=f"directory {taken / 'xla'} cannot be written .*"
                                              "JAX_ENABLE_COMPILATION_CACHE=false"):  # generate's and evaluate's fix
             enable_compilation_cache(directory=str(taken / "xla"))
+        monkeypatch.setenv("AUTOMODEL_JAX_CACHE", str(taken))  # the variable that chose it is named
+        with pytest.raises(ValueError, match=re.escape(f"directory {taken / 'xla'} (from $AUTOMODEL_JAX_CACHE) "
+                                                       "cannot be written")):
+            enable_compilation_cache()
     finally:
         jax.config.update("jax_enable_compilation_cache", was)
     assert jax.config.jax_compilation_cache_dir is None  # nothing was set

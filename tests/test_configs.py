@@ -171,6 +171,16 @@ def test_overrides_apply_on_top_of_a_preset():
      ["config key 'train.max_steps' expects int", "got 'ten'"]),
     (["--config", spec("qwen2_lora.py", "qwen9")], ["unknown preset 'qwen9'", "qwen2_lora.py", "qwen2.5-0.5b"]),
     (["--config", "nonexistent.py"], ["config file 'nonexistent.py' not found"]),
+    # A key only the other recipe has is said so (FP8 and packing are the LLM recipe's), not a did-you-mean.
+    (["--config", spec("qwen2_5_vl_lora.py"), "--config.model.fp8.enabled=true"],
+     ["config key 'model.fp8.enabled' is one of the LLM recipe's", "runs the VLM recipe",
+      "remove --config.model.fp8.enabled, or use an LLM config file"]),
+    (["--config", spec("gemma3_vl_lora.py"), "--config.data.packing=true"],
+     ["config key 'data.packing' is one of the LLM recipe's", "runs the VLM recipe"]),
+    (["--config", spec("llama_lora.py"), "--config.model.freeze_vision_tower=true"],
+     ["config key 'model.freeze_vision_tower' is one of the VLM recipe's", "use a VLM config file"]),
+    (["--config", spec("qwen2_5_vl_lora.py"), "--config.vlm=false"],
+     ["vlm marks a config of the vision-language recipe and is not a switch", "use an LLM config file"]),
 ])
 def test_command_line_mistakes_exit_2_with_one_error_line(argv, fragments, capsys):
     assert finetune.main(argv) == 2

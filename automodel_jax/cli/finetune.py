@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from automodel_jax.cli import BAD_INPUT, exit_code
-from automodel_jax.config import config_file_presets, describe_config, parse_config
+from automodel_jax.config import (ConfigError, UnknownConfigKey, config_file_presets, describe_config, has_key,
+                                  parse_config)
 from automodel_jax.config.cache import enable_compilation_cache
 from automodel_jax.config.nemo_yaml import parse_nemo_yaml, yaml_config_path
 from automodel_jax.launcher.distributed import DistributedInitError
@@ -57,18 +58,40 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+def recipe_of(cfg):
+    """(name, module) of the recipe a config belongs to: the VLM recipe's configs carry its `vlm` marker."""
+    return ("VLM", vlm) if "vlm" in cfg else ("LLM", llm)
+
+
+def other_recipes_key(error: UnknownConfigKey) -> ConfigError:
+    """An unknown key that the other recipe has (FP8 or packing asked of a VLM config, a VLM key of an LLM config)
+    said as such; any other unknown key as it was."""
+    name, _ = recipe_of(error.cfg)
+    other, module = ("LLM", llm) if name == "VLM" else ("VLM", vlm)
+    if not has_key(module.default_config(), error.key):
+        return error
+    return ConfigError(f"config key '{error.key}' is one of the {other} recipe's, and this config runs the {name} "
+                       f"recipe, which does not have it: remove --config.{error.key}, or use {'an' if other == 'LLM' else 'a'} "
+                       f"{other} config file "
+                       f"(see {PROG} --help)")
+
+
 def load_config(argv: list[str]):
     """The locked config of a finetune command line (a Python config file, or a NeMo Automodel YAML recipe translated
     by `automodel_jax.config.nemo_yaml`), checked as far as it can be without a model or data: the file,
-    preset, keys and value types, and the recipe's choices. ConfigError (a ValueError) naming the bad thing."""
+    preset, keys and value types, and the recipe's choices. ConfigError (a ValueError) naming the bad thing; a key
+    that only the other recipe has is said so."""
     if yaml_config_path(argv) is None:
-        cfg = parse_config(argv)
+        try:
+            cfg = parse_config(argv)
+        except UnknownConfigKey as e:
+            raise other_recipes_key(e) from None
     else:  # a NeMo Automodel YAML recipe: translated, the mapping printed
         cfg, translation = parse_nemo_yaml(argv, llm.default_config())
         print(translation.report(), flush=True)
         for warning in translation.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-    (vlm if cfg.get("vlm") else llm).check_run_config(cfg)
+    recipe_of(cfg)[1].check_run_config(cfg)
     return cfg
 
 
@@ -106,7 +129,7 @@ def run(cfg) -> dict:
         print(done, flush=True)
         return {}
     given = cfg.to_dict()
-    result = (vlm if cfg.get("vlm") else llm).run(cfg)
+    result = recipe_of(cfg)[1].run(cfg)
     mark_complete(given, result["steps"])
     return result
 

@@ -53,6 +53,23 @@ class ConfigError(ValueError):
     """A bad config file, preset, key or value; the message says which and how to fix it."""
 
 
+class UnknownConfigKey(ConfigError):
+    """A dotted `key` that the config `cfg` does not have; the message names the closest key or the section's keys."""
+
+    def __init__(self, message: str, key: str, cfg: ConfigDict):
+        super().__init__(message)
+        self.key, self.cfg = key, cfg
+
+
+def has_key(cfg: ConfigDict, key: str) -> bool:
+    """Whether dotted `key` can be set in `cfg` (an entry of a mapping section counts: it is one to add)."""
+    try:
+        _lookup(cfg, key)
+    except UnknownConfigKey:
+        return False
+    return True
+
+
 def _config_module(path_text: str):
     """The config file at ``path_text``, run as a module."""
     path = Path(path_text)
@@ -211,19 +228,19 @@ def _lookup(cfg: ConfigDict, key: str) -> tuple[ConfigDict, str]:
     return node, name
 
 
-def _unknown_key(cfg: ConfigDict, key: str) -> ConfigError:
+def _unknown_key(cfg: ConfigDict, key: str) -> UnknownConfigKey:
     """Suggests the most similar valid key, else lists the keys of the deepest section that exists."""
     scored = [(_similarity(key, path), path) for path in _leaf_paths(cfg)]
     score, closest = max(scored, default=(0.0, ""))
     if score >= 0.6:
-        return ConfigError(f"unknown config key '{key}'; did you mean '{closest}'?")
+        return UnknownConfigKey(f"unknown config key '{key}'; did you mean '{closest}'?", key, cfg)
     section, path = cfg, []
     for name in key.split(".")[:-1]:
         if not isinstance(section.get(name), ConfigDict):
             break
         section, path = section[name], path + [name]
     where = f"keys under '{'.'.join(path)}'" if path else "top-level keys"
-    return ConfigError(f"unknown config key '{key}'; {where}: {', '.join(section.keys())}")
+    return UnknownConfigKey(f"unknown config key '{key}'; {where}: {', '.join(section.keys())}", key, cfg)
 
 
 def _similarity(key: str, path: str) -> float:

@@ -22,6 +22,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "automodel_jax").expanduser()
 
 
+def _source(directory: str | None) -> str:
+    """Where the compilation cache directory came from, for error messages (empty when the caller chose it)."""
+    if directory:
+        return ""
+    if jax.config.jax_compilation_cache_dir:
+        return " (from JAX_COMPILATION_CACHE_DIR)"
+    return f" (from ${CACHE_ENV})" if os.environ.get(CACHE_ENV) else " (the default cache directory)"
+
+
 def enable_compilation_cache(enabled: bool = True, directory: str | None = None,
                              fix: str = f"point {CACHE_ENV} at a writable directory, or set "
                                         "JAX_ENABLE_COMPILATION_CACHE=false") -> Path | None:
@@ -47,8 +56,8 @@ def enable_compilation_cache(enabled: bool = True, directory: str | None = None,
         chosen.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=chosen).close()
     except OSError as e:
-        raise ValueError(f"compilation cache directory {chosen} cannot be written ({e.strerror or e}); {fix}") \
-            from None
+        raise ValueError(f"compilation cache directory {chosen}{_source(directory)} cannot be written "
+                         f"({e.strerror or e}); {fix}") from None
     jax.config.update("jax_compilation_cache_dir", str(chosen))
     if _MIN_COMPILE_TIME_ENV not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -87,6 +87,10 @@ def frozen_module_patterns(model_type: str, cfg) -> tuple[str, ...]:
 
 
 def check_run_config(cfg) -> None:
+    if not cfg.vlm:
+        raise ConfigError("vlm marks a config of the vision-language recipe and is not a switch; remove "
+                          "--config.vlm=false, or use an LLM config file (configs/llama_lora.py, ...) for text-only "
+                          "fine-tuning")
     validate_choice(cfg, "peft.method", ("lora", "none"))
     validate_choice(cfg, "loss.impl", ("naive", "chunked", "pallas"))
     validate_choice(cfg, "data.truncation", ("truncate", "drop", "error"))

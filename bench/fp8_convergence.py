@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,13 +62,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--shape", default="llama3.2-1b", choices=sorted(SHAPES), help="tiny: a CPU smoke run")
     args = parser.parse_args()
+    # This process only writes the model (on the CPU): it must not take the GPU memory the runs need.
+    previous = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    emulate = f"--config.model.fp8.emulate={jax.default_backend() == 'cpu'}"  # starts the backends
+    os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
+    if previous is not None:
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = previous
     out = Path(args.out).absolute()
     model = out / f"{args.shape}-random"
-    write_model(model, args.shape, args.tokenizer)
+    with jax.default_device(jax.devices("cpu")[0]):
+        write_model(model, args.shape, args.tokenizer)
     steps = f"--config.train.max_steps={args.steps}"
     bf16 = train(out, "bf16", model, args.data, steps, "--config.model.fp8.enabled=false")
     for recipe in args.recipes:
-        emulate = f"--config.model.fp8.emulate={jax.default_backend() == 'cpu'}"
         fp8 = train(out, f"fp8-{recipe}", model, args.data, steps, f"--config.model.fp8.recipe={recipe}", emulate)
         gaps = {s: abs(fp8[s] - bf16[s]) / bf16[s] for s in bf16}
         worst = max(gaps, key=gaps.get)

@@ -2,11 +2,13 @@
 gradients backward (Transformer Engine's HYBRID format; NeMo Automodel's `tensorwise` torchao recipe).
 
 Each operand is scaled by scale = amax(|x|) / max(fp8 dtype) (448 for E4M3, 57344 for E5M2), computed from the
-tensor itself in the same step, quantized (x / scale, clipped, cast), then dequantized (cast back, times scale) right
-before a dot in the compute dtype. On Hopper XLA's GEMM rewriter turns dequantize -> dot into one cuBLASLt FP8 GEMM
-with the scales as its alpha; elsewhere the same program is an exact emulation of FP8 inputs with a higher-precision
-accumulator. The quantize/dequantize/scale arithmetic is Flax's (`flax.linen.fp8_ops`), which Flax ships for its
-delayed-scaling `Fp8DotGeneralOp`; only the current-scaling dot is written here.
+tensor itself in the same step, and quantized (x / scale, clipped, cast). The FP8 operands are then dotted directly,
+accumulating in the GEMM and writing the compute dtype, and the output is multiplied by the two scales (Flax's
+`fp8_scaled_dot_general` order). On Hopper that dot is one cuBLASLt FP8 GEMM with the scales folded in. The other
+order, dequantize then dot in bf16, relies on XLA's GEMM rewriter to spot the pattern, and with jax 0.11.2 the Triton
+GEMM fusion takes the dot first: a bf16 GEMM, no faster (H200, `bench/fp8_gemm.py`, BENCHMARKS.md). Elsewhere the
+same program is an exact emulation of FP8 inputs with a higher-precision accumulator. The quantize/scale arithmetic is
+Flax's (`flax.linen.fp8_ops`); only the current-scaling dot is written here.
 """
 from __future__ import annotations
 
@@ -33,9 +35,10 @@ def quantize(x: jax.Array, q_dtype) -> tuple[jax.Array, jax.Array]:
     return fp8_ops.quantize(x, q_dtype, scale, jnp.float32), scale
 
 
-def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """q cast to `dtype` times scale (also in `dtype`): the inverse of `quantize` up to FP8 rounding."""
-    return fp8_ops.dequantize(q, dtype, scale)
+def scaled_dot(a: jax.Array, a_scale: jax.Array, b: jax.Array, b_scale: jax.Array, dtype) -> jax.Array:
+    """a [..., k] @ b [k, n] of two FP8 arrays, written in `dtype` and multiplied by a_scale * b_scale (float32
+    scalars, applied in `dtype` as the dequantize does): the dequantized operands' product, one FP8 GEMM on Hopper."""
+    return jnp.dot(a, b, preferred_element_type=dtype) * (a_scale * b_scale).astype(dtype)
 
 
 @jax.custom_vjp
@@ -48,17 +51,16 @@ def fp8_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def _fp8_dot_fwd(x, kernel):
     (qx, sx), (qk, sk) = quantize(x, E4M3), quantize(kernel, E4M3)
-    y = jnp.dot(dequantize(qx, sx, x.dtype), dequantize(qk, sk, x.dtype))
+    y = scaled_dot(qx, sx, qk, sk, x.dtype)
     return y, (qx, sx, qk, sk)  # the FP8 operands are the residuals: a quarter of float32 (half of bf16) memory
 
 
 def _fp8_dot_bwd(residuals, g):
     qx, sx, qk, sk = residuals
     qg, sg = quantize(g, E5M2)
-    dtype = g.dtype
-    g_, x_, k_ = dequantize(qg, sg, dtype), dequantize(qx, sx, dtype), dequantize(qk, sk, dtype)
-    dx = jnp.dot(g_, k_.T)
-    dkernel = jnp.dot(x_.reshape(-1, x_.shape[-1]).T, g_.reshape(-1, g_.shape[-1]))  # 2-D, as cuBLASLt takes it
+    dx = scaled_dot(qg, sg, qk.T, sk, g.dtype)
+    # 2-D, as cuBLASLt takes it
+    dkernel = scaled_dot(qx.reshape(-1, qx.shape[-1]).T, sx, qg.reshape(-1, qg.shape[-1]), sg, g.dtype)
     return dx, dkernel
 
 

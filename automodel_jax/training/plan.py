@@ -24,11 +24,9 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -453,11 +451,11 @@ class Planner:
         steps = self.cfg.plan.measure_steps
         if steps:
             timed = [r for r in rows if self.fits(r)][:TOP_MEASURED]
-            for i, row in enumerate(timed):
+            for row in timed:
                 if not row.full_depth:
                     full = self.predict(row.candidate, full_depth=True)
                     full.note = row.note
-                    row = rows[rows.index(row)] = timed[i] = full
+                    rows[rows.index(row)] = row = full
                 if self.fits(row):
                     row.measured_step_s = self.measure(row.candidate, steps)
             rows = self._rank(rows)
@@ -635,7 +633,7 @@ def explained_out_of_memory(cfg, model_path: Callable[[], str]) -> Iterator[None
         first = str(error).strip().splitlines()[0]
         memory = device_memory_bytes(cfg.plan)
         if memory is None:
-            advice = f"set plan.device_memory_gb to have the planner name a fitting choice"
+            advice = "set plan.device_memory_gb to have the planner name a fitting choice"
         else:
             planner = Planner(cfg, model_path(), memory)
             own = planner.own()

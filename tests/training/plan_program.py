@@ -105,6 +105,7 @@ def main(out: Path) -> None:
         record["accuracy"][name] = dict(predicted=predicted.figures.peak_bytes, real=real.peak_bytes,
                                         full_depth=predicted.full_depth,
                                         memory_stats=jax.devices()[0].memory_stats())
+        print("accuracy", name, record["accuracy"][name], file=sys.stderr, flush=True)
 
     # Auto: a budget that takes micro-batch 1 but not 2 with remat none, on fsdp=8.
     fsdp = dict(mesh_axes=("fsdp",), remat=("none", "full"))

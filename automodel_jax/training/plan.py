@@ -402,8 +402,8 @@ class Planner:
 
     def unsatisfiable(self, rows: list[Row]) -> PlanError:
         smallest = min(rows, key=lambda r: r.figures.peak_bytes)
-        return PlanError(f"no candidate fits plan.margin {self.cfg.plan.margin:g} x {self.memory / 1e9:.2f} GB of "
-                         f"device memory: the smallest predicted peak is {smallest.peak_gb:.2f} GB per device "
+        return PlanError(f"no candidate fits plan.margin {self.cfg.plan.margin:g} x {self.memory / 1e9:.3g} GB of "
+                         f"device memory: the smallest predicted peak is {smallest.peak_gb:.3g} GB per device "
                          f"({smallest.candidate.describe()}); use more devices, a smaller data.seq_len or "
                          f"train.global_batch_size, LoRA (peft.method=lora), or a longer plan.remat list")
 
@@ -484,8 +484,8 @@ class Plan:
                                                       f"{NOMINAL_PEAKS[1]:g} TB/s (unknown device: ranking only)"
         measured = f"; measured: {p.cfg.plan.measure_steps} steps with random-init weights" \
             if p.cfg.plan.measure_steps else ""
-        return (f"plan for {len(p.devices)} x {p.devices[0].device_kind}: {p.memory / 1e9:.2f} GB per device, "
-                f"budget plan.margin {p.cfg.plan.margin:g} = {p.budget / 1e9:.2f} GB; GB/device from the compiled "
+        return (f"plan for {len(p.devices)} x {p.devices[0].device_kind}: {p.memory / 1e9:.3g} GB per device, "
+                f"budget plan.margin {p.cfg.plan.margin:g} = {p.budget / 1e9:.3g} GB; GB/device from the compiled "
                 f"step (~: extrapolated from {'/'.join(map(str, PROBE_LAYERS))}-layer compiles); est. from {peaks}"
                 f"{measured}")
 
@@ -559,11 +559,11 @@ def check_own_settings(cfg, model_path: str, memory: int) -> None:
         return
     row = planner.predict(own)
     if planner.fits(row):
-        log.info("plan: predicted peak %.2f GB per device of %.2f GB (plan.margin %g): fits", row.peak_gb,
+        log.info("plan: predicted peak %.3g GB per device of %.3g GB (plan.margin %g): fits", row.peak_gb,
                  memory / 1e9, cfg.plan.margin)
         return
-    raise PlanError(f"this run is predicted not to fit: {row.peak_gb:.2f} GB per device against "
-                    f"{memory / 1e9:.2f} GB of device memory (plan.margin {cfg.plan.margin:g}); "
+    raise PlanError(f"this run is predicted not to fit: {row.peak_gb:.3g} GB per device against "
+                    f"{memory / 1e9:.3g} GB of device memory (plan.margin {cfg.plan.margin:g}); "
                     f"{nearest_choice(planner, own)}")
 
 
@@ -576,7 +576,7 @@ def nearest_choice(planner: Planner, own: Candidate) -> str:
     row = planner.nearest_fitting(rows, own)
     if row is None:
         return str(planner.unsatisfiable(rows))
-    return f"nearest fitting choice: {row.candidate.describe()} (~{row.peak_gb:.2f} GB; or --config.plan=auto)"
+    return f"nearest fitting choice: {row.candidate.describe()} (~{row.peak_gb:.3g} GB; or --config.plan=auto)"
 
 
 def prepare_run(cfg, started: Started, model_path: str) -> Started:
@@ -637,6 +637,6 @@ def explained_out_of_memory(cfg, model_path: Callable[[], str]) -> Iterator[None
         else:
             planner = Planner(cfg, model_path(), memory)
             own = planner.own()
-            advice = (f"predicted peak {planner.predict(own).peak_gb:.2f} GB per device against "
-                      f"{memory / 1e9:.2f} GB of device memory; {nearest_choice(planner, own)}")
+            advice = (f"predicted peak {planner.predict(own).peak_gb:.3g} GB per device against "
+                      f"{memory / 1e9:.3g} GB of device memory; {nearest_choice(planner, own)}")
         raise OutOfDeviceMemory(f"out of device memory ({first}); {advice}") from None

@@ -8,6 +8,14 @@ FLOP count as the HF peer, ../shared/peers/peer_hf.py), peak device memory, comp
     python bench/train_bench.py w1 w2 w3 w4 [--remat save_dots] [--loss chunked] [--steps 10] [--profile DIR]
         [--fp8]
 
+`--plan` (issue 17): the run planner (`plan=auto`, `automodel_jax.training.plan`) chooses remat, loss and micro-batch
+before the model is built; its table goes to stderr, and the JSON line adds the chosen settings and the predicted peak
+per device beside the measured one (`memory_stats()["peak_bytes_in_use"]`; run one workload per process, the peak is
+the process's). `s8` is a Llama-3.1-8B full SFT (bf16 parameters, AdamW) that does not fit an H200 without
+activation checkpointing:
+
+    python bench/train_bench.py s8 --plan --steps 5 --warmup 1
+
 `--fp8` (issue 16): the decoder's Linear layers in FP8 (model.fp8, tensorwise scaling; emulated on CPU).
 
 `packing` (issue 14): Llama-3.2-1B shape LoRA on real SQuAD rows (answer-only loss) tokenized by `--tokenizer`
@@ -37,6 +45,7 @@ from automodel_jax.config.cache import enable_compilation_cache
 from automodel_jax.data import IGNORE
 from automodel_jax.recipes.llm.embedded import build_tokenizer
 from automodel_jax.recipes.llm.finetune import default_config, setup, train_loop
+from automodel_jax.training.plan import apply_settings, make_plan
 
 PEAK_TFLOPS = float(os.environ.get("PEAK_TFLOPS", "790"))
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
@@ -56,10 +65,13 @@ WORKLOADS = {
     "w2": ("W2 llama3.2-1b full-SFT b8 s2048", "llama3.2-1b", None, 0, 8, 2048, 8),
     "w3": ("W3 llama3.1-8b LoRA r8 b4 s2048", "llama3.1-8b", 8, 32, 4, 2048, 4),
     "w4": ("W4 llama3.1-8b LoRA r16 b2 s4096 gbs32", "llama3.1-8b", 16, 32, 2, 4096, 32),
+    "s8": ("S8 llama3.1-8b full-SFT bf16 params b4 s2048 gbs16", "llama3.1-8b", None, 0, 4, 2048, 16),
     "smoke": ("smoke: tiny LoRA on CPU", "tiny", 8, 32, 2, 64, 4),
     "packing": ("P1 llama3.2-1b LoRA r8 b8 s1024 gbs64 SQuAD", "llama3.2-1b", 8, 32, 8, 1024, 64),
     "packing_smoke": ("smoke: tiny LoRA on SQuAD rows on CPU", "tiny", 8, 32, 2, 1024, 8),
 }
+# Full-SFT workloads whose master weights are bf16 (the others: fp32 for full SFT, bf16 for LoRA).
+BF16_PARAMS = ("s8",)
 # Workloads on real rows (--data, --tokenizer), run padded and packed.
 REAL_DATA = ("packing", "packing_smoke")
 
@@ -83,11 +95,13 @@ def label_tokens(loader, position: dict, steps: int) -> tuple[int, int]:
 
 
 def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str | None = None,
-        data: str | None = None, tokenizer: str | None = None, packing: bool = False, fp8: bool = False) -> dict:
+        data: str | None = None, tokenizer: str | None = None, packing: bool = False, fp8: bool = False,
+        plan_auto: bool = False) -> dict:
     """One workload through the recipe's own phases: `setup` (state, jitted steps, grain loader of mock rows, or of
     the SQuAD rows in `data` tokenized by the HF tokenizer folder `tokenizer`, packed or not) and `train_loop` (the
     loop users run, metrics read one step behind), timed over `steps` steps after `warmup`.
-    `profile`: a directory for a `jax.profiler` trace of two steps after warm-up (the recipe's `profile` section)."""
+    `profile`: a directory for a `jax.profiler` trace of two steps after warm-up (the recipe's `profile` section).
+    `plan_auto`: remat, loss and micro-batch from the run planner instead of `remat`, `loss` and the workload's."""
     name, shape, rank, alpha, micro, seq, global_batch = WORKLOADS[key]
     lora = rank is not None
     hf_cfg = dict(model_type="llama", **SHAPES[shape])
@@ -97,8 +111,8 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
     (build_tokenizer() if data is None else AutoTokenizer.from_pretrained(tokenizer)).save_pretrained(model_dir)
     cfg = default_config()
     cfg.run_dir = str(model_dir / "run")
-    cfg.model.update(path=str(model_dir), dtype="bfloat16", param_dtype="bfloat16" if lora else "float32",
-                     remat=remat)
+    param_dtype = "bfloat16" if lora or key in BF16_PARAMS else "float32"
+    cfg.model.update(path=str(model_dir), dtype="bfloat16", param_dtype=param_dtype, remat=remat)
     cfg.model.fp8.update(enabled=fp8, emulate=fp8)  # emulate matters on CPU only
     cfg.peft.update(method="lora" if lora else "none", r=rank or 8, alpha=float(alpha), target_modules=("*_proj",))
     for split in ("train", "validation"):
@@ -118,8 +132,16 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
     if profile:
         trace_dir = Path(profile).absolute() / (key + "-packed" * packing)
         cfg.profile.update(enabled=True, start_step=warmup, num_steps=2, dir=str(trace_dir))
-    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=jnp.bfloat16,
-                                             param_dtype=jnp.bfloat16 if lora else jnp.float32, remat=remat)
+    planned = None
+    if plan_auto:
+        cfg.plan.mode = "auto"
+        planned = make_plan(cfg, str(model_dir))
+        print(planned.table(), file=sys.stderr, flush=True)
+        apply_settings(cfg, planned.chosen.candidate.settings())
+        cfg.plan.mode = "off"  # planned; the model is built with the choice below
+        remat, loss, micro = cfg.model.remat, cfg.loss.impl, cfg.train.micro_batch_size
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=jnp.bfloat16, param_dtype=jnp.dtype(param_dtype),
+                                             remat=remat)
     run_ = setup(cfg, model=model)
     del model
     t0 = time.perf_counter()
@@ -139,12 +161,17 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
     tok_s = global_batch * seq / step_s
     tflops = tok_s * flops_per_token(hf_cfg, seq, lora) / 1e12
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
-    return dict(impl="automodel-jax", workload=name, batch=micro, seq=seq, global_batch=global_batch,
-                remat=remat, loss_impl=loss, packing=packing, fp8=fp8, step_s=round(step_s, 4),
-                tokens_per_s=round(tok_s),
-                label_tokens_per_s=round(labels / steps / step_s), real_tokens_per_s=round(real / steps / step_s),
-                model_tflops=round(tflops, 1), mfu=round(tflops / PEAK_TFLOPS, 3), peak_mem_gb=round(peak, 1),
-                compile_and_first_step_s=round(compile_and_first, 1), jax=jax.__version__)
+    result = dict(impl="automodel-jax", workload=name, batch=micro, seq=seq, global_batch=global_batch,
+                  remat=remat, loss_impl=loss, packing=packing, fp8=fp8, step_s=round(step_s, 4),
+                  tokens_per_s=round(tok_s),
+                  label_tokens_per_s=round(labels / steps / step_s), real_tokens_per_s=round(real / steps / step_s),
+                  model_tflops=round(tflops, 1), mfu=round(tflops / PEAK_TFLOPS, 3), peak_mem_gb=round(peak, 1),
+                  compile_and_first_step_s=round(compile_and_first, 1), jax=jax.__version__)
+    if planned is not None:  # the planner's figures beside the measured peak_mem_gb (GiB both)
+        result.update(plan_predicted_peak_gb=round(planned.chosen.figures.peak_bytes / 2**30, 1),
+                      plan_est_step_s=round(planned.chosen.est_step_s, 4),
+                      plan_device_memory_gb=round(planned.planner.memory / 2**30, 1))
+    return result
 
 
 def main() -> int:
@@ -155,6 +182,9 @@ def main() -> int:
     parser.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
     parser.add_argument("--loss", default="chunked", choices=("naive", "chunked", "pallas"))
     parser.add_argument("--fp8", action="store_true", help="FP8 matmuls in the decoder's Linear layers")
+    parser.add_argument("--plan", action="store_true",
+                        help="remat, loss and micro-batch chosen by the run planner (plan=auto) instead of --remat, "
+                             "--loss and the workload's micro-batch")
     parser.add_argument("--profile", help="write a jax.profiler trace of two timed steps under DIR/WORKLOAD")
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help="JAX's persistent compilation cache in DIR, as the commands use it (a second run shows "
@@ -167,8 +197,8 @@ def main() -> int:
     enable_compilation_cache(bool(args.compilation_cache), args.compilation_cache)
     for key in args.workloads:
         if key not in REAL_DATA:
-            print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile, fp8=args.fp8)),
-                  flush=True)
+            print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile, fp8=args.fp8,
+                                 plan_auto=args.plan)), flush=True)
             continue
         for name, path in (("--data", args.data), ("--tokenizer", args.tokenizer)):
             if not Path(path).exists():

@@ -27,7 +27,7 @@ def test_help_lists_every_command():
     done = run_cli("--help")
     assert done.returncode == 0, done.stderr
     listed = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")]
-    assert listed == ["finetune", "export", "generate", "evaluate", "launch"]
+    assert listed == ["finetune", "export", "generate", "evaluate", "launch", "plan"]
 
 
 def test_the_console_script_is_this_main():
@@ -50,6 +50,7 @@ def test_finetune_gets_its_arguments_in_a_real_process(tmp_path):
      "/nonexistent/rows.jsonl does not exist"),
     (["launch", "slurm", "--config", "missing.py", "--nodes", "1", "--gpus-per-node", "0", "--dry-run"],
      "file missing.py not found"),
+    (["plan", "--config", "missing.py"], "config file 'missing.py' not found"),
 ])
 def test_each_command_runs_its_module_with_the_remaining_arguments(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -66,8 +67,8 @@ def test_a_command_keeps_its_own_help(capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["fintune", "--config", "configs/llama_lora.py"], "unknown command 'fintune'; did you mean 'finetune'?"),
-    (["train"], "unknown command 'train'; commands: finetune, export, generate, evaluate, launch"),
-    ([], "missing command; give one of: finetune, export, generate, evaluate, launch"),
+    (["train"], "unknown command 'train'; commands: finetune, export, generate, evaluate, launch, plan"),
+    ([], "missing command; give one of: finetune, export, generate, evaluate, launch, plan"),
     (["--config", "configs/llama_lora.py"], "unknown option '--config'"),
 ])
 def test_missing_or_unknown_command_is_one_error_line(argv, message, capsys):
@@ -76,7 +77,7 @@ def test_missing_or_unknown_command_is_one_error_line(argv, message, capsys):
     assert message in line
 
 
-MODULES = ("finetune", "export", "generate", "evaluate", "launch")
+MODULES = ("finetune", "export", "generate", "evaluate", "launch", "plan")
 
 
 @pytest.mark.parametrize("command", [[f"automodel_jax.{name}", "--help"] for name in MODULES]

@@ -21,6 +21,8 @@ COMMANDS = {
     "generate": ("automodel_jax.cli.generate", "stream a model's continuation of prompts to the terminal"),
     "evaluate": ("automodel_jax.cli.evaluate", "score a model on HellaSwag or SQuAD"),
     "launch": ("automodel_jax.cli.launch", "write and submit a multi-node Slurm job for a fine-tuning run"),
+    "plan": ("automodel_jax.cli.plan", "print the mesh, remat, loss and micro-batch plan=auto would choose, and why "
+                                       "(compiles on abstract shapes; trains nothing)"),
 }
 
 

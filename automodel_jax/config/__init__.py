@@ -19,7 +19,8 @@ Override rules (``--config.KEY=VALUE`` or ``--config.KEY VALUE``; the last one f
   ``config_dict.placeholder(int)`` (default None) or ``FieldReference(8, field_type=int)``.
   Such a field accepts ``None`` or a value of its type. A plain ``None`` field has no type and
   cannot be overridden.
-* Sections (nested ConfigDicts) are set field by field.
+* Sections (nested ConfigDicts) are set field by field; a section with a ``mode`` key also takes
+  a value, which sets its mode (``--config.plan=auto`` is ``--config.plan.mode=auto``).
 * Mapping sections (named in ``MAPPING_SECTIONS``: a dataset's ``columns``, template field ->
   column) map free names to strings: an override may add an entry
   (``--config.data.train.columns.input=input``) or replace the whole mapping with a dict literal
@@ -161,6 +162,9 @@ def apply_override(cfg: ConfigDict, key: str, raw: str | None) -> None:
         return
     field = dict(parent.items(preserve_field_references=True))[name]
     if isinstance(field, ConfigDict):
+        if "mode" in field and raw is not None:  # a section with a mode takes it as its value: --config.plan=auto
+            apply_override(cfg, f"{key}.mode", raw)
+            return
         first = next(iter(field.keys()), "KEY")
         raise ConfigError(f"config key '{key}' is a section; set its fields, e.g. '{key}.{first}'")
     optional = isinstance(field, FieldReference)

@@ -117,19 +117,34 @@ def make_eval_step(graphdef, *, loss_impl: str, max_segments: int | None, chunk_
     return evaluate
 
 
-def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int, param_shardings_tree):
-    """Fresh train state on the mesh; optimizer moments get their parameters' shardings (ZeRO-style when params are
-    sharded), created in place by a jitted init with those output shardings."""
+def _fresh_scalars(seed):
+    return jnp.int32(0), jax.random.PRNGKey(seed), jnp.bool_(True)
+
+
+def state_layout(params: dict, optimizer: optax.GradientTransformation, param_shardings_tree):
+    """(shapes, shardings) of the train state for `params` (arrays or jax.ShapeDtypeStruct leaves; nothing is
+    allocated): optimizer moments get their parameters' shardings (ZeRO-style when params are sharded), the step, rng
+    and ok flag are replicated. `init_state` builds this state; the planner (training/plan.py) compiles against it."""
     mesh = jax.tree.leaves(param_shardings_tree)[0].mesh
     replicated = NamedSharding(mesh, PartitionSpec())
-    params = jax.device_put(params, param_shardings_tree)
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_shardings = shardings_like_params(opt_shapes, flatten(params), flatten(param_shardings_tree), mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    step, rng, ok = jax.eval_shape(_fresh_scalars, 0)
+    shapes = dict(step=step, params=jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params),
+                  opt_state=opt_shapes, rng=rng, ok=ok)
     shardings = dict(step=replicated, params=param_shardings_tree, opt_state=opt_shardings, rng=replicated,
                      ok=replicated)
-    scalars = jax.jit(lambda: (jnp.int32(0), jax.random.PRNGKey(seed), jnp.bool_(True)),
-                      out_shardings=(replicated,) * 3)()
+    return shapes, shardings
+
+
+def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int, param_shardings_tree):
+    """Fresh train state on the mesh with the shardings of `state_layout`, the optimizer moments created in place by
+    a jitted init with those output shardings."""
+    _, shardings = state_layout(params, optimizer, param_shardings_tree)
+    params = jax.device_put(params, param_shardings_tree)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
+    replicated = shardings["step"]
+    scalars = jax.jit(_fresh_scalars, static_argnums=0, out_shardings=(replicated,) * 3)(seed)
     state = dict(step=scalars[0], params=params, opt_state=opt_state, rng=scalars[1], ok=scalars[2])
     return state, shardings
 

@@ -25,11 +25,12 @@ from automodel_jax.config import ConfigError, validate_choice
 from automodel_jax.data import (build_dataset, check_vocabulary, data_defaults, load_rows, make_loader,
                                 resolve_pad_id)
 from automodel_jax.generation import check_context
+from automodel_jax.losses.cross_entropy import IMPLS as LOSS_IMPLS
 from automodel_jax.models.fp8 import MIN_COMPUTE_CAPABILITY, fp8_unsupported
 from automodel_jax.models.layers import apply_fp8
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
 from automodel_jax.peft.lora import apply_lora, lora_defaults
-from automodel_jax.training import loop
+from automodel_jax.training import loop, plan
 from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, start_label,
                                             train_loop, trainer_defaults, validate)
 
@@ -56,6 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.data = data_defaults()
     # Evaluation at the end of training: "none", "hellaswag" (acc, acc_norm) or "squad" (exact match, F1).
     cfg.evaluation = dict(task="none", data="", split="validation", limit=200, batch_size=8)
+    # Mesh, activation checkpointing, loss and micro-batch chosen (auto) or checked (check) before weights load.
+    cfg.plan = plan.plan_defaults()
     return cfg
 
 
@@ -93,7 +96,8 @@ def check_run_config(cfg) -> None:
     """The recipe's choices, before anything is built."""
     validate_choice(cfg, "peft.method", ("lora", "none"))
     validate_choice(cfg, "model.fp8.recipe", FP8_RECIPES)
-    validate_choice(cfg, "loss.impl", ("naive", "chunked", "pallas"))
+    validate_choice(cfg, "loss.impl", LOSS_IMPLS)
+    plan.check_plan_config(cfg.plan)
     if validate_choice(cfg, "evaluation.task", ("none", "hellaswag", "squad")) != "none" and not cfg.evaluation.data:
         raise ConfigError("evaluation.data is empty; point it at the task's rows (a local file, saved dataset or "
                           "Hub name), or set evaluation.task=none")
@@ -119,12 +123,16 @@ def setup(cfg, model=None) -> Run:
     weights; the tokenizer still comes from model.path.
     """
     check_run_config(cfg)
+    if model is not None and cfg.plan.mode == "auto":
+        raise ConfigError("setup() was given a built model, whose remat plan.mode=auto cannot choose; plan first "
+                          "(training.plan.make_plan), build the model with the chosen settings, and set plan.mode=off")
     started = start(cfg)
     check_fp8_devices(cfg)
-    mesh, rules = started.mesh, started.rules
 
-    # Model, tokenizer, adapters.
+    # Plan (cfg.plan: check that the run fits, or choose its mesh, remat, loss and micro-batch), model, adapters.
     model_path = resolve_path(cfg.model.path)
+    started = plan.prepare_run(cfg, started, model_path)
+    mesh, rules = started.mesh, started.rules
     check_parallelism(cfg, mesh, rules, model_path)
     tokenizer = load_tokenizer(model_path)
     model = load_model(cfg, model_path, started) if model is None else model
@@ -204,8 +212,10 @@ def finish(run: Run, first_val: float, first_label: str = "before") -> dict:
 
 
 def run(cfg) -> dict:
-    """Train as `cfg` says; returns validation loss before/after, steps done, the trained model and evaluation."""
-    with contextlib.closing(setup(cfg)) as run_:  # checkpoint saves and writers end on every way out
+    """Train as `cfg` says; returns validation loss before/after, steps done, the trained model and evaluation.
+    Running out of device memory is one line naming the plan's figures (`plan.explained_out_of_memory`)."""
+    with plan.explained_out_of_memory(cfg, lambda: resolve_path(cfg.model.path)), \
+            contextlib.closing(setup(cfg)) as run_:  # checkpoint saves and writers end on every way out
         step = int(run_.state["step"])
         first_val = validate(run_, step)
         generations(run_, "before fine-tuning" if step == 0 else start_label(step))

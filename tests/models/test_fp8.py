@@ -4,6 +4,7 @@ the model.fp8 config errors, and a fine-tune of the real stories260K model in em
 bf16."""
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -11,12 +12,19 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 from automodel_jax import AutoModelForCausalLM
 from automodel_jax.cli import finetune as finetune_cli
-from automodel_jax.models.fp8 import E4M3, E5M2, dequantize, fp8_dot, fp8_unsupported, quantize
-from automodel_jax.models.layers import apply_fp8, linear_modules
-from automodel_jax.peft.lora import apply_lora
+from automodel_jax.models.fp8 import (E4M3, E5M2, delayed_scale, dequantize, fp8_dot, fp8_dot_delayed, fp8_unsupported,
+                                      new_amax_history, quantize, roll_history)
+from automodel_jax.models.fp8 import amax as tensor_amax
+from automodel_jax.models.layers import amax_histories, apply_fp8, linear_modules
+from automodel_jax.models.params import flatten, path_str
+from automodel_jax.parallel.sharding import make_mesh, tree_shardings
+from automodel_jax.peft.lora import apply_lora, split_model
+from automodel_jax.training.optim import build_optimizer, optim_defaults
+from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step, token_loss
 from reference import REPO, STORIES
 from test_finetune import error_line, hellaswag, isolated, stories_argv  # noqa: F401 - shared fixtures
 
@@ -24,12 +32,18 @@ FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 NP_FP8 = {E4M3: ml_dtypes.float8_e4m3fn, E5M2: ml_dtypes.float8_e5m2}
 
 
-def numpy_qdq(x: np.ndarray, q_dtype) -> np.ndarray:
-    """x rounded through q_dtype with the tensorwise scale amax / fp8 max, in float64 (ml_dtypes' round-to-nearest
-    casts): the reference the JAX code must reproduce."""
-    scale = np.float32(np.abs(x).max() / np.float32(FP8_MAX[q_dtype]))
+def numpy_qdq(x: np.ndarray, q_dtype, amax: float | None = None) -> np.ndarray:
+    """x rounded through q_dtype with the scale amax / fp8 max (amax: the tensorwise max|x| unless given; values
+    beyond it saturate), in float64 (ml_dtypes' round-to-nearest casts): the reference the JAX code must reproduce."""
+    scale = np.float32(np.float32(np.abs(x).max() if amax is None else amax) / np.float32(FP8_MAX[q_dtype]))
     q = np.clip(x.astype(np.float32) / scale, -FP8_MAX[q_dtype], FP8_MAX[q_dtype]).astype(NP_FP8[q_dtype])
     return q.astype(np.float64) * scale
+
+
+def numpy_delayed_amax(history_row: np.ndarray, current: float) -> float:
+    """The amax delayed scaling divides by the FP8 max (Transformer Engine's DelayedScaling, amax_compute_algo
+    "max", margin 0): the largest recorded amax, or the tensor's own on the first step (nothing recorded)."""
+    return float(history_row.max()) if history_row.max() > 0 else current
 
 
 @pytest.mark.parametrize("q_dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
@@ -82,6 +96,68 @@ def test_fp8_dot_forward_and_gradients_are_the_dots_of_the_fp8_rounded_operands(
     for got, want, bound in [(y, x @ w, 0.08), (dx, fx, 0.15), (dw, fw, 0.15)]:  # E4M3 ~6%, E5M2 ~12% per element
         relative = np.linalg.norm(np.asarray(got) - np.asarray(want)) / np.linalg.norm(np.asarray(want))
         assert 0.0 < relative < bound / 2, relative  # FP8 rounding is there, and far below one element's worst case
+
+
+def test_delayed_scale_and_history_roll_match_a_numpy_window_of_the_last_amaxes():
+    """Over 7 steps with L = 3: each row keeps exactly the last L amaxes (the newest in slot 0), and the scale read
+    from it is max(last L amaxes) / fp8 max; with nothing recorded yet the tensor's own amax is used."""
+    rng = np.random.default_rng(4)
+    length, history = 3, new_amax_history(3)
+    assert history.shape == (3, length) and history.dtype == jnp.float32 and not np.any(np.asarray(history))
+    seen = []
+    for step in range(7):
+        current = rng.uniform(0.5, 4.0, size=3).astype(np.float32)
+        for row, q_dtype in enumerate((E4M3, E4M3, E5M2)):
+            want = np.float32(np.float32(numpy_delayed_amax(np.asarray(history[row]), current[row]))
+                              / np.float32(FP8_MAX[q_dtype]))
+            assert float(delayed_scale(history[row], jnp.float32(current[row]), q_dtype)) == pytest.approx(
+                float(want), rel=1e-6)  # Flax computes 1 / (max / amax): one rounding more
+        history = roll_history(history, jnp.asarray(current))
+        seen.append(current)
+        window = np.stack(seen[-length:])  # [<= L, 3], oldest first
+        got = np.asarray(history)
+        np.testing.assert_array_equal(got[:, 0], current)
+        for row in range(3):
+            expected = np.sort(np.concatenate([window[:, row], np.zeros(length - len(window), np.float32)]))
+            np.testing.assert_array_equal(np.sort(got[row]), expected)
+    # zeros everywhere (nothing recorded, an all-zero tensor) keep scale 1 instead of dividing by zero
+    assert float(delayed_scale(jnp.zeros(4), jnp.float32(0.0), E5M2)) == 1.0
+
+
+def test_fp8_dot_delayed_scales_from_the_history_and_returns_the_rolled_history_as_its_gradient():
+    """Against NumPy: the input row's recorded amax is half of max|x| (the large values saturate at the E4M3 max),
+    the kernel row is empty (its own amax is used, as on a first step), the gradient row is 4x max|g| (coarser
+    steps); the history's cotangent is the history rolled with [max|x|, max|w|, max|g|] in slot 0, and a forward
+    alone gives the same output without touching the history."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 5, 32)).astype(np.float32)
+    w = (rng.normal(size=(32, 16)) * 0.1).astype(np.float32)
+    cotangent = rng.normal(size=(2, 5, 16)).astype(np.float32)
+    amax_x, amax_w, amax_g = (float(np.abs(a).max()) for a in (x, w, cotangent))
+    history = np.zeros((3, 4), np.float32)
+    history[0, 1:3] = [0.25 * amax_x, 0.5 * amax_x]
+    history[2, 3] = 4 * amax_g
+
+    def loss(x, w, h):
+        return jnp.sum(fp8_dot_delayed(x, w, h) * cotangent)
+
+    y = np.asarray(fp8_dot_delayed(jnp.asarray(x), jnp.asarray(w), jnp.asarray(history)))
+    dx, dw, new = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(w), jnp.asarray(history))
+    qx, qw = numpy_qdq(x, E4M3, 0.5 * amax_x), numpy_qdq(w, E4M3)
+    qg = numpy_qdq(cotangent, E5M2, 4 * amax_g)
+    assert np.abs(qx).max() == pytest.approx(0.5 * amax_x, rel=1e-6)  # saturated, not inf or NaN
+    np.testing.assert_allclose(y, qx @ qw, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), qg @ qw.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.einsum("bti,bto->io", qx, qg), rtol=1e-4, atol=1e-5)
+    expected = np.concatenate([np.asarray([[amax_x], [amax_w], [amax_g]], np.float32), history[:, 2:],
+                               history[:, :1]], axis=1)  # Flax's roll: slot 0 newest, slot 1 the oldest is dropped
+    np.testing.assert_array_equal(np.asarray(new), expected)
+    np.testing.assert_allclose(np.asarray(new), np.asarray(roll_history(jnp.asarray(history),
+                                                                        jnp.asarray([amax_x, amax_w, amax_g]))))
+    # a first step (nothing recorded) is a tensorwise step
+    fresh = new_amax_history(4)
+    np.testing.assert_array_equal(np.asarray(fp8_dot_delayed(jnp.asarray(x), jnp.asarray(w), fresh)),
+                                  np.asarray(fp8_dot(jnp.asarray(x), jnp.asarray(w))))
 
 
 @pytest.mark.gpu
@@ -143,6 +219,119 @@ def test_fp8_model_logits_stay_close_and_lora_trains_over_the_fp8_base(stories_m
     grad_a = jax.grad(lambda a: jnp.sum(jnp.dot(jnp.dot(x, a), layer.lora_b[...]) * layer.lora_scale
                                         + fp8_dot(x, layer.kernel[...])))(layer.lora_a[...])
     assert np.any(np.asarray(grad_a))
+
+
+SEEN: dict[str, dict[str, list[float]]] = {}  # layer -> {"input": [...], "output_grad": [...]}, one per micro-batch
+
+
+def _record(name: str, row: str, value) -> None:
+    SEEN.setdefault(name, {"input": [], "output_grad": []})[row].append(float(value))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tap(y, name):
+    """y unchanged; its gradient's max|g| is recorded on the host on the way back."""
+    return y
+
+
+_tap.defvjp(lambda y, name: (y, None),
+            lambda name, _, g: (jax.debug.callback(_record, name, "output_grad", tensor_amax(g)) or g,))
+
+
+class Probed(nnx.Module):
+    """A model's own FP8 Linear whose max|input| and max|output gradient| are recorded on the host (the amaxes a
+    delayed-scaling layer keeps), measured from outside the layer."""
+
+    def __init__(self, layer, name: str):
+        self.layer, self.name = layer, name
+
+    def __call__(self, x, dropout_rng=None):
+        jax.debug.callback(_record, self.name, "input", tensor_amax(x.astype(self.layer.dtype)))
+        return _tap(self.layer(x, dropout_rng), self.name)
+
+
+def probed(model) -> list[str]:
+    """Wrap every FP8 Linear of `model` in place in a `Probed`; their names."""
+    names = [name for name, layer in linear_modules(model).items() if layer.fp8]
+    for name in names:
+        *parents, attribute = name.split(".")
+        parent = functools.reduce(lambda m, k: m[int(k)] if k.isdigit() else getattr(m, k), parents, model)
+        setattr(parent, attribute, Probed(getattr(parent, attribute), name))
+    return names
+
+
+def micro_batches(accum: int, micro: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, vocab, size=(accum, micro, seq), dtype=np.int32)
+    labels = np.where(rng.random(ids.shape) < 0.2, -100, rng.integers(0, vocab, size=ids.shape)).astype(np.int32)
+    segments = np.ones_like(ids)
+    segments[:, 0, seq - 5:] = 0  # a padded row
+    labels[segments == 0] = -100
+    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()
+    return dict(input_ids=ids, labels=labels, segment_ids=segments, positions=positions)
+
+
+def by_layer(fp8_state) -> dict[str, np.ndarray]:
+    return {path_str(path[:-1]): np.asarray(value) for path, value in flatten(fp8_state).items()}
+
+
+def test_a_real_train_step_records_the_amaxes_of_every_fp8_layer_and_a_bad_step_keeps_them(stories_model):
+    """stories260K full SFT, delayed scaling (L = 4), 2 micro-batches through the jitted train step: each layer's
+    new history holds in slot 0 the largest max|input|, max|kernel| and max|output gradient| over the micro-batches,
+    measured by probes around the layers in a backward of the same loss (a first delayed step computes what a
+    tensorwise step does); the next step rolls it; a step after a non-finite one (state["ok"] False) leaves it as
+    it was; evaluation reads it."""
+    model = stories_model()
+    apply_fp8(model, amax_history_len=4)
+    batch = micro_batches(accum=2, micro=2, seq=24, vocab=model.config.vocab_size)
+    optimizer, schedule = build_optimizer(optim_defaults(), 3)
+    graphdef, trainable, frozen = split_model(model, lora=False)
+    mesh = make_mesh()
+    state, shardings = init_state(trainable, optimizer, 0, tree_shardings(model, trainable, mesh),
+                                  amax_histories(model))
+    assert set(by_layer(state["fp8"])) == {n for n, layer in linear_modules(model).items() if layer.fp8}
+    step, evaluate, _, _ = compile_steps(make_train_step(graphdef, optimizer, schedule, loss_impl="chunked",
+                                                         max_segments=1),
+                                         make_eval_step(graphdef, loss_impl="chunked", max_segments=1),
+                                         shardings, {}, mesh)
+    state, metrics = step(state, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert bool(metrics["finite"])
+    first = by_layer(state["fp8"])
+
+    reference = stories_model()  # the same weights, tensorwise, probed
+    apply_fp8(reference)
+    names = probed(reference)
+    SEEN.clear()
+    ref_graphdef, ref_params, _ = split_model(reference, lora=False)
+    reference_grad = jax.jit(jax.grad(lambda p, micro: token_loss(ref_graphdef, p, {}, micro, loss_impl="chunked",
+                                                                  max_segments=1)[0]))
+    for i in range(2):
+        reference_grad(ref_params, {k: jnp.asarray(v[i]) for k, v in batch.items()})
+    jax.effects_barrier()
+    assert sorted(SEEN) == sorted(names) == sorted(first)
+    for name in names:
+        kernel = linear_modules(reference)[f"{name}.layer"].kernel[...]
+        want = [max(SEEN[name]["input"]), float(tensor_amax(kernel)), max(SEEN[name]["output_grad"])]
+        assert len(SEEN[name]["input"]) == len(SEEN[name]["output_grad"]) == 2
+        np.testing.assert_allclose(first[name][:, 0], want, rtol=1e-5, err_msg=name)
+        assert not np.any(first[name][:, 1:]), name
+
+    state, _ = step(state, frozen, {k: jnp.asarray(v[::-1]) for k, v in batch.items()})
+    second = by_layer(state["fp8"])
+    for name in names:
+        np.testing.assert_array_equal(second[name][:, -1], first[name][:, 0])  # rolled once per optimizer step
+        assert np.all(second[name][:, 0] > 0) and not np.any(second[name][:, 1:3])
+
+    loss_sum, count = evaluate(state["params"], frozen, {k: jnp.asarray(v[0]) for k, v in batch.items()},
+                               state["fp8"])
+    assert np.isfinite(float(loss_sum)) and int(count) > 0
+    assert by_layer(state["fp8"]).keys() == second.keys()  # evaluation returns no state: it can only read it
+
+    state["ok"] = jnp.bool_(False)  # as after a non-finite step
+    state, metrics = step(state, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert not bool(metrics["finite"])
+    for name, history in by_layer(state["fp8"]).items():
+        np.testing.assert_array_equal(history, second[name])
 
 
 @pytest.mark.parametrize(("overrides", "fragments"), [

@@ -2,9 +2,9 @@
 
 State = {"step", "params" (the trainable pytree: adapters for LoRA, everything for SFT), "opt_state", "rng", "ok"},
 plus "fp8" (the FP8 layers' amax histories, replicated) in runs with delayed FP8 scaling; the frozen base parameters
-travel separately and are never donated. "ok" (bool) turns False at the first non-finite
-step, and from then on every step leaves the state as it was: the host reads metrics a step behind, so when it finds
-the bad step the state is still that of the last good one, with its step count ("ok" is never checkpointed).
+travel separately and are never donated. "ok" (bool) turns False at the first non-finite step, and from then on every
+step leaves the state as it was: the host reads metrics a step behind, so when it finds the bad step the state is
+still that of the last good one, with its step count ("ok" is never checkpointed).
 
 Loss follows NeMo Automodel: token losses summed over labels != -100 and divided by the number of such tokens in the
 whole global batch (all micro-batches).
@@ -71,10 +71,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     (FSDP) instead of leaving the scan carry's layout to the compiler. A non-finite loss or gradient (or an earlier
     one: state["ok"] False) leaves the state unchanged (the last good state) and sets metrics["finite"] to False so
     the host can stop with a clear message. With state["fp8"] (delayed FP8 scaling) every micro-batch reads the same
-    amax histories and returns them rolled with its amaxes as their "gradient" (`models.fp8.fp8_dot_delayed`); the
-    new histories are the elementwise maximum over micro-batches (one roll per optimizer step, holding the step's
-    largest amaxes). Metrics: loss, grad_norm, learning_rate, label_tokens (tokens with a
-    label) and tokens (non-padding tokens processed) of the global batch, finite.
+    amax histories and returns them rolled with its amaxes as their "gradient" (`models.fp8.fp8_dot_delayed`); the new
+    histories are the elementwise maximum over micro-batches (one roll per optimizer step, holding the step's largest
+    amaxes). Metrics: loss, grad_norm, learning_rate, label_tokens (tokens with a label) and tokens (non-padding
+    tokens processed) of the global batch, finite.
     """
     def like_params(tree):
         return tree if grad_shardings is None else jax.lax.with_sharding_constraint(tree, grad_shardings)

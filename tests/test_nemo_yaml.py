@@ -477,12 +477,14 @@ def test_the_fp8_section_translates_to_model_fp8(tmp_path):
     """The ported system's llama_3_2_1b_hellaswag_fp8 section: its switches map to model.fp8, its FSDP and
     recompute settings (speed and memory only) are one warning each, and a recipe other than tensorwise is refused."""
     cfg, translation = translate(tmp_path, HELLASWAG_SFT + FP8)
-    assert cfg.model.fp8.to_dict() == dict(enabled=True, recipe="tensorwise", filter_modules=("lm_head", "down_proj"),
-                                           emulate=True)
+    assert cfg.model.fp8.to_dict() == dict(enabled=True, recipe="tensorwise", amax_history_len=1024,
+                                           filter_modules=("lm_head", "down_proj"), emulate=True)
     assert {w for w in translation.warnings if w.startswith(("fp8", "compile"))} == {
         "compile is ignored: XLA compiles every step",
         "fp8.enable_fsdp_float8_all_gather is ignored: XLA chooses how sharded weights are gathered",
         "fp8.precompute_float8_dynamic_scale_for_fsdp is ignored: XLA chooses how sharded weights are gathered",
         "fp8.force_recompute_fp8_weight_in_bwd is ignored: the backward reuses the forward's FP8 weight here"}
-    with pytest.raises(ConfigError, match=r"^fp8.recipe_name 'rowwise' is not supported; supported: tensorwise$"):
-        translate(tmp_path, HELLASWAG_SFT + FP8, "--fp8.recipe_name=rowwise")
+    for recipe in ("rowwise", "delayed"):  # delayed is not a NeMo recipe name: the error says where it is chosen
+        with pytest.raises(ConfigError, match=rf"^fp8.recipe_name '{recipe}' is not supported; supported: tensorwise "
+                                              r"\(delayed scaling, .* is model.fp8.recipe=delayed in a Python config\)$"):
+            translate(tmp_path, HELLASWAG_SFT + FP8, f"--fp8.recipe_name={recipe}")

@@ -2,12 +2,15 @@
 
 A checkpoint is a step directory RUN_DIR/checkpoints/STEP holding the items
   params  the trainable pytree (the LoRA adapters, or every parameter for full fine-tuning),
-  train   the rest of the train state: step, optimizer state, rng,
+  train   the rest of the train state: step, optimizer state, rng (and fp8, the amax histories of delayed FP8
+          scaling, in runs that use it),
   data    the data loader's position (JSON),
   config  the run's resolved config (JSON),
   meta    what the parameters belong to (JSON): the base model's HF config and tensor dtypes, its path, the LoRA
           settings, the chat template training used in place of the tokenizer's (None: the tokenizer's; exports
-          write it into their tokenizer files). Checked on restore, so a checkpoint of another model or LoRA shape fails with a clear message.
+          write it into their tokenizer files); with delayed FP8 scaling, `fp8_delayed`: the history length and the
+          FP8 layers. Checked on restore, so a checkpoint of another model, LoRA shape or FP8 scaling state fails with
+          a clear message.
 The frozen base weights are never saved (they come from the HF checkpoint). Orbax writes STEP.orbax-checkpoint-tmp and
 renames it when complete, so an interrupted save is never taken for a step (and is deleted on the next start).
 Parameter checkpoints (converters/hf_to_orbax.py) hold only params and meta.
@@ -33,6 +36,7 @@ from automodel_jax.checkpoint.safetensors_io import CheckpointError
 from automodel_jax.config import ConfigError, config_changes
 from automodel_jax.data.builders import training_chat_template
 from automodel_jax.models.base import HFSource, build_model
+from automodel_jax.models.layers import linear_modules
 from automodel_jax.parallel.sharding import tree_shardings
 from automodel_jax.peft.lora import adapters, apply_lora, lora_settings, split_model
 
@@ -153,6 +157,41 @@ def check_compatible(saved: dict, current: dict, where) -> None:
                                   f"fresh run_dir")
 
 
+def delayed_fp8_meta(model: nnx.Module) -> dict | None:
+    """{"amax_history_len", "layers"} of a model with delayed FP8 scaling (what its train state's fp8 tree holds),
+    None for a model without (no FP8, or tensorwise)."""
+    lengths = {name: layer.amax_history[...].shape[-1] for name, layer in linear_modules(model).items()
+               if layer.amax_history is not None}
+    if not lengths:
+        return None
+    return dict(amax_history_len=max(lengths.values()), layers=sorted(lengths))
+
+
+def check_fp8_state(saved: dict | None, current: dict | None, where) -> None:
+    """ConfigError naming the model.fp8 key that makes a checkpoint's delayed FP8 scaling state (`delayed_fp8_meta`
+    of its meta) differ from this run's, before Orbax would fail on the train state's shape."""
+    if saved == current:
+        return
+    fresh = "or use a fresh run_dir"
+    if saved is None:
+        raise ConfigError(f"checkpoint {where} has no FP8 amax histories (it was not trained with "
+                          f"model.fp8.recipe=delayed), but this run uses delayed scaling; resume it with the "
+                          f"model.fp8.recipe / model.fp8.enabled it was trained with {fresh}")
+    if current is None:
+        raise ConfigError(f"checkpoint {where} was trained with model.fp8.recipe=delayed (its state holds FP8 amax "
+                          f"histories), but this run has no delayed scaling; resume it with model.fp8.enabled=true "
+                          f"model.fp8.recipe=delayed {fresh}")
+    if saved["amax_history_len"] != current["amax_history_len"]:
+        raise ConfigError(f"checkpoint {where} keeps {saved['amax_history_len']} steps of FP8 amax history but "
+                          f"model.fp8.amax_history_len is {current['amax_history_len']}; resume it with "
+                          f"model.fp8.amax_history_len={saved['amax_history_len']} {fresh}")
+    layer = sorted(set(saved["layers"]) ^ set(current["layers"]))[0]
+    which = "in FP8 there but not in this run" if layer in saved["layers"] else "in FP8 in this run but not there"
+    raise ConfigError(f"checkpoint {where} has FP8 amax histories for {len(saved['layers'])} layers, this run for "
+                      f"{len(current['layers'])} ({layer} is {which}); resume it with the model.fp8.filter_modules "
+                      f"it was trained with {fresh}")
+
+
 def _read_json(manager: ocp.CheckpointManager, step: int, names) -> dict:
     return dict(manager.restore(step, args=ocp.args.Composite(**{n: ocp.args.JsonRestore() for n in names})))
 
@@ -182,6 +221,9 @@ class TrainCheckpoints:
         self.directory = Path(cfg.run_dir).absolute() / CHECKPOINT_DIR
         self.meta = {**model_meta(model, cfg.model.path if model_path is None else model_path),
                      "chat_template": training_chat_template(cfg.data)}
+        fp8 = delayed_fp8_meta(model)
+        if fp8 is not None:  # only runs with delayed scaling: other checkpoints stay as they were
+            self.meta["fp8_delayed"] = fp8
         self.manager = _manager(self.directory, keep=ck.keep, keep_best=ck.keep_best,
                                 async_save=ck.async_save) if ck.enabled else None
         self._pending = None
@@ -208,6 +250,7 @@ class TrainCheckpoints:
             meta = _read_json(manager, step, ["meta"])["meta"]
             where = Path(manager.directory) / str(step)
             check_compatible(meta, self.meta, where)
+            check_fp8_state(meta.get("fp8_delayed"), self.meta.get("fp8_delayed"), where)
             if meta.get("kind") != "train":
                 raise CheckpointError(f"checkpoint {where} holds parameters only (no optimizer or data state); "
                                       f"it cannot resume training")

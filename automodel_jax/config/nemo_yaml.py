@@ -529,7 +529,9 @@ class _Translator:
                 self.set(f"fp8.{key}", f"model.fp8.{key}", bool(section.pop(key)))
         recipe = section.pop("recipe_name", None) or "tensorwise"
         if recipe != "tensorwise":
-            raise ConfigError(f"fp8.recipe_name {recipe!r} is not supported; supported: tensorwise")
+            raise ConfigError(f"fp8.recipe_name {recipe!r} is not supported; supported: tensorwise (delayed scaling, "
+                              f"which NeMo Automodel's recipes do not name, is model.fp8.recipe=delayed in a Python "
+                              f"config)")
         self.set("fp8.recipe_name", "model.fp8.recipe", recipe)
         if "filter_fqns" in section:
             self.set("fp8.filter_fqns", "model.fp8.filter_modules",

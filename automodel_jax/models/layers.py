@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from automodel_jax.models.fp8 import fp8_dot
-from automodel_jax.models.params import module_matches, path_str
+from automodel_jax.models.fp8 import fp8_dot, fp8_dot_delayed, new_amax_history
+from automodel_jax.models.params import module_matches, path_str, pure_dict
 from automodel_jax.parallel.sharding import constrain
 
 
@@ -27,14 +27,21 @@ class LoRAParam(nnx.Param):
     """An adapter weight: split from the frozen base parameters by this type (`nnx.split(model, LoRAParam, ...)`)."""
 
 
+class AmaxHistory(nnx.Variable):
+    """Delayed FP8 scaling state of one Linear: float32 [3, amax_history_len] (`models.fp8.AMAX_ROWS`). Not a
+    parameter: the train step carries it as state["fp8"] and writes back what `fp8_dot_delayed` returns as its
+    gradient; never exported."""
+
+
 def _init(key, shape, dtype, std):
     return (std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)).astype(dtype)
 
 
 class Linear(nnx.Module):
     """y = x @ kernel + bias, kernel stored [in, out]; plus (dropout(x) @ lora_a @ lora_b) * lora_scale when adapted.
-    With `fp8` (set by `apply_fp8`) x @ kernel is an FP8 matmul (`models.fp8.fp8_dot`); the adapter stays in the
-    compute dtype."""
+    With `fp8` (set by `apply_fp8`) x @ kernel is an FP8 matmul, with tensorwise scaling (`models.fp8.fp8_dot`), or
+    with delayed scaling from `amax_history` when it holds one (`fp8_dot_delayed`); the adapter stays in the compute
+    dtype."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str, str],
                  dtype, param_dtype, rngs: nnx.Rngs, init_std: float = 0.02):
@@ -45,10 +52,15 @@ class Linear(nnx.Module):
         self.lora_a, self.lora_b = as_data(None), as_data(None)
         self.lora_scale, self.lora_dropout, self.lora_salt = 0.0, 0.0, 0
         self.fp8 = False
+        self.amax_history = as_data(None)
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
-        y = (fp8_dot if self.fp8 else jnp.dot)(x, self.kernel[...].astype(self.dtype))
+        kernel = self.kernel[...].astype(self.dtype)
+        if self.amax_history is not None:
+            y = fp8_dot_delayed(x, kernel, self.amax_history[...])
+        else:
+            y = (fp8_dot if self.fp8 else jnp.dot)(x, kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
@@ -91,11 +103,13 @@ def linear_modules(model: nnx.Module) -> dict[str, Linear]:
     return {path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, Linear)}
 
 
-def apply_fp8(model: nnx.Module, filter_modules: tuple[str, ...] = ()) -> list[str]:
+def apply_fp8(model: nnx.Module, filter_modules: tuple[str, ...] = (), amax_history_len: int | None = None
+              ) -> list[str]:
     """Turn on FP8 matmuls (in place) in every Linear of `model` but the output layer (`lm_head`, which stays in the
     compute dtype with the loss) and those matching a `filter_modules` pattern (NeMo Automodel's filter: globs on
     module names/paths or "re:<regex>" on full paths, see `params.module_matches`); returns the FP8 module paths.
-    Raises ValueError naming a pattern that matches no Linear layer nor `lm_head` (a typo would otherwise keep
+    `amax_history_len`: None for tensorwise scaling, else delayed scaling with a zero `AmaxHistory` [3, L] in each FP8
+    layer. Raises ValueError naming a pattern that matches no Linear layer nor `lm_head` (a typo would otherwise keep
     nothing in bf16)."""
     linears = linear_modules(model)
     for pattern in filter_modules:
@@ -107,7 +121,15 @@ def apply_fp8(model: nnx.Module, filter_modules: tuple[str, ...] = ()) -> list[s
               and not any(module_matches(name, p) for p in filter_modules)]
     for name in chosen:
         linears[name].fp8 = True
+        if amax_history_len is not None:
+            linears[name].amax_history = AmaxHistory(new_amax_history(amax_history_len))
     return chosen
+
+
+def amax_histories(model: nnx.Module) -> dict:
+    """The delayed FP8 scaling state of `model` as a nested {name: [3, L] float32} dict like the parameters' ({} when
+    no layer has delayed scaling)."""
+    return pure_dict(model, AmaxHistory)
 
 
 class Embedding(nnx.Module):

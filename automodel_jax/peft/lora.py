@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from automodel_jax.models.layers import OUTPUT_LAYERS, Embedding, Linear, LoRAParam, linear_modules
+from automodel_jax.models.layers import OUTPUT_LAYERS, AmaxHistory, Embedding, Linear, LoRAParam, linear_modules
 from automodel_jax.models.params import module_matches
 from automodel_jax.models.params import path_str, pure_dict
 
@@ -130,17 +130,18 @@ def merge_lora(model: nnx.Module) -> None:
 
 def split_model(model: nnx.Module, lora: bool, frozen: Sequence[str] = ()):
     """(graphdef, trainable, frozen) as nested dicts: adapters vs base for LoRA; for full SFT every parameter except
-    those of modules matching a `frozen` pattern (same syntax as target_modules; e.g. a frozen vision tower)."""
+    those of modules matching a `frozen` pattern (same syntax as target_modules; e.g. a frozen vision tower). Delayed
+    FP8 scaling state is in neither (`layers.amax_histories(model)`; `nnx.merge` needs it as a third tree)."""
     if lora:
-        graphdef, trainable, frozen_state = nnx.split(model, LoRAParam, nnx.Param)
+        graphdef, trainable, frozen_state, _ = nnx.split(model, LoRAParam, nnx.Param, AmaxHistory)
         return graphdef, pure_dict(trainable), pure_dict(frozen_state)
     if not frozen:
-        graphdef, trainable = nnx.split(model, nnx.Param)
+        graphdef, trainable, _ = nnx.split(model, nnx.Param, AmaxHistory)
         return graphdef, pure_dict(trainable), {}
 
     def is_frozen(path, _value) -> bool:
         module = path_str(tuple(path[:-1]))
         return any(module_matches(module, p) for p in frozen)
 
-    graphdef, frozen_state, trainable = nnx.split(model, nnx.All(nnx.Param, is_frozen), nnx.Param)
+    graphdef, frozen_state, trainable, _ = nnx.split(model, nnx.All(nnx.Param, is_frozen), nnx.Param, AmaxHistory)
     return graphdef, pure_dict(trainable), pure_dict(frozen_state)

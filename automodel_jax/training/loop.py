@@ -59,12 +59,13 @@ def validation_batches(dataset, max_samples: int | None, batch_size: int, seq_le
     return list(loader)
 
 
-def validation_loss(eval_step, params, frozen, batches: list[dict], shardings: dict) -> float:
-    """Token-weighted mean loss over all validation batches (one device-to-host read at the end)."""
+def validation_loss(eval_step, params, frozen, batches: list[dict], shardings: dict, fp8=None) -> float:
+    """Token-weighted mean loss over all validation batches (one device-to-host read at the end); `fp8`: the train
+    state's amax histories (delayed FP8 scaling), passed to the eval step when given."""
     sums, counts = [], []
     for batch in batches:
         placed = {k: jax.make_array_from_process_local_data(s, batch[k]) for k, s in shardings.items()}
-        loss_sum, count = eval_step(params, frozen, placed)
+        loss_sum, count = eval_step(params, frozen, placed, *([] if fp8 is None else [fp8]))
         sums.append(loss_sum)
         counts.append(count)
     total, n = jax.device_get((sum(sums), sum(counts)))

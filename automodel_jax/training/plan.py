@@ -40,7 +40,7 @@ from automodel_jax.config import ConfigError, validate_choice
 from automodel_jax.launcher.distributed import describe_topology
 from automodel_jax.losses.cross_entropy import IMPLS as LOSS_IMPLS
 from automodel_jax.models.base import REMAT_POLICIES, family_config
-from automodel_jax.models.layers import apply_fp8
+from automodel_jax.models.layers import amax_histories, apply_fp8
 from automodel_jax.parallel.sharding import (MESH_AXES, MeshConfigError, check_mesh_fits, make_mesh, mesh_from_config,
                                              rules_for, tree_shardings)
 from automodel_jax.peft.lora import apply_lora, split_model
@@ -279,8 +279,10 @@ class Planner:
         def build():
             model = cls(model_cfg, dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype),
                         rngs=nnx.Rngs(0))
-            if cfg.model.fp8.enabled:
-                apply_fp8(model, tuple(cfg.model.fp8.filter_modules))
+            fp8 = cfg.model.fp8
+            if fp8.enabled:
+                apply_fp8(model, tuple(fp8.filter_modules),
+                          amax_history_len=fp8.amax_history_len if fp8.recipe == "delayed" else None)
             if self.lora:
                 apply_lora(model, r=cfg.peft.r, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
                            target_modules=cfg.peft.target_modules, exclude_modules=cfg.peft.exclude_modules)
@@ -295,7 +297,8 @@ class Planner:
         model = self._abstract_model(candidate, layers)
         graphdef, trainable, frozen = split_model(model, self.lora)
         state_shapes, state_shardings = state_layout(trainable, self.optimizer,
-                                                     tree_shardings(model, trainable, mesh, rules))
+                                                     tree_shardings(model, trainable, mesh, rules),
+                                                     amax_histories(model))
         frozen_shardings = tree_shardings(model, frozen, mesh, rules)
         step_kw = dict(loss_impl=candidate.loss_impl, chunk_size=cfg.loss.chunk_size,
                        max_segments=PACKED_MAX_SEGMENTS if cfg.data.packing else 1)

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 from ml_collections import config_dict
 
 from automodel_jax.checkpoint.export import export_defaults, export_dir
@@ -28,6 +29,7 @@ from automodel_jax.checkpoint.hf import load_pretrained
 from automodel_jax.checkpoint.orbax_io import CHECKPOINT_DIR, TrainCheckpoints, checkpoint_defaults
 from automodel_jax.config import ConfigError, config_changes, save_config
 from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
+from automodel_jax.models.layers import amax_histories
 from automodel_jax.parallel.sharding import mesh_from_config, tree_shardings
 from automodel_jax.peft.lora import split_model
 from automodel_jax.training.loop import (TrainingError, check_metrics, global_batch, nonfinite_causes,
@@ -95,6 +97,11 @@ class Run:
     logger: MetricsLogger
     throughput: Throughput
     prepare: Callable[[dict], dict] | None = None  # host transform of each loader batch (e.g. a VLM's host_batch)
+
+    def model(self) -> nnx.Module:
+        """The model with the state's current parameters (and amax histories, with delayed FP8 scaling)."""
+        fp8 = self.state.get("fp8")
+        return nnx.merge(self.graphdef, self.state["params"], self.frozen, *([] if fp8 is None else [fp8]))
 
     def close(self) -> None:
         """End the progress bar and metric writers, wait for the checkpoint save in flight and stop the checkpoint
@@ -169,7 +176,7 @@ def build_run(cfg, started: Started, *, model, lora: bool, model_path: str, toke
             record_config(started, resuming=resuming)
         graphdef, trainable, frozen_params = split_model(model, lora, frozen)
         state, state_shardings = init_state(trainable, optimizer, cfg.seed,
-                                            tree_shardings(model, trainable, mesh, rules))
+                                            tree_shardings(model, trainable, mesh, rules), amax_histories(model))
         frozen_shardings = tree_shardings(model, frozen_params, mesh, rules)
         frozen_params = jax.device_put(frozen_params, frozen_shardings)
         step_kw = dict(loss_impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, max_segments=max_segments)
@@ -255,7 +262,8 @@ def pretrain_base(run: Callable[[Any], dict], cfg, label: str):
 
 def validate(run: Run, step: int) -> float:
     """Validation loss of the current parameters, logged at `step`."""
-    loss = validation_loss(run.eval_step, run.state["params"], run.frozen, run.val_batches, run.batch_2d)
+    loss = validation_loss(run.eval_step, run.state["params"], run.frozen, run.val_batches, run.batch_2d,
+                           run.state.get("fp8"))
     run.logger.log(step, {"loss": loss}, "val")
     return loss
 

@@ -17,7 +17,6 @@ import logging
 
 import jax
 import ml_collections
-from flax import nnx
 
 from automodel_jax.checkpoint.export import export_model
 from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
@@ -37,7 +36,7 @@ from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load
 from automodel_jax.recipes.llm import embedded
 
 log = logging.getLogger("automodel_jax.finetune")
-FP8_RECIPES = ("tensorwise",)  # "delayed" (amax history in the train state) is not implemented yet
+FP8_RECIPES = ("tensorwise", "delayed")  # current scaling, or Transformer Engine's delayed scaling (models.fp8)
 
 
 def load_tokenizer(path: str):
@@ -50,9 +49,11 @@ def default_config() -> ml_collections.ConfigDict:
     cfg = trainer_defaults("runs/finetune")
     cfg.model = dict(path="embedded:tiny-llama", dtype="bfloat16", param_dtype="float32", remat="none",
                      attention="auto")
-    # FP8 matmuls in the decoder's Linear layers (not lm_head), E4M3 forward / E5M2 backward with per-tensor current
-    # scaling; filter_modules: module patterns kept in model.dtype; emulate: allow it on CPU (tests only).
-    cfg.model.fp8 = dict(enabled=False, recipe="tensorwise", filter_modules=(), emulate=False)
+    # FP8 matmuls in the decoder's Linear layers (not lm_head), E4M3 forward / E5M2 backward, one scale per tensor:
+    # recipe "tensorwise" (current scaling) or "delayed" (from the amax history of the last amax_history_len steps,
+    # kept in the train state and checkpoints; 1024 as Transformer Engine and Flax); filter_modules: module patterns
+    # kept in model.dtype; emulate: allow it on CPU (tests only).
+    cfg.model.fp8 = dict(enabled=False, recipe="tensorwise", amax_history_len=1024, filter_modules=(), emulate=False)
     cfg.peft = lora_defaults()
     cfg.data = data_defaults()
     # Evaluation at the end of training: "none", "hellaswag" (acc, acc_norm) or "squad" (exact match, F1).
@@ -96,6 +97,9 @@ def check_run_config(cfg) -> None:
     """The recipe's choices, before anything is built."""
     validate_choice(cfg, "peft.method", ("lora", "none"))
     validate_choice(cfg, "model.fp8.recipe", FP8_RECIPES)
+    if cfg.model.fp8.amax_history_len < 1:
+        raise ConfigError(f"model.fp8.amax_history_len must be >= 1 (steps of amax history for delayed scaling; "
+                          f"Transformer Engine's default is 1024), got {cfg.model.fp8.amax_history_len}")
     validate_choice(cfg, "loss.impl", LOSS_IMPLS)
     plan.check_plan_config(cfg.plan)
     if validate_choice(cfg, "evaluation.task", ("none", "hellaswag", "squad")) != "none" and not cfg.evaluation.data:
@@ -136,9 +140,11 @@ def setup(cfg, model=None) -> Run:
     check_parallelism(cfg, mesh, rules, model_path)
     tokenizer = load_tokenizer(model_path)
     model = load_model(cfg, model_path, started) if model is None else model
-    if cfg.model.fp8.enabled:
-        log.info("FP8 (%s) matmuls in %d Linear layers", cfg.model.fp8.recipe,
-                 len(apply_fp8(model, tuple(cfg.model.fp8.filter_modules))))
+    fp8 = cfg.model.fp8
+    if fp8.enabled:
+        history = fp8.amax_history_len if fp8.recipe == "delayed" else None
+        log.info("FP8 (%s) matmuls in %d Linear layers", fp8.recipe,
+                 len(apply_fp8(model, tuple(fp8.filter_modules), amax_history_len=history)))
     lora = cfg.peft.method == "lora"
     if lora:
         apply_lora(model, r=cfg.peft.r, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
@@ -173,7 +179,7 @@ def generations(run: Run, title: str) -> None:
     of them); only process 0 prints."""
     cfg = run.cfg
     if cfg.train.sample_prompts:
-        model_now = nnx.merge(run.graphdef, run.state["params"], run.frozen)
+        model_now = run.model()
         with contextlib.nullcontext() if run.primary else contextlib.redirect_stdout(io.StringIO()):
             loop.print_generations(title, model_now, run.tokenizer, cfg.train.sample_prompts,
                                    cfg.train.sample_max_new_tokens)
@@ -192,7 +198,7 @@ def finish(run: Run, first_val: float, first_label: str = "before") -> dict:
     run.logger.plot_losses()
     run.logger.close()
     run.checkpoints.close()
-    trained = nnx.merge(run.graphdef, run.state["params"], run.frozen)
+    trained = run.model()
     if run.export_to is not None:
         export_model(trained, run.export_to, base_model_name_or_path=run.model_path,
                      merge_lora=cfg.export.merge_lora, overwrite=cfg.export.overwrite,

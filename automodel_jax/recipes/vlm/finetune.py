@@ -24,7 +24,6 @@ import re
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from ml_collections import config_dict
 
 from automodel_jax.checkpoint.export import export_model
@@ -177,7 +176,7 @@ def held_out_answers(run: Run, title: str) -> float:
     if cfg.evaluation.samples < 1:
         return float("nan")
     prompts = conversation_prompts(cfg.data.validation, cfg.evaluation.samples)
-    model_now = nnx.merge(run.graphdef, run.state["params"], run.frozen)
+    model_now = run.model()
     processor, answers = run.tokenizer, []
     for first in range(0, len(prompts), cfg.evaluation.batch_size):
         chunk = prompts[first:first + cfg.evaluation.batch_size]
@@ -211,7 +210,7 @@ def finish(run: Run, first_val: float, first_accuracy: float, first_label: str =
     run.logger.plot_losses()
     run.logger.close()
     run.checkpoints.close()
-    trained = nnx.merge(run.graphdef, run.state["params"], run.frozen)
+    trained = run.model()
     if run.export_to is not None:
         export_model(trained, run.export_to, base_model_name_or_path=run.model_path,
                      merge_lora=cfg.export.merge_lora, overwrite=cfg.export.overwrite)

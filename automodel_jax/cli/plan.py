@@ -15,7 +15,7 @@ from automodel_jax.cli import exit_code
 from automodel_jax.cli.finetune import load_config, recipe_of, start_process
 from automodel_jax.config import ConfigError
 from automodel_jax.recipes.llm import finetune as llm
-from automodel_jax.training.plan import make_plan
+from automodel_jax.training.plan import make_plan, required_device_memory
 
 PROG = "python -m automodel_jax.plan"
 
@@ -25,6 +25,7 @@ def print_plan(cfg) -> None:
     name, _ = recipe_of(cfg)
     if name != "LLM":
         raise ConfigError(f"{PROG} plans LLM fine-tuning runs only; this config runs the {name} recipe")
+    required_device_memory(cfg.plan)  # before an embedded model is built
     print(make_plan(cfg, llm.resolve_path(cfg.model.path)).table(), flush=True)
 
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: {PROG} --config FILE[:PRESET] [--config.KEY=VALUE ...]\n\n{__doc__}")
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("automodel_jax.plan").setLevel(logging.INFO)  # a line per compile: planning takes a while
     return exit_code(lambda: print_plan(start_process(load_config(args))))
 
 

@@ -320,6 +320,7 @@ class Planner:
         for timing)."""
         key = (candidate, layers)
         if key not in self._figures:
+            log.info("plan: compiling %s at %d layer(s)", candidate.describe(), layers)
             train, args, shardings = self.lower_args(candidate, layers)
             compiled = train.lower(*args).compile()
             self._figures[key] = compiled_figures(compiled)
@@ -405,10 +406,12 @@ class Planner:
 
     def unsatisfiable(self, rows: list[Row]) -> PlanError:
         smallest = min(rows, key=lambda r: r.figures.peak_bytes)
+        fixes = ["more devices", "a smaller data.seq_len or train.global_batch_size"]
+        fixes += [] if self.lora else ["LoRA (peft.method=lora)"]
+        fixes += [] if set(self.cfg.plan.remat) >= set(REMAT_POLICIES) else ["a longer plan.remat list"]
         return PlanError(f"no candidate fits plan.margin {self.cfg.plan.margin:g} x {self.memory / 1e9:.3g} GB of "
                          f"device memory: the smallest predicted peak is {smallest.peak_gb:.3g} GB per device "
-                         f"({smallest.candidate.describe()}); use more devices, a smaller data.seq_len or "
-                         f"train.global_batch_size, LoRA (peft.method=lora), or a longer plan.remat list")
+                         f"({smallest.candidate.describe()}); use {', '.join(fixes[:-1])} or {fixes[-1]}")
 
     # Timing -------------------------------------------------------------------------------------------------------
     def measure(self, candidate: Candidate, steps: int) -> float:
@@ -525,12 +528,13 @@ class Plan:
 
 
 def plan_key(cfg, devices) -> dict:
-    """What a plan depends on: the model, adapters, data shape, batch, optimizer, plan section and devices (a
-    resumed run reuses plan.json while these are unchanged)."""
+    """What a plan depends on: the model, adapters, data shape, batch, optimizer (not its learning rate or schedule,
+    which change no shape), plan section and devices (a resumed run reuses plan.json while these are unchanged)."""
     return json.loads(json.dumps(dict(
         model={k: v for k, v in cfg.model.to_dict().items() if k != "remat"}, peft=cfg.peft.to_dict(),
         seq_len=cfg.data.seq_len, packing=cfg.data.packing, global_batch_size=cfg.train.global_batch_size,
-        chunk_size=cfg.loss.chunk_size, optim=cfg.optim.to_dict(), plan=cfg.plan.to_dict(),
+        chunk_size=cfg.loss.chunk_size, optim={k: v for k, v in cfg.optim.to_dict().items() if k not in ("learning_rate", "schedule")},
+        plan=cfg.plan.to_dict(),
         zero3_over_data=cfg.mesh.zero3_over_data, devices=[len(devices), devices[0].device_kind])))
 
 
@@ -546,10 +550,17 @@ def make_plan(cfg, model_path: str, devices=None) -> Plan:
     """The "auto" plan of a run (also what `python -m automodel_jax.plan` prints). PlanError when the device memory
     is unknown (a CPU without plan.device_memory_gb) or nothing fits."""
     devices = list(devices or jax.devices())
-    memory = device_memory_bytes(cfg.plan, devices[0])
+    return Planner(cfg, model_path, required_device_memory(cfg.plan, devices[0]), devices).plan()
+
+
+def required_device_memory(plan: ConfigDict, device=None) -> int:
+    """`device_memory_bytes`, or PlanError when the device reports none (a CPU without plan.device_memory_gb): the
+    "auto" plan needs it; checked before any model is built."""
+    memory = device_memory_bytes(plan, device)
     if memory is None:
-        raise PlanError(f"plan: {devices[0].platform} devices report no memory size; set plan.device_memory_gb")
-    return Planner(cfg, model_path, memory, devices).plan()
+        platform = (device or jax.devices()[0]).platform
+        raise PlanError(f"plan: {platform} devices report no memory size; set plan.device_memory_gb")
+    return memory
 
 
 def check_own_settings(cfg, model_path: str, memory: int) -> None:
@@ -608,9 +619,9 @@ def prepare_run(cfg, started: Started, model_path: str) -> Started:
         settings = plan.chosen.candidate.settings()
         if started.primary:
             print(plan.table(), flush=True)
-            started.run_dir.mkdir(parents=True, exist_ok=True)
-            (started.run_dir / PLAN_MD).write_text(plan.markdown())
-            saved.write_text(json.dumps(plan.record(), indent=2) + "\n")
+        # Written with the config once the run starts (`trainer.record_config`): a run that fails first writes nothing.
+        files = {PLAN_MD: plan.markdown(), PLAN_JSON: json.dumps(plan.record(), indent=2) + "\n"}
+        started = dataclasses.replace(started, run_files={**started.run_files, **files})
     for config in (cfg, started.config):
         apply_settings(config, settings)
     mesh, rules = mesh_from_config(cfg.mesh)

@@ -115,13 +115,15 @@ class Run:
 @dataclasses.dataclass(frozen=True)
 class Started:
     """A run's first phase done: export directory checked, processes joined, mesh built; `config`: a copy of the
-    config as given (before a recipe resolves its paths), which `build_run` saves."""
+    config as given (before a recipe resolves its paths), which `build_run` saves; `run_files`: name -> text of
+    other files saved with it (the plan)."""
     export_to: Path | None
     primary: bool
     run_dir: Path
     mesh: Any
     rules: dict
     config: Any
+    run_files: dict = dataclasses.field(default_factory=dict)
 
 
 def start(cfg) -> Started:
@@ -208,6 +210,8 @@ def record_config(started: Started, resuming: bool) -> None:
             print(f"{run_dir} holds checkpoints that this run does not resume; its config.json is replaced by this "
                   f"run's: {'; '.join(changes)}", flush=True)
     save_config(started.config, run_dir)
+    for name, text in started.run_files.items():
+        (run_dir / name).write_text(text)
     (run_dir / COMPLETE_FILE).unlink(missing_ok=True)
 
 

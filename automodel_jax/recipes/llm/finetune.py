@@ -132,6 +132,8 @@ def setup(cfg, model=None) -> Run:
                           "(training.plan.make_plan), build the model with the chosen settings, and set plan.mode=off")
     started = start(cfg)
     check_fp8_devices(cfg)
+    if cfg.plan.mode == "auto":
+        plan.required_device_memory(cfg.plan)  # before an embedded model is built
 
     # Plan (cfg.plan: check that the run fits, or choose its mesh, remat, loss and micro-batch), model, adapters.
     model_path = resolve_path(cfg.model.path)

@@ -181,7 +181,7 @@ def device_memory_bytes(plan: ConfigDict, device=None) -> int | None:
     None (CPUs report no memory)."""
     if plan.device_memory_gb is not None:
         return int(plan.device_memory_gb * 1e9)
-    stats = (device or jax.devices()[0]).memory_stats() or {}
+    stats = (device or jax.local_devices()[0]).memory_stats() or {}  # memory_stats needs an addressable device
     return stats.get("bytes_limit")
 
 
@@ -550,7 +550,7 @@ def make_plan(cfg, model_path: str, devices=None) -> Plan:
     """The "auto" plan of a run (also what `python -m automodel_jax.plan` prints). PlanError when the device memory
     is unknown (a CPU without plan.device_memory_gb) or nothing fits."""
     devices = list(devices or jax.devices())
-    return Planner(cfg, model_path, required_device_memory(cfg.plan, devices[0]), devices).plan()
+    return Planner(cfg, model_path, required_device_memory(cfg.plan), devices).plan()
 
 
 def required_device_memory(plan: ConfigDict, device=None) -> int:
@@ -558,7 +558,7 @@ def required_device_memory(plan: ConfigDict, device=None) -> int:
     "auto" plan needs it; checked before any model is built."""
     memory = device_memory_bytes(plan, device)
     if memory is None:
-        platform = (device or jax.devices()[0]).platform
+        platform = (device or jax.local_devices()[0]).platform
         raise PlanError(f"plan: {platform} devices report no memory size; set plan.device_memory_gb")
     return memory
 
@@ -604,7 +604,7 @@ def prepare_run(cfg, started: Started, model_path: str) -> Started:
     if mode == "check":
         if memory is None:
             log.info("plan: memory check skipped: %s devices report no memory size (set plan.device_memory_gb to "
-                     "check)", jax.devices()[0].platform)
+                     "check)", jax.local_devices()[0].platform)
         else:
             check_own_settings(cfg, model_path, memory)
         return started

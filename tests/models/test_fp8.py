@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -173,18 +174,25 @@ def test_fp8_dot_delayed_scales_from_the_history_and_returns_the_rolled_history_
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
 def test_xla_turns_the_fp8_dot_and_its_gradients_into_fp8_gemms(recipe):
     """On Hopper the forward and both backward dots of `fp8_dot` (and of `fp8_dot_delayed`, whose scales come from
-    the history) compile to cuBLASLt FP8 GEMMs (XLA's `__cublas$lt$matmul$f8`), with E5M2 gradients in the program,
-    and no bf16 GEMM is left."""
+    the history) compile to FP8 GEMMs, E5M2 gradients included, and no bf16 GEMM is left. A GEMM of the compiled
+    program is a cuBLAS call (XLA's `__cublas$lt$matmul$f8` for FP8) or a dot left to a Triton GEMM fusion (XLA
+    gives small shapes to Triton): each one's two operands must be FP8."""
     x = jnp.ones((4, 256, 1024), jnp.bfloat16)
     w = jnp.ones((1024, 2048), jnp.bfloat16)
     history = new_amax_history(1024).at[:, 3].set(2.0)
     dot = fp8_dot if recipe == "tensorwise" else lambda x, w: fp8_dot_delayed(x, w, history)
     loss = lambda x, w: jnp.sum(jnp.square(dot(x, w).astype(jnp.float32)))  # needs y: all three dots stay
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
-    gemms = [line for line in hlo.splitlines() if "custom-call" in line and "cublas" in line]
-    fp8 = [line for line in gemms if 'custom_call_target="__cublas$lt$matmul$f8"' in line]
-    assert len(fp8) == 3 and len(gemms) == 3, "\n".join(gemms)
-    assert "f8e5m2" in hlo and "f8e4m3fn" in hlo
+    defined = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\(?([a-z][a-z0-9]*)\[")
+    dtypes = {m[1]: m[2] for m in map(defined.match, hlo.splitlines()) if m}  # instruction -> (first) dtype
+    gemms = [line for line in hlo.splitlines()
+             if re.search(r"= .*\bdot\(", line) or ("custom-call(" in line and "__cublas" in line)]
+    operand_dtypes = [[dtypes.get(name) for name in re.findall(r"%([\w.\-]+)",
+                                                               re.search(r"(?:dot|custom-call)\((.*?)\)", line)[1])[:2]]
+                      for line in gemms]
+    assert len(gemms) == 3, "\n".join(gemms)
+    assert all(set(pair) <= {"f8e4m3fn", "f8e5m2"} for pair in operand_dtypes), (operand_dtypes, "\n".join(gemms))
+    assert any("f8e5m2" in pair for pair in operand_dtypes), operand_dtypes  # the output gradient's format
 
 
 def test_cpus_have_no_fp8_matmuls():

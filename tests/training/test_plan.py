@@ -21,7 +21,7 @@ import pytest
 from automodel_jax.cli import finetune as finetune_cli
 from automodel_jax.cli import plan as plan_cli
 from automodel_jax.config import ConfigError, parse_config
-from automodel_jax.training import plan
+from automodel_jax.training import plan, plan_run
 from reference import REPO
 
 LLM_CONFIG = str(REPO / "configs" / "llama_lora.py")
@@ -106,15 +106,15 @@ def test_xla_out_of_memory_is_explained_in_one_line(weightless_model, tmp_path):
     def allocate_too_much():
         jax.jit(lambda: jnp.zeros((2 ** 40,), jnp.float32))().block_until_ready()
 
-    with pytest.raises(plan.OutOfDeviceMemory) as error:
-        with plan.explained_out_of_memory(cfg, lambda: str(weightless_model)):
+    with pytest.raises(plan_run.OutOfDeviceMemory) as error:
+        with plan_run.explained_out_of_memory(cfg, lambda: str(weightless_model)):
             allocate_too_much()
     assert str(error.value).startswith("out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating")
     assert "set plan.device_memory_gb to have the planner name a fitting choice" in str(error.value)
 
     cfg.plan.device_memory_gb = 0.004  # micro-batch 8 (~5 MB) does not fit plan.margin of it, smaller ones do
-    with pytest.raises(plan.OutOfDeviceMemory) as error:
-        with plan.explained_out_of_memory(cfg, lambda: str(weightless_model)):
+    with pytest.raises(plan_run.OutOfDeviceMemory) as error:
+        with plan_run.explained_out_of_memory(cfg, lambda: str(weightless_model)):
             allocate_too_much()
     message = str(error.value)
     assert "\n" not in message and "against 0.004 GB of device memory" in message

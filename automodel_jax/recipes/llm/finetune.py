@@ -29,7 +29,7 @@ from automodel_jax.models.fp8 import MIN_COMPUTE_CAPABILITY, fp8_unsupported
 from automodel_jax.models.layers import apply_fp8
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
 from automodel_jax.peft.lora import apply_lora, lora_defaults
-from automodel_jax.training import loop, plan
+from automodel_jax.training import loop, plan, plan_run
 from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, start_label,
                                             train_loop, trainer_defaults, validate)
 
@@ -137,7 +137,7 @@ def setup(cfg, model=None) -> Run:
 
     # Plan (cfg.plan: check that the run fits, or choose its mesh, remat, loss and micro-batch), model, adapters.
     model_path = resolve_path(cfg.model.path)
-    started = plan.prepare_run(cfg, started, model_path)
+    started = plan_run.prepare_run(cfg, started, model_path)
     mesh, rules = started.mesh, started.rules
     check_parallelism(cfg, mesh, rules, model_path)
     tokenizer = load_tokenizer(model_path)
@@ -221,8 +221,8 @@ def finish(run: Run, first_val: float, first_label: str = "before") -> dict:
 
 def run(cfg) -> dict:
     """Train as `cfg` says; returns validation loss before/after, steps done, the trained model and evaluation.
-    Running out of device memory is one line naming the plan's figures (`plan.explained_out_of_memory`)."""
-    with plan.explained_out_of_memory(cfg, lambda: resolve_path(cfg.model.path)), \
+    Running out of device memory is one line naming the plan's figures (`plan_run.explained_out_of_memory`)."""
+    with plan_run.explained_out_of_memory(cfg, lambda: resolve_path(cfg.model.path)), \
             contextlib.closing(setup(cfg)) as run_:  # checkpoint saves and writers end on every way out
         step = int(run_.state["step"])
         first_val = validate(run_, step)

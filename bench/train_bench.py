@@ -46,7 +46,8 @@ from automodel_jax.config.cache import enable_compilation_cache
 from automodel_jax.data import IGNORE
 from automodel_jax.recipes.llm.embedded import build_tokenizer
 from automodel_jax.recipes.llm.finetune import default_config, setup, train_loop
-from automodel_jax.training.plan import apply_settings, make_plan
+from automodel_jax.training.plan import make_plan
+from automodel_jax.training.plan_run import apply_settings
 
 PEAK_TFLOPS = float(os.environ.get("PEAK_TFLOPS", "790"))
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"

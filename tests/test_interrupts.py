@@ -109,14 +109,16 @@ def test_a_signal_before_training_is_one_line(rows, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (("--config.optim.schedule.warmup_steps=20", "--config.train.max_steps=5"),
-     "error: optim.schedule.warmup_steps must be in [0, total_steps=5), got 20"),
+    # A run by epochs learns its length from its data: its warmup is refused after the model and data loaded.
+    (("--config.train.max_steps=None", "--config.optim.schedule.warmup_steps=100000"),
+     "error: optim.schedule.warmup_steps must be in [0, total_steps=9), got 100000"),
     (("--config.train.preemption_signal=SIGFOO",),
      "error: train.preemption_signal='SIGFOO' is not a signal; give a name such as 'SIGTERM' or 'SIGUSR1'"),
 ])
 def test_a_handled_error_is_the_last_line_every_time(rows, tmp_path, overrides, message):
-    """The optimizer error comes after the checkpoint managers started (their background clean-up used to print an
-    Orbax traceback at exit in most runs), so it is tried three times."""
+    """The optimizer error of a run by epochs comes late, once the model and data are loaded (the checkpoint
+    managers' background clean-up used to print an Orbax traceback at exit in most runs), so it is tried three
+    times."""
     argv = [sys.executable, "-m", "automodel_jax.finetune", *finetune_args(tmp_path / "run", rows, *overrides)]
     for _ in range(3 if "warmup" in message else 1):
         done = subprocess.run(argv, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)

@@ -201,6 +201,13 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def check_checkpoint_config(ck: ml_collections.ConfigDict) -> None:
+    """ConfigError naming a `checkpoint` count out of range (checked again when the run's checkpoints are set up)."""
+    for key, low in (("every_steps", 0), ("keep", 1), ("keep_best", 0)):
+        if ck[key] < low:
+            raise ConfigError(f"checkpoint.{key} must be >= {low}, got {ck[key]}")
+
+
 class TrainCheckpoints:
     """The run's checkpoints: finds the one to resume when built (and checks that it fits the model, before anything
     is compiled), restores it into the train state and the loader, saves every N steps and at the end.
@@ -214,9 +221,7 @@ class TrainCheckpoints:
 
     def __init__(self, cfg, model: nnx.Module, total_steps: int, model_path: str | None = None):
         ck = cfg.checkpoint
-        for key, low in (("every_steps", 0), ("keep", 1), ("keep_best", 0)):
-            if ck[key] < low:
-                raise ConfigError(f"checkpoint.{key} must be >= {low}, got {ck[key]}")
+        check_checkpoint_config(ck)
         self.every, self.total_steps, self.config = ck.every_steps, total_steps, cfg.to_dict()
         self.directory = Path(cfg.run_dir).absolute() / CHECKPOINT_DIR
         self.meta = {**model_meta(model, cfg.model.path if model_path is None else model_path),

@@ -165,6 +165,12 @@ def loss_curves(metrics_file: Path) -> dict[str, dict[int, float]]:
     return curves
 
 
+def check_wandb_config(wandb_cfg: ConfigDict) -> None:
+    """ConfigError naming a bad `wandb.mode` of an enabled W&B section."""
+    if wandb_cfg.enabled:
+        validate_choice(wandb_cfg, "mode", WANDB_MODES, prefix="wandb")
+
+
 def _start_wandb(wandb_cfg: ConfigDict, run_dir: Path, run_config: Mapping[str, Any] | None) -> Any:
     """Starts the W&B run, writing under run_dir/wandb (imported here: W&B is an optional extra)."""
     mode = validate_choice(wandb_cfg, "mode", WANDB_MODES, prefix="wandb")

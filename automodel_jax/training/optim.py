@@ -50,21 +50,40 @@ def link_min_learning_rate(optim_cfg: ConfigDict, ratio: float) -> None:
     optim_cfg.schedule.min_learning_rate = optim_cfg.get_ref("learning_rate") * ratio
 
 
-def build_schedule(optim_cfg: ConfigDict, total_steps: int) -> optax.Schedule:
-    """Learning rate per optimizer step: warmup, then constant, linear, cosine or WSD decay to the minimum."""
+def check_schedule(optim_cfg: ConfigDict, total_steps: int | None) -> str:
+    """ConfigError naming a bad learning rate or ``schedule`` setting; returns the schedule's name. ``total_steps``
+    None: the run's length is not known yet (a run by epochs learns it from its data), and the checks against it are
+    left to ``build_schedule``."""
     sched = optim_cfg.schedule
     name = validate_choice(sched, "name", SCHEDULES, prefix="optim.schedule")
     peak, low, warmup = optim_cfg.learning_rate, sched.min_learning_rate, sched.warmup_steps
-    if total_steps < 1:
+    known = total_steps is not None
+    if known and total_steps < 1:
         raise ConfigError(f"total_steps must be at least 1, got {total_steps}")
     if peak <= 0:
         raise ConfigError(f"optim.learning_rate must be > 0, got {peak}")
     if not 0 <= low <= peak:
         raise ConfigError(f"optim.schedule.min_learning_rate must be in [0, learning_rate={peak}], got {low}")
-    if warmup < 0 or (warmup >= total_steps and name != "constant"):
-        raise ConfigError(
-            f"optim.schedule.warmup_steps must be in [0, total_steps={total_steps}), got {warmup}"
-        )
+    if warmup < 0 or (known and warmup >= total_steps and name != "constant"):
+        bounds = f"in [0, total_steps={total_steps})" if known else ">= 0"
+        raise ConfigError(f"optim.schedule.warmup_steps must be {bounds}, got {warmup}")
+    if name == "wsd":
+        if not 0 < sched.decay_fraction <= 1:
+            raise ConfigError(f"optim.schedule.decay_fraction must be in (0, 1], got {sched.decay_fraction}")
+        stable_steps, decay_steps = _wsd_stable_steps(sched.decay_fraction, total_steps, warmup) if known else (0, 0)
+        if stable_steps < 0:
+            raise ConfigError(
+                f"optim.schedule: warmup_steps={warmup} overlaps the wsd decay of the last {decay_steps} "
+                f"steps (total_steps={total_steps}); lower warmup_steps or decay_fraction"
+            )
+    return name
+
+
+def build_schedule(optim_cfg: ConfigDict, total_steps: int) -> optax.Schedule:
+    """Learning rate per optimizer step: warmup, then constant, linear, cosine or WSD decay to the minimum."""
+    name = check_schedule(optim_cfg, total_steps)
+    sched = optim_cfg.schedule
+    peak, low, warmup = optim_cfg.learning_rate, sched.min_learning_rate, sched.warmup_steps
 
     decay_steps = total_steps - warmup
     if name == "constant":
@@ -80,20 +99,28 @@ def build_schedule(optim_cfg: ConfigDict, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
-def _wsd_tail(peak: float, low: float, decay_fraction: float, total_steps: int, warmup: int) -> optax.Schedule:
-    """Stable at ``peak``, then linear decay to ``low`` over the last ``decay_fraction`` of all steps."""
-    if not 0 < decay_fraction <= 1:
-        raise ConfigError(f"optim.schedule.decay_fraction must be in (0, 1], got {decay_fraction}")
+def _wsd_stable_steps(decay_fraction: float, total_steps: int, warmup: int) -> tuple[int, int]:
+    """(stable steps, decay steps) of a wsd schedule: the decay is the last ``decay_fraction`` of all steps."""
     decay_steps = max(1, round(decay_fraction * total_steps))
-    stable_steps = total_steps - warmup - decay_steps
-    if stable_steps < 0:
-        raise ConfigError(
-            f"optim.schedule: warmup_steps={warmup} overlaps the wsd decay of the last {decay_steps} "
-            f"steps (total_steps={total_steps}); lower warmup_steps or decay_fraction"
-        )
+    return total_steps - warmup - decay_steps, decay_steps
+
+
+def _wsd_tail(peak: float, low: float, decay_fraction: float, total_steps: int, warmup: int) -> optax.Schedule:
+    """Stable at ``peak``, then linear decay to ``low`` over the last ``decay_fraction`` of all steps (checked by
+    ``check_schedule``)."""
+    stable_steps, decay_steps = _wsd_stable_steps(decay_fraction, total_steps, warmup)
     return optax.join_schedules(
         [optax.constant_schedule(peak), optax.linear_schedule(peak, low, decay_steps)], [stable_steps]
     )
+
+
+def check_optim_config(optim_cfg: ConfigDict, total_steps: int | None = None) -> None:
+    """ConfigError naming a bad ``optim`` setting, before anything is built: everything ``build_optimizer`` checks;
+    with ``total_steps`` None (not known yet) the schedule's checks against the run's length are left to it."""
+    validate_choice(optim_cfg, "name", OPTIMIZERS, prefix="optim")
+    check_schedule(optim_cfg, total_steps)
+    if optim_cfg.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip must be >= 0 (0 = off), got {optim_cfg.grad_clip}")
 
 
 def build_optimizer(
@@ -107,10 +134,9 @@ def build_optimizer(
     ``decay_mask_matrices_only`` keeps decay off norms and biases. Returns the transformation and
     the schedule, so the training loop can log the learning rate of each step.
     """
-    name = validate_choice(optim_cfg, "name", OPTIMIZERS, prefix="optim")
+    check_optim_config(optim_cfg, total_steps)
+    name = optim_cfg.name
     schedule = build_schedule(optim_cfg, total_steps)
-    if optim_cfg.grad_clip < 0:
-        raise ConfigError(f"optim.grad_clip must be >= 0 (0 = off), got {optim_cfg.grad_clip}")
 
     b1, b2, eps, decay = optim_cfg.b1, optim_cfg.b2, optim_cfg.eps, optim_cfg.weight_decay
     if name == "adamw":

@@ -1,5 +1,5 @@
-"""The run planner (`plan` config section): choose the mesh, activation checkpointing, loss implementation and
-micro-batch so that a run fits its devices, before any weight is loaded.
+"""The run planner's candidate search (`plan` config section): choose the mesh, activation checkpointing, loss
+implementation and micro-batch so that a run fits its devices, before any weight is loaded.
 
 Each candidate's REAL train step (`training.step`: `make_train_step` + `compile_steps`, the shardings the run
 declares) is compiled on abstract inputs (`jax.ShapeDtypeStruct`, the model from `nnx.eval_shape`: no weights). Its
@@ -10,23 +10,19 @@ update is counted `accum` times too). To plan fast, candidates are compiled with
 extrapolated linearly in depth; the one chosen is compiled at full depth before it is trusted. Micro-batch: the
 largest divisor of the per-data-replica batch whose peak fits (memory grows with it: bisection).
 
-Modes: "off"; "check" (default): the run's own settings are predicted, and a run that would not fit stops before
-loading weights with one line naming the predicted peak, the device memory and the nearest fitting choice; "auto":
-every candidate of `plan.remat` x `plan.loss_impl` x the meshes over `plan.mesh_axes` is planned, those over
-`plan.margin` x device memory dropped, the rest ranked by estimated time (or by timing `plan.measure_steps` real
-steps of the best TOP_MEASURED, with random-init weights), the table printed and written to the run directory
-(plan.md, plan.json; a resumed run reuses plan.json), and the run trains with the choice.
+`make_plan` plans a run ("auto": every candidate of `plan.remat` x `plan.loss_impl` x the meshes over
+`plan.mesh_axes` is planned, those over `plan.margin` x device memory dropped, the rest ranked by estimated time or
+by timing `plan.measure_steps` real steps of the best TOP_MEASURED, with random-init weights). The recipe's planning
+phase (the modes, the files it writes, out-of-memory errors explained) is `training.plan_run`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import statistics
 import time
-from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -37,23 +33,19 @@ from ml_collections.config_dict import placeholder
 
 from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
 from automodel_jax.config import ConfigError, validate_choice
-from automodel_jax.launcher.distributed import describe_topology
 from automodel_jax.losses.cross_entropy import IMPLS as LOSS_IMPLS
 from automodel_jax.models.base import REMAT_POLICIES, family_config
 from automodel_jax.models.layers import amax_histories, apply_fp8
-from automodel_jax.parallel.sharding import (MESH_AXES, MeshConfigError, check_mesh_fits, make_mesh, mesh_from_config,
-                                             rules_for, tree_shardings)
+from automodel_jax.parallel.sharding import (MESH_AXES, MeshConfigError, check_mesh_fits, make_mesh, rules_for,
+                                             tree_shardings)
 from automodel_jax.peft.lora import apply_lora, split_model
-from automodel_jax.training.loop import TrainingError
 from automodel_jax.training.metrics import peak_tflops
 from automodel_jax.training.optim import build_optimizer
 from automodel_jax.training.step import LLM_BATCH, compile_steps, make_eval_step, make_train_step, state_layout
-from automodel_jax.training.trainer import Started
 
 log = logging.getLogger("automodel_jax.plan")
 
 MODES = ("off", "check", "auto")
-PLAN_JSON, PLAN_MD = "plan.json", "plan.md"
 PROBE_LAYERS = (1, 2)  # depths compiled to extrapolate a candidate's figures linearly to the model's depth
 TOP_MEASURED = 3  # with plan.measure_steps > 0, how many of the best estimated candidates are timed
 # HBM bandwidth per device in TB/s, matched in this order against jax's device_kind (vendors' data sheets: NVIDIA
@@ -70,20 +62,16 @@ PLANNED_KEYS = ("mesh", "model.remat", "loss.impl", "train.micro_batch_size")
 
 
 def plan_defaults() -> ConfigDict:
-    """The `plan` config section (see the module docstring): mode, measure_steps (0 = rank by estimate),
-    device_memory_gb (None = the device's own `memory_stats()["bytes_limit"]`; CPUs report none), margin (the
-    fraction of device memory a plan may use), and the candidate lists: remat policies, loss implementations and the
-    mesh axes the devices are factored over (add "context" for long sequences)."""
+    """The `plan` config section (see this module's and `training.plan_run`'s docstrings): mode, measure_steps
+    (0 = rank by estimate), device_memory_gb (None = the device's own `memory_stats()["bytes_limit"]`; CPUs report
+    none), margin (the fraction of device memory a plan may use), and the candidate lists: remat policies, loss
+    implementations and the mesh axes the devices are factored over (add "context" for long sequences)."""
     return ConfigDict(dict(mode="check", measure_steps=0, device_memory_gb=placeholder(float), margin=0.9,
                            remat=REMAT_POLICIES, loss_impl=("chunked",), mesh_axes=("data", "fsdp", "tensor")))
 
 
 class PlanError(ConfigError):
     """No candidate fits, or the run's own settings do not; the one-line message names the figures and the fix."""
-
-
-class OutOfDeviceMemory(TrainingError):
-    """XLA ran out of device memory during a run (RESOURCE_EXHAUSTED), explained in one line by the planner."""
 
 
 def check_plan_config(plan: ConfigDict) -> None:
@@ -538,14 +526,6 @@ def plan_key(cfg, devices) -> dict:
         zero3_over_data=cfg.mesh.zero3_over_data, devices=[len(devices), devices[0].device_kind])))
 
 
-def apply_settings(cfg, settings: dict) -> None:
-    """Set a candidate's `settings` (Candidate.settings, or plan.json's "chosen") into a config."""
-    cfg.mesh.update(settings["mesh"])
-    cfg.model.remat = settings["model.remat"]
-    cfg.loss.impl = settings["loss.impl"]
-    cfg.train.micro_batch_size = settings["train.micro_batch_size"]
-
-
 def make_plan(cfg, model_path: str, devices=None) -> Plan:
     """The "auto" plan of a run (also what `python -m automodel_jax.plan` prints). PlanError when the device memory
     is unknown (a CPU without plan.device_memory_gb) or nothing fits."""
@@ -561,96 +541,3 @@ def required_device_memory(plan: ConfigDict, device=None) -> int:
         platform = (device or jax.local_devices()[0]).platform
         raise PlanError(f"plan: {platform} devices report no memory size; set plan.device_memory_gb")
     return memory
-
-
-def check_own_settings(cfg, model_path: str, memory: int) -> None:
-    """plan.mode=check: PlanError (one line: predicted peak, device memory, nearest fitting choice) when the run's
-    own settings are predicted over plan.margin x device memory. Settings the recipe will refuse anyway (a mesh that
-    does not divide the model or batch) are left to its own checks."""
-    planner = Planner(cfg, model_path, memory)
-    own = planner.own()
-    if planner.mesh_problem(own.mesh) or cfg.train.global_batch_size % (own.micro_batch * own.data_parallel):
-        return
-    row = planner.predict(own)
-    if planner.fits(row):
-        log.info("plan: predicted peak %.3g GB per device of %.3g GB (plan.margin %g): fits", row.peak_gb,
-                 memory / 1e9, cfg.plan.margin)
-        return
-    raise PlanError(f"this run is predicted not to fit: {row.peak_gb:.3g} GB per device against "
-                    f"{memory / 1e9:.3g} GB of device memory (plan.margin {cfg.plan.margin:g}); "
-                    f"{nearest_choice(planner, own)}")
-
-
-def nearest_choice(planner: Planner, own: Candidate) -> str:
-    """'nearest fitting choice: ...' (or that none fits), for the one-line errors."""
-    try:
-        rows = planner.search()
-    except PlanError as e:
-        return f"no candidate fits ({e})"
-    row = planner.nearest_fitting(rows, own)
-    if row is None:
-        return str(planner.unsatisfiable(rows))
-    return f"nearest fitting choice: {row.candidate.describe()} (~{row.peak_gb:.3g} GB; or --config.plan=auto)"
-
-
-def prepare_run(cfg, started: Started, model_path: str) -> Started:
-    """The recipe's planning phase, after the mesh is built and before weights load (see the module docstring):
-    "check" checks the run's own settings, "auto" plans, prints and records the plan, sets the chosen settings into
-    `cfg` and the config the run saves, and returns `started` with the chosen mesh."""
-    mode = cfg.plan.mode
-    if mode == "off":
-        return started
-    memory = device_memory_bytes(cfg.plan)
-    if mode == "check":
-        if memory is None:
-            log.info("plan: memory check skipped: %s devices report no memory size (set plan.device_memory_gb to "
-                     "check)", jax.local_devices()[0].platform)
-        else:
-            check_own_settings(cfg, model_path, memory)
-        return started
-    saved = started.run_dir / PLAN_JSON
-    record = json.loads(saved.read_text()) if saved.is_file() else None
-    if record is not None and record.get("key") == plan_key(cfg, jax.devices()):
-        settings = record["chosen"]
-        print(f"plan: reusing {saved} (the run's model, data, batch, optimizer, plan and devices are unchanged): "
-              f"{', '.join(f'{k}={v}' for k, v in settings.items())}", flush=True)
-    else:
-        plan = make_plan(cfg, model_path)
-        settings = plan.chosen.candidate.settings()
-        if started.primary:
-            print(plan.table(), flush=True)
-        # Written with the config once the run starts (`trainer.record_config`): a run that fails first writes nothing.
-        files = {PLAN_MD: plan.markdown(), PLAN_JSON: json.dumps(plan.record(), indent=2) + "\n"}
-        started = dataclasses.replace(started, run_files={**started.run_files, **files})
-    for config in (cfg, started.config):
-        apply_settings(config, settings)
-    mesh, rules = mesh_from_config(cfg.mesh)
-    describe_topology(mesh)
-    return dataclasses.replace(started, mesh=mesh, rules=rules)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
-
-
-@contextlib.contextmanager
-def explained_out_of_memory(cfg, model_path: Callable[[], str]) -> Iterator[None]:
-    """Turn XLA's RESOURCE_EXHAUSTED inside the block into OutOfDeviceMemory: one line with XLA's own first line,
-    the planner's predicted peak of the run's settings, the device memory and the nearest fitting choice (as far
-    as they can be known: CPUs report no memory unless plan.device_memory_gb is set). `model_path` resolves the
-    model's directory (called only on such an error)."""
-    try:
-        yield
-    except jax.errors.JaxRuntimeError as error:
-        if not is_out_of_memory(error):
-            raise
-        first = str(error).strip().splitlines()[0]
-        memory = device_memory_bytes(cfg.plan)
-        if memory is None:
-            advice = "set plan.device_memory_gb to have the planner name a fitting choice"
-        else:
-            planner = Planner(cfg, model_path(), memory)
-            own = planner.own()
-            advice = (f"predicted peak {planner.predict(own).peak_gb:.3g} GB per device against "
-                      f"{memory / 1e9:.3g} GB of device memory; {nearest_choice(planner, own)}")
-        raise OutOfDeviceMemory(f"out of device memory ({first}); {advice}") from None

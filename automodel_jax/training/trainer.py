@@ -26,7 +26,8 @@ from ml_collections import config_dict
 
 from automodel_jax.checkpoint.export import export_defaults, export_dir
 from automodel_jax.checkpoint.hf import load_pretrained
-from automodel_jax.checkpoint.orbax_io import CHECKPOINT_DIR, TrainCheckpoints, checkpoint_defaults
+from automodel_jax.checkpoint.orbax_io import (CHECKPOINT_DIR, TrainCheckpoints, check_checkpoint_config,
+                                              checkpoint_defaults)
 from automodel_jax.config import ConfigError, config_changes, save_config
 from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
 from automodel_jax.models.layers import amax_histories
@@ -34,10 +35,10 @@ from automodel_jax.parallel.sharding import mesh_from_config, tree_shardings
 from automodel_jax.peft.lora import split_model
 from automodel_jax.training.loop import (TrainingError, check_metrics, global_batch, nonfinite_causes,
                                          validation_loss)
-from automodel_jax.training.metrics import (MetricsLogger, Throughput, peak_tflops, train_flops_per_token,
-                                            wandb_defaults)
+from automodel_jax.training.metrics import (MetricsLogger, Throughput, check_wandb_config, peak_tflops,
+                                            train_flops_per_token, wandb_defaults)
 from automodel_jax.training.interrupt import SignalStop
-from automodel_jax.training.optim import build_optimizer, optim_defaults
+from automodel_jax.training.optim import build_optimizer, check_optim_config, optim_defaults
 from automodel_jax.training.profile import StepProfiler, profile_defaults
 from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
 
@@ -124,6 +125,16 @@ class Started:
     rules: dict
     config: Any
     run_files: dict = dataclasses.field(default_factory=dict)
+
+
+def check_training_config(cfg) -> None:
+    """The trainer's settings that need no devices, model or data, checked before anything is built (a recipe's
+    `check_run_config`; `build_run` checks them again where they are used): the optimizer and its schedule (against
+    train.max_steps when it is set; a run by epochs learns its length from the data), the checkpoint counts and the
+    W&B mode. ConfigError naming the bad setting."""
+    check_optim_config(cfg.optim, cfg.train.max_steps or None)
+    check_checkpoint_config(cfg.checkpoint)
+    check_wandb_config(cfg.logging.wandb)
 
 
 def start(cfg) -> Started:

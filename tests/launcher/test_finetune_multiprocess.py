@@ -146,12 +146,14 @@ def test_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_process_stops_the_other_at_once_naming_it(tmp_path):
-    """Process 1 refuses its config after the checkpoint managers started, while process 0 goes on into collectives
-    that need process 1: process 0 stops within seconds (not JAX's 100 s heartbeat timeout) with a line naming it."""
-    error = "optim.schedule.warmup_steps must be in [0, total_steps=3), got 20"
+    """Process 1 refuses its config once its model and data are loaded (a run by epochs learns its length from its
+    data, so its warmup is checked then), while process 0 goes on into collectives that need process 1: process 0
+    stops within seconds (not JAX's 100 s heartbeat timeout) with a line naming it."""
+    error = "optim.schedule.warmup_steps must be in [0, total_steps=500), got 100000"
     envs = two_process_envs()
     procs = [start(finetune_command(tmp_path / "run"), envs[0]),
-             start(finetune_command(tmp_path / "run", "--config.optim.schedule.warmup_steps=20"), envs[1])]
+             start(finetune_command(tmp_path / "run", "--config.train.max_steps=None",
+                                    "--config.optim.schedule.warmup_steps=100000"), envs[1])]
     procs[1].wait(timeout=400)
     failed_at = time.monotonic()
     procs[0].wait(timeout=400)

@@ -369,6 +369,22 @@ def test_bad_fp8_config_is_one_error_line_before_the_run(hellaswag, tmp_path, ca
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(("enabled", "recipe", "refused"), [
+    ("true", "delayed", True), ("true", "tensorwise", False), ("false", "delayed", False),
+    ("false", "tensorwise", False)])
+def test_amax_history_len_is_checked_only_where_it_is_used(enabled, recipe, refused):
+    """model.fp8.amax_history_len is read only by delayed scaling with FP8 on; elsewhere 0 is not refused."""
+    argv = ["--config", str(REPO / "configs" / "llama_lora.py"), f"--config.model.fp8.enabled={enabled}",
+            f"--config.model.fp8.recipe={recipe}", "--config.model.fp8.amax_history_len=0"]
+    if not refused:
+        assert finetune_cli.load_config(argv).model.fp8.amax_history_len == 0
+        return
+    with pytest.raises(ConfigError) as error:
+        finetune_cli.load_config(argv)
+    assert str(error.value) == ("model.fp8.amax_history_len must be >= 1 (steps of amax history for delayed scaling; "
+                                "Transformer Engine's default is 1024), got 0")
+
+
 def train_losses(run_dir) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r.get("split", "train") == "train" and "loss" in r}

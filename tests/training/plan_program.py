@@ -34,7 +34,7 @@ import jax  # noqa: E402
 from automodel_jax import AutoModelForCausalLM, save_pretrained  # noqa: E402
 from automodel_jax.recipes.llm import finetune  # noqa: E402
 from automodel_jax.recipes.llm.embedded import build_tokenizer  # noqa: E402
-from automodel_jax.training import plan  # noqa: E402
+from automodel_jax.training import plan, plan_run  # noqa: E402
 from automodel_jax.training.trainer import start, train_loop  # noqa: E402
 
 # 4 heads / 2 KV heads so that tensor=2 divides both.
@@ -122,13 +122,13 @@ def main(out: Path) -> None:
     run_dir = out / "auto"
     record["auto"] = dict(printed=printed.getvalue(), steps=result["steps"],
                           loss=[result["val_loss_before"], result["val_loss_after"]],
-                          plan=json.loads((run_dir / plan.PLAN_JSON).read_text()),
-                          plan_md=(run_dir / plan.PLAN_MD).read_text(),
+                          plan=json.loads((run_dir / plan_run.PLAN_JSON).read_text()),
+                          plan_md=(run_dir / plan_run.PLAN_MD).read_text(),
                           config=json.loads((run_dir / "config.json").read_text()))
     again = config(model, out / "auto", mode="auto", device_memory_gb=memory_gb, measure_steps=1, **fsdp)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        started = plan.prepare_run(again, start(again), str(model))
+        started = plan_run.prepare_run(again, start(again), str(model))
     record["reuse"] = dict(printed=printed.getvalue(), mesh=dict(started.mesh.shape),
                            micro=again.train.micro_batch_size, remat=again.model.remat)
 

@@ -11,6 +11,7 @@ from automodel_jax.training.optim import (
     OPTIMIZERS,
     build_optimizer,
     build_schedule,
+    check_optim_config,
     decay_mask_matrices_only,
     optim_defaults,
 )
@@ -167,3 +168,28 @@ def test_bad_settings_are_clear_errors(fields, total_steps, message):
     with pytest.raises(ConfigError) as error:
         build_optimizer(make_cfg(**fields), total_steps)
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(schedule=dict(name="cosine", warmup_steps=10**6)), None),  # checked once the run's length is known
+        (dict(schedule=dict(name="wsd", warmup_steps=10**6, decay_fraction=0.5)), None),
+        (dict(schedule=dict(warmup_steps=-1)), "optim.schedule.warmup_steps must be >= 0, got -1"),
+        (dict(schedule=dict(name="wsd", decay_fraction=1.5)), "optim.schedule.decay_fraction must be in (0, 1]"),
+        (dict(learning_rate=0.0), "optim.learning_rate must be > 0, got 0.0"),
+        (dict(name="adamx"), "optim.name must be one of"),
+        (dict(grad_clip=-1.0), "optim.grad_clip must be >= 0 (0 = off), got -1.0"),
+    ],
+)
+def test_settings_are_checked_before_the_run_length_is_known(fields, message):
+    """check_optim_config without total_steps (a run by epochs): every check that does not need the run's length."""
+    cfg = make_cfg(**fields)
+    if message is None:
+        check_optim_config(cfg)
+        with pytest.raises(ConfigError):
+            check_optim_config(cfg, 10)
+        return
+    with pytest.raises(ConfigError) as error:
+        check_optim_config(cfg)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)

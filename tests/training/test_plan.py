@@ -21,7 +21,7 @@ import pytest
 from automodel_jax.cli import finetune as finetune_cli
 from automodel_jax.cli import plan as plan_cli
 from automodel_jax.config import ConfigError, parse_config
-from automodel_jax.training import plan
+from automodel_jax.training import plan, plan_run
 from reference import REPO
 
 LLM_CONFIG = str(REPO / "configs" / "llama_lora.py")
@@ -47,7 +47,7 @@ def cli_argv(model: Path, run_dir: Path, *overrides: str) -> list[str]:
             "--config.data.train.vocab_size=256", "--config.data.validation.vocab_size=256",
             "--config.data.seq_len=64", "--config.train.global_batch_size=8", "--config.train.micro_batch_size=8",
             "--config.train.max_steps=1", "--config.train.sample_prompts=()", "--config.plan.remat=('none',)",
-            *overrides]
+            "--config.optim.schedule.warmup_steps=0", *overrides]
 
 
 def run_module(module: str, argv: list[str]) -> subprocess.CompletedProcess:
@@ -78,6 +78,34 @@ def test_bad_plan_settings_are_one_line_errors(override, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("--config.optim.schedule.warmup_steps=5",), "optim.schedule.warmup_steps must be in [0, total_steps=1), got 5"),
+    (("--config.optim.grad_clip=-1.0",), "optim.grad_clip must be >= 0 (0 = off), got -1.0"),
+    (("--config.checkpoint.keep=0",), "checkpoint.keep must be >= 1, got 0"),
+    (("--config.logging.wandb.enabled=true", "--config.logging.wandb.mode=local"),
+     "wandb.mode must be one of 'offline', 'online'; got 'local'"),
+], ids=["warmup_past_max_steps", "grad_clip", "checkpoint_keep", "wandb_mode"])
+def test_cheap_config_errors_come_before_planning(weightless_model, tmp_path, monkeypatch, capsys, overrides,
+                                                  message):
+    """A bad setting that needs no model, data or devices is its one error line at once, not after the planner
+    compiled the run (the planner fails the test if it starts)."""
+    def planner_started(*args, **kwargs):
+        raise AssertionError("the planner ran before the config was checked")
+    monkeypatch.setattr(plan.Planner, "__init__", planner_started)
+    argv = cli_argv(weightless_model, tmp_path / "run", "--config.plan=auto", "--config.plan.device_memory_gb=1",
+                    *overrides)
+    assert finetune_cli.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_warmup_of_a_run_by_epochs_is_checked_once_its_length_is_known(weightless_model, tmp_path):
+    """Without train.max_steps the run's length comes from its data: the config alone is not refused."""
+    cfg = finetune_cli.load_config(cli_argv(weightless_model, tmp_path / "run", "--config.train.max_steps=None",
+                                            "--config.optim.schedule.warmup_steps=5"))
+    assert cfg.train.max_steps is None and cfg.optim.schedule.warmup_steps == 5
+
+
 def test_plan_on_a_vlm_config_is_one_error_line(capsys):
     with pytest.raises(ConfigError, match="config key 'plan' is one of the LLM recipe's, and this config runs the "
                                           "VLM recipe"):
@@ -106,15 +134,15 @@ def test_xla_out_of_memory_is_explained_in_one_line(weightless_model, tmp_path):
     def allocate_too_much():
         jax.jit(lambda: jnp.zeros((2 ** 40,), jnp.float32))().block_until_ready()
 
-    with pytest.raises(plan.OutOfDeviceMemory) as error:
-        with plan.explained_out_of_memory(cfg, lambda: str(weightless_model)):
+    with pytest.raises(plan_run.OutOfDeviceMemory) as error:
+        with plan_run.explained_out_of_memory(cfg, lambda: str(weightless_model)):
             allocate_too_much()
     assert str(error.value).startswith("out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating")
     assert "set plan.device_memory_gb to have the planner name a fitting choice" in str(error.value)
 
     cfg.plan.device_memory_gb = 0.004  # micro-batch 8 (~5 MB) does not fit plan.margin of it, smaller ones do
-    with pytest.raises(plan.OutOfDeviceMemory) as error:
-        with plan.explained_out_of_memory(cfg, lambda: str(weightless_model)):
+    with pytest.raises(plan_run.OutOfDeviceMemory) as error:
+        with plan_run.explained_out_of_memory(cfg, lambda: str(weightless_model)):
             allocate_too_much()
     message = str(error.value)
     assert "\n" not in message and "against 0.004 GB of device memory" in message

@@ -29,9 +29,9 @@ from automodel_jax.models.fp8 import MIN_COMPUTE_CAPABILITY, fp8_unsupported
 from automodel_jax.models.layers import apply_fp8
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
 from automodel_jax.peft.lora import apply_lora, lora_defaults
-from automodel_jax.training import loop, plan
-from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, start_label,
-                                            train_loop, trainer_defaults, validate)
+from automodel_jax.training import loop, plan, plan_run
+from automodel_jax.training.trainer import (Run, batch_geometry, build_run, check_training_config, load_model, start,
+                                            start_label, train_loop, trainer_defaults, validate)
 
 from automodel_jax.recipes.llm import embedded
 
@@ -94,14 +94,17 @@ def check_fp8_devices(cfg) -> None:
 
 
 def check_run_config(cfg) -> None:
-    """The recipe's choices, before anything is built."""
+    """The recipe's choices and the trainer's settings that need no devices, model or data, before anything is built
+    (so that a bad one fails at once, not after the planner compiled the run)."""
     validate_choice(cfg, "peft.method", ("lora", "none"))
-    validate_choice(cfg, "model.fp8.recipe", FP8_RECIPES)
-    if cfg.model.fp8.amax_history_len < 1:
+    fp8 = cfg.model.fp8
+    recipe = validate_choice(cfg, "model.fp8.recipe", FP8_RECIPES)
+    if fp8.enabled and recipe == "delayed" and fp8.amax_history_len < 1:  # unused by other recipes, or with FP8 off
         raise ConfigError(f"model.fp8.amax_history_len must be >= 1 (steps of amax history for delayed scaling; "
-                          f"Transformer Engine's default is 1024), got {cfg.model.fp8.amax_history_len}")
+                          f"Transformer Engine's default is 1024), got {fp8.amax_history_len}")
     validate_choice(cfg, "loss.impl", LOSS_IMPLS)
     plan.check_plan_config(cfg.plan)
+    check_training_config(cfg)
     if validate_choice(cfg, "evaluation.task", ("none", "hellaswag", "squad")) != "none" and not cfg.evaluation.data:
         raise ConfigError("evaluation.data is empty; point it at the task's rows (a local file, saved dataset or "
                           "Hub name), or set evaluation.task=none")
@@ -137,7 +140,7 @@ def setup(cfg, model=None) -> Run:
 
     # Plan (cfg.plan: check that the run fits, or choose its mesh, remat, loss and micro-batch), model, adapters.
     model_path = resolve_path(cfg.model.path)
-    started = plan.prepare_run(cfg, started, model_path)
+    started = plan_run.prepare_run(cfg, started, model_path)
     mesh, rules = started.mesh, started.rules
     check_parallelism(cfg, mesh, rules, model_path)
     tokenizer = load_tokenizer(model_path)
@@ -221,8 +224,8 @@ def finish(run: Run, first_val: float, first_label: str = "before") -> dict:
 
 def run(cfg) -> dict:
     """Train as `cfg` says; returns validation loss before/after, steps done, the trained model and evaluation.
-    Running out of device memory is one line naming the plan's figures (`plan.explained_out_of_memory`)."""
-    with plan.explained_out_of_memory(cfg, lambda: resolve_path(cfg.model.path)), \
+    Running out of device memory is one line naming the plan's figures (`plan_run.explained_out_of_memory`)."""
+    with plan_run.explained_out_of_memory(cfg, lambda: resolve_path(cfg.model.path)), \
             contextlib.closing(setup(cfg)) as run_:  # checkpoint saves and writers end on every way out
         step = int(run_.state["step"])
         first_val = validate(run_, step)

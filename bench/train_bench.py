@@ -12,9 +12,11 @@ FLOP count as the HF peer, ../shared/peers/peer_hf.py), peak device memory, comp
 before the model is built; its table goes to stderr, and the JSON line adds the chosen settings and the predicted peak
 per device beside the measured one (`memory_stats()["peak_bytes_in_use"]`; run one workload per process, the peak is
 the process's). `s8` is a Llama-3.1-8B full SFT (bf16 parameters, AdamW) that does not fit an H200 without
-activation checkpointing:
+activation checkpointing at its micro-batch of 4 (at 1 it does: 86 GiB); `s8l` (seq 8192, micro-batch 1) does not
+fit without it at all; `--micro-batch N` hand-tunes against the planner's choice:
 
-    python bench/train_bench.py s8 --plan --steps 5 --warmup 1
+    python bench/train_bench.py s8l --plan --steps 3 --warmup 1
+    python bench/train_bench.py s8l --remat full --steps 3 --warmup 1
 
 `--fp8` (issue 16): the decoder's Linear layers in FP8 (model.fp8; emulated on CPU), with tensorwise (current) or
 delayed (amax history, Transformer Engine's default length 1024) scaling by `--fp8-recipe`.
@@ -68,12 +70,13 @@ WORKLOADS = {
     "w3": ("W3 llama3.1-8b LoRA r8 b4 s2048", "llama3.1-8b", 8, 32, 4, 2048, 4),
     "w4": ("W4 llama3.1-8b LoRA r16 b2 s4096 gbs32", "llama3.1-8b", 16, 32, 2, 4096, 32),
     "s8": ("S8 llama3.1-8b full-SFT bf16 params b4 s2048 gbs16", "llama3.1-8b", None, 0, 4, 2048, 16),
+    "s8l": ("S8L llama3.1-8b full-SFT bf16 params b1 s8192 gbs8", "llama3.1-8b", None, 0, 1, 8192, 8),
     "smoke": ("smoke: tiny LoRA on CPU", "tiny", 8, 32, 2, 64, 4),
     "packing": ("P1 llama3.2-1b LoRA r8 b8 s1024 gbs64 SQuAD", "llama3.2-1b", 8, 32, 8, 1024, 64),
     "packing_smoke": ("smoke: tiny LoRA on SQuAD rows on CPU", "tiny", 8, 32, 2, 1024, 8),
 }
 # Full-SFT workloads whose master weights are bf16 (the others: fp32 for full SFT, bf16 for LoRA).
-BF16_PARAMS = ("s8",)
+BF16_PARAMS = ("s8", "s8l")
 # Workloads on real rows (--data, --tokenizer), run padded and packed.
 REAL_DATA = ("packing", "packing_smoke")
 
@@ -98,13 +101,15 @@ def label_tokens(loader, position: dict, steps: int) -> tuple[int, int]:
 
 def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str | None = None,
         data: str | None = None, tokenizer: str | None = None, packing: bool = False, fp8: bool = False,
-        fp8_recipe: str = "tensorwise", plan_auto: bool = False) -> dict:
+        fp8_recipe: str = "tensorwise", plan_auto: bool = False, micro_batch: int | None = None) -> dict:
     """One workload through the recipe's own phases: `setup` (state, jitted steps, grain loader of mock rows, or of
     the SQuAD rows in `data` tokenized by the HF tokenizer folder `tokenizer`, packed or not) and `train_loop` (the
     loop users run, metrics read one step behind), timed over `steps` steps after `warmup`.
     `profile`: a directory for a `jax.profiler` trace of two steps after warm-up (the recipe's `profile` section).
-    `plan_auto`: remat, loss and micro-batch from the run planner instead of `remat`, `loss` and the workload's."""
+    `plan_auto`: remat, loss and micro-batch from the run planner instead of `remat`, `loss` and the workload's.
+    `micro_batch`: rows per micro-step instead of the workload's (hand-tuning against the planner)."""
     name, shape, rank, alpha, micro, seq, global_batch = WORKLOADS[key]
+    micro = micro_batch or micro
     lora = rank is not None
     hf_cfg = dict(model_type="llama", **SHAPES[shape])
     model_dir = Path(tempfile.mkdtemp(prefix="train_bench-"))
@@ -189,6 +194,8 @@ def main() -> int:
     parser.add_argument("--plan", action="store_true",
                         help="remat, loss and micro-batch chosen by the run planner (plan=auto) instead of --remat, "
                              "--loss and the workload's micro-batch")
+    parser.add_argument("--micro-batch", type=int, help="rows per micro-step instead of the workload's (a divisor of "
+                                                            "its global batch)")
     parser.add_argument("--profile", help="write a jax.profiler trace of two timed steps under DIR/WORKLOAD")
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help="JAX's persistent compilation cache in DIR, as the commands use it (a second run shows "
@@ -205,7 +212,7 @@ def main() -> int:
     for key in args.workloads:
         if key not in REAL_DATA:
             print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile, **fp8,
-                                 plan_auto=args.plan)), flush=True)
+                                 plan_auto=args.plan, micro_batch=args.micro_batch)), flush=True)
             continue
         for name, path in (("--data", args.data), ("--tokenizer", args.tokenizer)):
             if not Path(path).exists():

@@ -125,6 +125,21 @@ def test_mesh_factorisations_cover_every_layout_once():
     assert plan.mesh_factorisations(6, ("fsdp",)) == [tuple((a, 6 if a == "fsdp" else 1) for a in plan.MESH_AXES)]
 
 
+def test_estimated_flops_are_the_models_training_flops(weightless_model, tmp_path):
+    """The step-time estimate's flops (counted on the lowered step, so that a GPU's library-call matmuls count too)
+    are the training FLOPs of PaLM's formula (6 N + 12 L H Q T per token; `training.metrics`) for a full SFT, within
+    the elementwise work (norms, softmax, loss, AdamW) the formula leaves out."""
+    cfg = finetune_cli.load_config(cli_argv(weightless_model, tmp_path / "run", "--config.peft.method=none",
+                                            "--config.plan.device_memory_gb=1"))
+    planner = plan.Planner(cfg, str(weightless_model), memory=10 ** 9)
+    row = planner.predict(planner.own())
+    h, kv, f, layers, heads = 64, 32, 128, 2, 4
+    params = layers * (2 * h * h + 2 * h * kv + 3 * h * f) + h * TINY["vocab_size"]  # untied lm_head
+    tokens, seq = 8 * 64, 64
+    palm = (6 * params + 12 * layers * heads * (h // heads) * seq) * tokens
+    assert row.full_depth and 1.0 <= row.figures.flops / palm < 1.15, (row.figures.flops, palm)
+
+
 def test_xla_out_of_memory_is_explained_in_one_line(weightless_model, tmp_path):
     """A real RESOURCE_EXHAUSTED from XLA (a 4 TiB array on the CPU) inside a run: one line with XLA's own words, the
     plan's predicted peak of the run's settings, the device memory and the nearest fitting choice."""

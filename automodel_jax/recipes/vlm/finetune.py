@@ -37,8 +37,8 @@ from automodel_jax.generation.vlm import generate_with_images
 from automodel_jax.models.vocab import substituted_token_ids
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
 from automodel_jax.peft.lora import apply_lora, lora_defaults
-from automodel_jax.training.trainer import (Run, batch_geometry, build_run, load_model, start, start_label,
-                                            train_loop, trainer_defaults, validate)
+from automodel_jax.training.trainer import (Run, batch_geometry, build_run, check_training_config, load_model, start,
+                                            start_label, train_loop, trainer_defaults, validate)
 
 from automodel_jax.recipes.vlm import embedded
 
@@ -86,6 +86,8 @@ def frozen_module_patterns(model_type: str, cfg) -> tuple[str, ...]:
 
 
 def check_run_config(cfg) -> None:
+    """The recipe's choices and the trainer's settings that need no devices, model or data, before anything is
+    built."""
     if not cfg.vlm:
         raise ConfigError("vlm marks a config of the vision-language recipe and is not a switch; remove "
                           "--config.vlm=false, or use an LLM config file (configs/llama_lora.py, ...) for text-only "
@@ -98,6 +100,7 @@ def check_run_config(cfg) -> None:
     if cfg.peft.method == "none" and all(cfg.model[f"freeze_{g}"] for g in FREEZE_GROUPS):
         raise ConfigError("model.freeze_vision_tower, freeze_embeddings and freeze_language_model are all true: "
                           "full SFT would train nothing but the projector; unfreeze a group or use peft.method=lora")
+    check_training_config(cfg)
 
 
 def setup(cfg, model=None) -> Run:

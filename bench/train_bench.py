@@ -6,7 +6,7 @@ it measures the loop users run. One JSON line per workload: tokens/s, mean step 
 FLOP count as the HF peer, ../shared/peers/peer_hf.py), peak device memory, compile + first step time.
 
     python bench/train_bench.py w1 w2 w3 w4 [--remat save_dots] [--loss chunked] [--steps 10] [--profile DIR]
-        [--fp8 [--fp8-recipe {tensorwise,delayed}]]
+        [--fp8 [--fp8-recipe {tensorwise,delayed}] [--fp8-filter MODULE ...]]
 
 `--plan` (issue 17): the run planner (`plan=auto`, `automodel_jax.training.plan`) chooses remat, loss and micro-batch
 before the model is built; its table goes to stderr, and the JSON line adds the chosen settings and the predicted peak
@@ -101,7 +101,8 @@ def label_tokens(loader, position: dict, steps: int) -> tuple[int, int]:
 
 def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str | None = None,
         data: str | None = None, tokenizer: str | None = None, packing: bool = False, fp8: bool = False,
-        fp8_recipe: str = "tensorwise", plan_auto: bool = False, micro_batch: int | None = None) -> dict:
+        fp8_recipe: str = "tensorwise", fp8_filter: tuple[str, ...] = (), plan_auto: bool = False,
+        micro_batch: int | None = None) -> dict:
     """One workload through the recipe's own phases: `setup` (state, jitted steps, grain loader of mock rows, or of
     the SQuAD rows in `data` tokenized by the HF tokenizer folder `tokenizer`, packed or not) and `train_loop` (the
     loop users run, metrics read one step behind), timed over `steps` steps after `warmup`.
@@ -120,7 +121,8 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
     cfg.run_dir = str(model_dir / "run")
     param_dtype = "bfloat16" if lora or key in BF16_PARAMS else "float32"
     cfg.model.update(path=str(model_dir), dtype="bfloat16", param_dtype=param_dtype, remat=remat)
-    cfg.model.fp8.update(enabled=fp8, recipe=fp8_recipe, emulate=fp8)  # emulate matters on CPU only
+    cfg.model.fp8.update(enabled=fp8, recipe=fp8_recipe, filter_modules=tuple(fp8_filter),
+                         emulate=fp8)  # emulate matters on CPU only
     cfg.peft.update(method="lora" if lora else "none", r=rank or 8, alpha=float(alpha), target_modules=("*_proj",))
     for split in ("train", "validation"):
         if data is None:
@@ -170,6 +172,7 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
     result = dict(impl="automodel-jax", workload=name, batch=micro, seq=seq, global_batch=global_batch,
                   remat=remat, loss_impl=loss, packing=packing, fp8=fp8, fp8_recipe=fp8_recipe if fp8 else None,
+                  fp8_filter=list(fp8_filter),
                   step_s=round(step_s, 4), tokens_per_s=round(tok_s),
                   label_tokens_per_s=round(labels / steps / step_s), real_tokens_per_s=round(real / steps / step_s),
                   model_tflops=round(tflops, 1), mfu=round(tflops / PEAK_TFLOPS, 3), peak_mem_gb=round(peak, 1),
@@ -191,6 +194,8 @@ def main() -> int:
     parser.add_argument("--fp8", action="store_true", help="FP8 matmuls in the decoder's Linear layers")
     parser.add_argument("--fp8-recipe", choices=("tensorwise", "delayed"),
                         help="FP8 scaling with --fp8: current per-tensor amax (default), or the amax history's maximum")
+    parser.add_argument("--fp8-filter", nargs="+", metavar="MODULE",
+                        help="with --fp8: modules kept in bf16 (model.fp8.filter_modules patterns, e.g. k_proj v_proj)")
     parser.add_argument("--plan", action="store_true",
                         help="remat, loss and micro-batch chosen by the run planner (plan=auto) instead of --remat, "
                              "--loss and the workload's micro-batch")
@@ -205,9 +210,10 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=str(ASSETS / "models/stories260K"),
                         help="HF tokenizer folder for the real-data workloads")
     args = parser.parse_args()
-    if args.fp8_recipe and not args.fp8:
-        parser.error(f"--fp8-recipe {args.fp8_recipe} needs --fp8 (FP8 matmuls are off without it)")
-    fp8 = dict(fp8=args.fp8, fp8_recipe=args.fp8_recipe or "tensorwise")
+    for flag, value in (("--fp8-recipe", args.fp8_recipe), ("--fp8-filter", " ".join(args.fp8_filter or ()))):
+        if value and not args.fp8:
+            parser.error(f"{flag} {value} needs --fp8 (FP8 matmuls are off without it)")
+    fp8 = dict(fp8=args.fp8, fp8_recipe=args.fp8_recipe or "tensorwise", fp8_filter=tuple(args.fp8_filter or ()))
     enable_compilation_cache(bool(args.compilation_cache), args.compilation_cache)
     for key in args.workloads:
         if key not in REAL_DATA:

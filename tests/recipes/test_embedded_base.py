@@ -3,7 +3,9 @@ resumes from its last checkpoint instead of step 0, and everything the nested ru
 model's (its "validation loss" line is not the user's run). Pre-training is shortened to 6 steps for the test."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import threading
 
 import pytest
 
@@ -44,3 +46,30 @@ def test_an_interrupted_base_build_resumes_and_labels_its_output(tmp_path, monke
     assert json.loads((root / embedded.MODEL_NAME / "config.json").read_text())["model_type"] == "llama"
     assert path == str(root / embedded.MODEL_NAME)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [embedded.MODEL_NAME]  # no init or run left
+
+
+@pytest.mark.slow
+def test_runs_started_together_build_the_base_model_once(tmp_path, monkeypatch, capsys):
+    """Two commands started at once on a fresh cache: one builds (under the cache's lock), the other waits, says
+    so, and uses the finished model; nothing half-written is ever at the model's path."""
+    monkeypatch.setenv("AUTOMODEL_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(embedded.PRETRAIN, "steps", 2)
+    monkeypatch.setitem(embedded.PRETRAIN, "warmup_steps", 1)
+    name = f"{embedded.SCHEME}{embedded.MODEL_NAME}"
+    builds, started = [], threading.Event()
+
+    def counted_run(cfg):
+        builds.append(cfg.run_dir)
+        started.set()
+        return finetune.run(cfg)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(embedded.materialize, name, finetune.default_config, counted_run)
+        assert started.wait(300)  # the first one holds the lock and trains
+        second = pool.submit(embedded.materialize, name, finetune.default_config, counted_run)
+        paths = {first.result(), second.result()}
+    root = embedded.cache_dir() / embedded._fingerprint()
+    assert paths == {str(root / embedded.MODEL_NAME)} and len(builds) == 1
+    assert f"waiting for another process to finish building the embedded base model in {root}" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [embedded.MODEL_NAME]

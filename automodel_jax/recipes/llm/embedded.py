@@ -9,6 +9,7 @@ held-out prompts measure what fine-tuning really learned.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -136,13 +137,17 @@ def _build_base_model(root: Path, target: Path, default_config, run) -> None:
           f"({PRETRAIN['steps']} steps, once; cached in {root})", flush=True)
     run_dir = root / "pretrain-run"
     model = pretrain_base(run, pretrain_config(default_config(), init_dir, run_dir), "embedded base model")
-    save_pretrained(model, target, overwrite=True)
+    written = target.with_name(target.name + ".partial")  # renamed once complete: a crash leaves no half model
+    save_pretrained(model, written, overwrite=True)
+    shutil.rmtree(target, ignore_errors=True)  # what an older, interrupted build may have left
+    os.replace(written, target)
     shutil.rmtree(init_dir)
     shutil.rmtree(run_dir)
 
 
 def materialize(name: str, default_config, run) -> str:
-    """Local path for an `embedded:` name, building it on first use (atomically, so parallel runs are safe); the
+    """Local path for an `embedded:` name, building it on first use (under a file lock, written under another name
+    and renamed when complete, so runs started together build it once and a crash leaves no half model); the
     base model is pre-trained by the recipe whose `default_config` and `run` are given (the recipe passes its own,
     so this module never imports it)."""
     what = name[len(SCHEME):]
@@ -150,7 +155,16 @@ def materialize(name: str, default_config, run) -> str:
     if what == MODEL_NAME:
         target = root / MODEL_NAME
         if not (target / "config.json").is_file():
-            _build_base_model(root, target, default_config, run)
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / ".build.lock", "w") as lock:  # runs started together: one builds, the others wait
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"waiting for another process to finish building the embedded base model in {root}",
+                          flush=True)
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (target / "config.json").is_file():
+                    _build_base_model(root, target, default_config, run)
         return str(target)
     if what.startswith("word-tasks/") and what.split("/", 1)[1] in SPLIT_SIZES:
         split = what.split("/", 1)[1]

@@ -366,10 +366,11 @@ class Planner:
                             f"data.seq_len or plan.mesh_axes")
         return usable
 
-    def search(self) -> list[Row]:
+    def search(self, verify: bool = True) -> list[Row]:
         """Rows of every (mesh, remat, loss) with its largest fitting micro-batch (and the run's own settings when
-        valid), fitting ones first by estimated step time; the best fitting one is compiled at full depth and
-        rows that do not fit there are marked and moved down, until one does."""
+        valid), fitting ones first by estimated step time; with `verify`, the best fitting one is compiled at full
+        depth and rows that do not fit there are marked and moved down, until one does (an error message naming a
+        choice skips that compile, the slowest of a search)."""
         rows = [self.largest_micro_batch(m, r, impl) for m in self.candidate_meshes()
                 for r in self.cfg.plan.remat for impl in self.cfg.plan.loss_impl]
         own = self.own()
@@ -379,13 +380,13 @@ class Planner:
         for row in rows:
             if row.candidate == own:
                 row.note = "config's own"
-        return self._rank(rows)
+        return self._rank(rows, verify)
 
-    def _rank(self, rows: list[Row]) -> list[Row]:
+    def _rank(self, rows: list[Row], verify: bool) -> list[Row]:
         while True:
             rows.sort(key=lambda r: (not self.fits(r), r.est_step_s if self.fits(r) else r.figures.peak_bytes))
             best = rows[0]
-            if not self.fits(best) or best.full_depth:
+            if not verify or not self.fits(best) or best.full_depth:
                 return rows
             full = self.predict(best.candidate, full_depth=True)
             full.note = best.note
@@ -459,7 +460,7 @@ class Planner:
                     rows[rows.index(row)] = row = full
                 if self.fits(row):
                     row.measured_step_s = self.measure(row.candidate, steps)
-            rows = self._rank(rows)
+            rows = self._rank(rows, verify=True)
             measured = [r for r in rows if r.measured_step_s is not None and self.fits(r)]
             chosen = min(measured, key=lambda r: r.measured_step_s, default=rows[0])
             if jax.process_count() > 1:  # timings differ between processes: process 0's choice holds

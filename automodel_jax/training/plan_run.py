@@ -61,7 +61,7 @@ def check_own_settings(cfg, model_path: str, memory: int) -> None:
 def nearest_choice(planner: Planner, own: Candidate) -> str:
     """'nearest fitting choice: ...' (or that none fits), for the one-line errors."""
     try:
-        rows = planner.search()
+        rows = planner.search(verify=False)
     except PlanError as e:
         return f"no candidate fits ({e})"
     row = planner.nearest_fitting(rows, own)

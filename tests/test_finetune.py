@@ -368,3 +368,16 @@ def test_resumed_run_says_so_and_keeps_one_metrics_row_per_step(hellaswag, tmp_p
     assert rows[3]["loss"] == pytest.approx(first_rows["val", 2]["loss"], rel=1e-5)  # the same state, measured anew
     assert {"tokens_per_sec", "label_tokens_per_sec", "tokens_per_sec_per_device", "step_time"} <= set(rows[4])
     assert rows[4]["tokens_per_sec"] > rows[4]["label_tokens_per_sec"] > 0
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "unwritable"])
+def test_a_run_dir_that_cannot_be_written_is_one_line_before_anything_loads(hellaswag, tmp_path, capsys, where):
+    """A run_dir under a plain file, or in a directory this process cannot create entries in (/proc refuses even
+    root), fails at once with one line naming run_dir, before the model or data load."""
+    train, validation = hellaswag
+    (tmp_path / "afile").write_text("not a directory")
+    run_dir = tmp_path / "afile" / "run" if where == "under_a_file" else Path("/proc/automodel_jax_run")
+    assert finetune_cli.main(stories_argv(run_dir, train, validation)) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: run_dir {run_dir}") and "set run_dir to a" in line, line
+    assert (tmp_path / "afile").read_text() == "not a directory"

@@ -111,7 +111,8 @@ def test_a_signal_before_training_is_one_line(rows, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     # A run by epochs learns its length from its data: its warmup is refused after the model and data loaded.
     (("--config.train.max_steps=None", "--config.optim.schedule.warmup_steps=100000"),
-     "error: optim.schedule.warmup_steps must be in [0, total_steps=9), got 100000"),
+     "error: optim.schedule.warmup_steps must be in [0, total_steps=9), got 100000; lower "
+     "optim.schedule.warmup_steps or train longer (train.max_steps, train.num_epochs)"),
     (("--config.train.preemption_signal=SIGFOO",),
      "error: train.preemption_signal='SIGFOO' is not a signal; give a name such as 'SIGTERM' or 'SIGUSR1'"),
 ])

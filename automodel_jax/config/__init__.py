@@ -35,7 +35,9 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -306,6 +308,22 @@ def _flat_items(tree: dict, prefix: str = ""):
             yield from _flat_items(value, f"{prefix}{name}.")
         else:
             yield prefix + name, value
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """ConfigError naming `key` when directory `path` could not be made or written: a file where it or a parent
+    directory should be, or a directory this process cannot create entries in (probed by making and removing a
+    temporary directory in `path` or its nearest existing parent, so nothing is left and root's permissions count
+    as they are). Checked before a model loads, so a bad path fails at once."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key} {path}: {existing} is a file, not a directory; set {key} to a directory path")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-check-"))
+    except OSError as e:
+        raise ConfigError(f"{key} {path} cannot be written ({existing}: {e.strerror}); set {key} to a writable "
+                          f"directory") from None
 
 
 def save_config(cfg: ConfigDict, run_dir: str | Path) -> Path:

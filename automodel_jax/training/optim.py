@@ -66,7 +66,9 @@ def check_schedule(optim_cfg: ConfigDict, total_steps: int | None) -> str:
         raise ConfigError(f"optim.schedule.min_learning_rate must be in [0, learning_rate={peak}], got {low}")
     if warmup < 0 or (known and warmup >= total_steps and name != "constant"):
         bounds = f"in [0, total_steps={total_steps})" if known else ">= 0"
-        raise ConfigError(f"optim.schedule.warmup_steps must be {bounds}, got {warmup}")
+        fix = ("; lower optim.schedule.warmup_steps or train longer (train.max_steps, train.num_epochs)"
+               if known and warmup >= 0 else "")
+        raise ConfigError(f"optim.schedule.warmup_steps must be {bounds}, got {warmup}{fix}")
     if name == "wsd":
         if not 0 < sched.decay_fraction <= 1:
             raise ConfigError(f"optim.schedule.decay_fraction must be in (0, 1], got {sched.decay_fraction}")

@@ -80,7 +80,7 @@ def prepare_run(cfg, started: Started, model_path: str) -> Started:
     memory = device_memory_bytes(cfg.plan)
     if mode == "check":
         if memory is None:
-            log.info("plan: memory check skipped: %s devices report no memory size (set plan.device_memory_gb to "
+            log.debug("plan: memory check skipped: %s devices report no memory size (set plan.device_memory_gb to "
                      "check)", jax.local_devices()[0].platform)
         else:
             check_own_settings(cfg, model_path, memory)

@@ -28,7 +28,7 @@ from automodel_jax.checkpoint.export import export_defaults, export_dir
 from automodel_jax.checkpoint.hf import load_pretrained
 from automodel_jax.checkpoint.orbax_io import (CHECKPOINT_DIR, TrainCheckpoints, check_checkpoint_config,
                                               checkpoint_defaults)
-from automodel_jax.config import ConfigError, config_changes, save_config
+from automodel_jax.config import ConfigError, check_writable_dir, config_changes, save_config
 from automodel_jax.launcher.distributed import describe_topology, initialize_distributed
 from automodel_jax.models.layers import amax_histories
 from automodel_jax.parallel.sharding import mesh_from_config, tree_shardings
@@ -138,10 +138,13 @@ def check_training_config(cfg) -> None:
 
 
 def start(cfg) -> Started:
-    """Check the export directory (nothing is trained into an export that would fail), join the other processes,
-    build the mesh and print the topology. Nothing is written yet: the config is saved by `build_run`, once the
-    model, data, checkpoints and optimizer are known to fit it."""
+    """Check the run and export directories (writable; nothing is trained into an export that would fail), join
+    the other processes, build the mesh and print the topology. Nothing is written yet: the config is saved by
+    `build_run`, once the model, data, checkpoints and optimizer are known to fit it."""
+    check_writable_dir(cfg.run_dir, "run_dir")
     export_to = export_dir(cfg)
+    if export_to is not None:
+        check_writable_dir(export_to, "export.dir" if cfg.export.dir else "run_dir")
     initialize_distributed(cfg.distributed.timeout_s)
     primary = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)

@@ -149,7 +149,8 @@ def test_a_failing_process_stops_the_other_at_once_naming_it(tmp_path):
     """Process 1 refuses its config once its model and data are loaded (a run by epochs learns its length from its
     data, so its warmup is checked then), while process 0 goes on into collectives that need process 1: process 0
     stops within seconds (not JAX's 100 s heartbeat timeout) with a line naming it."""
-    error = "optim.schedule.warmup_steps must be in [0, total_steps=500), got 100000"
+    error = ("optim.schedule.warmup_steps must be in [0, total_steps=500), got 100000; lower "
+             "optim.schedule.warmup_steps or train longer (train.max_steps, train.num_epochs)")
     envs = two_process_envs()
     procs = [start(finetune_command(tmp_path / "run"), envs[0]),
              start(finetune_command(tmp_path / "run", "--config.train.max_steps=None",

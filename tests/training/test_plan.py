@@ -79,7 +79,8 @@ def test_bad_plan_settings_are_one_line_errors(override, message):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (("--config.optim.schedule.warmup_steps=5",), "optim.schedule.warmup_steps must be in [0, total_steps=1), got 5"),
+    (("--config.optim.schedule.warmup_steps=5",), "optim.schedule.warmup_steps must be in [0, total_steps=1), got 5; "
+     "lower optim.schedule.warmup_steps or train longer (train.max_steps, train.num_epochs)"),
     (("--config.optim.grad_clip=-1.0",), "optim.grad_clip must be >= 0 (0 = off), got -1.0"),
     (("--config.checkpoint.keep=0",), "checkpoint.keep must be >= 1, got 0"),
     (("--config.logging.wandb.enabled=true", "--config.logging.wandb.mode=local"),

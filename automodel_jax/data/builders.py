@@ -71,7 +71,8 @@ def fit_samples(name: str, encoded: Iterable[tuple[list[int], list[bool]]], seq_
     return TokenizedDataset(name, samples, stats, np.asarray(spans, np.int64).reshape(-1, 2))
 
 
-def check_fit(dataset, seq_len: int, truncation: str, min_kept_fraction: float) -> None:
+def check_fit(dataset, seq_len: int, truncation: str, min_kept_fraction: float,
+              context: int | None = None) -> None:
     """Say how fitting `dataset` (TokenizedDataset or VLMDataset) to seq_len went: one INFO line when at most
     WARN_LOST_FRACTION of its rows were lost, a WARNING with hints computed from the rows and the settings when more
     were, a DataError when none, or fewer than `min_kept_fraction` (data.min_kept_fraction) of them, are left."""
@@ -82,7 +83,7 @@ def check_fit(dataset, seq_len: int, truncation: str, min_kept_fraction: float) 
     if rows - kept <= WARN_LOST_FRACTION * rows:
         logger.info(summary)
         return
-    hints = "; ".join(fit_hints(dataset.spans, seq_len, truncation))
+    hints = "; ".join(fit_hints(dataset.spans, seq_len, truncation, context))
     if kept == 0:
         raise DataError(f"dataset {dataset.name}: no sample is left after fitting to seq_len {seq_len} (of {rows} "
                         f"rows: {counts}); {hints}")
@@ -92,8 +93,9 @@ def check_fit(dataset, seq_len: int, truncation: str, min_kept_fraction: float) 
     logger.warning("%s; %s", summary, hints)
 
 
-def fit_hints(spans: np.ndarray, seq_len: int, truncation: str) -> list[str]:
-    """What would keep more rows, from each row's (length, first loss position) and the settings in force."""
+def fit_hints(spans: np.ndarray, seq_len: int, truncation: str, context: int | None = None) -> list[str]:
+    """What would keep more rows, from each row's (length, first loss position) and the settings in force; a
+    longer seq_len is suggested only up to the model's `context` (positions) when it is given."""
     length, first_loss = spans[:, 0], spans[:, 1]
     has_loss = first_loss >= 0
     hints = []
@@ -101,7 +103,10 @@ def fit_hints(spans: np.ndarray, seq_len: int, truncation: str) -> list[str]:
     if too_long.any():
         ordered = np.sort(length[has_loss])  # the smallest length that fits KEEP_FRACTION of them:
         fits = int(ordered[max(int(np.ceil(KEEP_FRACTION * len(ordered) - 1e-9)) - 1, 0)])
-        if fits > seq_len:
+        if context is not None and fits > context > seq_len:  # the longest the model takes
+            share = float(np.mean(ordered <= context))
+            hints.append(f"data.seq_len={context} (the model's context) would fit {share:.0%} of the rows whole")
+        elif fits > seq_len and (context is None or fits <= context):
             hints.append(f"data.seq_len={fits} would fit {KEEP_FRACTION:.0%} of the rows whole")
         reachable = int((too_long & (first_loss < seq_len)).sum())
         if truncation == "drop" and reachable:
@@ -211,9 +216,10 @@ BUILDERS: dict[str, Callable[..., TokenizedDataset]] = {
 
 
 def build_dataset(ds_cfg, tokenizer, seq_len: int, truncation: str,
-                  min_kept_fraction: float = 0.1) -> TokenizedDataset:
+                  min_kept_fraction: float = 0.1, context: int | None = None) -> TokenizedDataset:
     """Dispatch on `ds_cfg.kind`; see data_defaults() for the keys each kind reads. Rows lost to seq_len are reported
-    by `check_fit` (a DataError when fewer than `min_kept_fraction` of them are kept)."""
+    by `check_fit` (a DataError when fewer than `min_kept_fraction` of them are kept; its hints suggest no seq_len
+    past the model's `context`, in positions, when given)."""
     given = dict(ds_cfg)
     builder = BUILDERS.get(given.get("kind"))
     if builder is None:
@@ -224,7 +230,7 @@ def build_dataset(ds_cfg, tokenizer, seq_len: int, truncation: str,
         raise DataError(f"unknown dataset setting(s) {unknown}: the known ones are {sorted(cfg)}")
     cfg.update(given)
     dataset = builder(ml_collections.ConfigDict(cfg), tokenizer, seq_len, truncation)
-    check_fit(dataset, seq_len, truncation, min_kept_fraction)
+    check_fit(dataset, seq_len, truncation, min_kept_fraction, context)
     return dataset
 
 

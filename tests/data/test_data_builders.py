@@ -341,6 +341,13 @@ def test_squad_mostly_lost_to_seq_len_is_an_error_or_a_warning_with_the_seq_len_
     assert f"{kept} of 1000 rows kept at seq_len 256" in record.getMessage()
     assert f"data.seq_len={fits} would fit 95% of the rows whole" in record.getMessage()
 
+    # stories260K's context is 512 positions: the hint suggests no longer seq_len than the model takes
+    with pytest.raises(DataError) as error:
+        build_dataset(squad, tokenizer, 256, "truncate", context=512)
+    share = (length <= 512).mean()
+    assert fits > 512 and f"data.seq_len=512 (the model's context) would fit {share:.0%} of the rows whole" in \
+        str(error.value) and f"data.seq_len={fits}" not in str(error.value)
+
 
 def test_the_truncation_hint_appears_only_where_truncation_would_keep_rows(tokenizer, caplog):
     hellaswag = dict(kind="hellaswag", path=str(HELLASWAG), limit=100)

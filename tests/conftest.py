@@ -35,10 +35,11 @@ WORKERS = 2  # CI's cores; the suite takes about 13 minutes on 2 cores this way,
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     """Run the suite in WORKERS processes (pytest-xdist, whole files per worker so that a module's fixtures are built
-    once), unless -n was given (`-n 0`: one process), xdist is not installed, or the machine has an NVIDIA GPU (its
-    tests share one device: one process). Runs before xdist's own hook, which reads the two options."""
+    once), unless -n was given (`-n 0`: one process), only one test file was named, xdist is not installed, or the
+    machine has an NVIDIA GPU (its tests share one device: one process). Runs before xdist's own hook, which reads the two options."""
     option = config.option
-    if (config.pluginmanager.hasplugin("xdist") and getattr(option, "numprocesses", 0) is None
+    one_file = len(config.args) == 1 and Path(config.args[0].split("::")[0]).is_file()  # one worker would idle
+    if (config.pluginmanager.hasplugin("xdist") and getattr(option, "numprocesses", 0) is None and not one_file
             and not os.environ.get("PYTEST_XDIST_WORKER") and shutil.which("nvidia-smi") is None
             and not option.collectonly):
         option.numprocesses, option.dist = WORKERS, "loadfile"

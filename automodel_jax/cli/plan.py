@@ -5,6 +5,12 @@ train step on abstract shapes (no weights are loaded; an `embedded:` model is bu
 prints the table that `--config.plan=auto` would train with: mesh, activation checkpointing, loss, micro-batch x
 accumulation, GB per device, estimated (and, with plan.measure_steps, measured) step time, the choice. On a CPU,
 give the device memory: --config.plan.device_memory_gb=GB.
+
+The `plan` keys it reads (README "Run planner"): plan.margin (fraction of device memory a plan may use, 0.9),
+plan.device_memory_gb (default: the device's own), plan.remat (policies to try: none, full, save_dots),
+plan.loss_impl (chunked), plan.mesh_axes (data, fsdp, tensor; add context for long sequences), plan.measure_steps
+(0: rank by estimate; N: time N real steps of the best three). `python -m automodel_jax.finetune --config FILE
+--print-config` lists every key.
 """
 from __future__ import annotations
 

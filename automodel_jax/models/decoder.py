@@ -15,7 +15,8 @@ from flax import nnx
 from automodel_jax.models.attention import AttentionInputs, attention
 from automodel_jax.models.base import CausalLM, remat_policy
 from automodel_jax.models.kvcache import KVCache, LayerCache
-from automodel_jax.models.layers import ACTIVATIONS, Embedding, GatedMLP, Linear, RMSNorm, RopeConfig, apply_rope
+from automodel_jax.models.layers import (ACTIVATIONS, Embedding, GatedMLP, Linear, RMSNorm, RopeConfig, apply_linears,
+                                         apply_rope)
 from automodel_jax.parallel.sharding import constrain
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -133,7 +134,7 @@ class DecoderAttention(nnx.Module):
             q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = jnp.split(self.qkv_proj(x, dropout_rng), [q_out, q_out + kv_out], axis=-1)
         else:
-            q, k, v = self.q_proj(x, dropout_rng), self.k_proj(x, dropout_rng), self.v_proj(x, dropout_rng)
+            q, k, v = apply_linears(x, (self.q_proj, self.k_proj, self.v_proj), dropout_rng)
         b, t, _ = x.shape
         return (q.reshape(b, t, self.num_heads, self.head_dim), k.reshape(b, t, self.num_kv_heads, self.head_dim),
                 v.reshape(b, t, self.num_kv_heads, self.head_dim))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ from flax import nnx
 
 from automodel_jax.models.fp8 import fp8_dot, fp8_dot_delayed, new_amax_history
 from automodel_jax.models.params import module_matches, path_str, pure_dict
-from automodel_jax.parallel.sharding import constrain
+from automodel_jax.parallel.sharding import constrain, tensor_parallel
 
 
 # Marks an attribute as pytree data even while it holds None (flax >= 0.12 needs it; older flax has no such marker).
@@ -61,6 +63,11 @@ class Linear(nnx.Module):
             y = fp8_dot_delayed(x, kernel, self.amax_history[...])
         else:
             y = (fp8_dot if self.fp8 else jnp.dot)(x, kernel)
+        return self.add_bias_and_adapter(y, x, dropout_rng)
+
+    def add_bias_and_adapter(self, y: jax.Array, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """y [..., out] = x @ kernel (computed by the caller) plus the bias and the LoRA adapter's output on x [..., in]
+        (both in the compute dtype)."""
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
@@ -93,6 +100,24 @@ class Linear(nnx.Module):
         h = self.lora_input(x, dropout_rng) * jnp.asarray(self.lora_scale, self.dtype)
         return (jnp.concatenate([x, h], axis=-1),
                 jnp.concatenate([kernel, self.lora_b[...].astype(kernel.dtype)], axis=0))
+
+
+def apply_linears(x: jax.Array, layers: Sequence[Linear], dropout_rng: jax.Array | None = None) -> list[jax.Array]:
+    """The outputs [..., out_i] of Linear `layers` that all read x [..., in] (q/k/v, gate/up).
+
+    When every layer has tensorwise FP8 matmuls (and the kernels are not split over `tensor`), their base matmuls are
+    one FP8 GEMM over the kernels concatenated along out, split back, with one scale for the concatenated kernel and one
+    for the concatenated output gradient, as Transformer Engine scales a fused QKV projection: x is quantized once,
+    and the narrow k/v GEMMs (H200, 8B shape: 0.95x bf16 on their own, BENCHMARKS.md) run inside a wide one. Bias
+    and adapters stay per layer. Otherwise each layer's own call."""
+    if len(layers) < 2 or tensor_parallel() or not all(
+            isinstance(l, Linear) and l.fp8 and l.amax_history is None for l in layers):
+        return [layer(x, dropout_rng) for layer in layers]
+    x = x.astype(layers[0].dtype)
+    kernel = jnp.concatenate([layer.kernel[...].astype(layer.dtype) for layer in layers], axis=1)
+    splits = list(itertools.accumulate(layer.out_features for layer in layers))[:-1]
+    return [layer.add_bias_and_adapter(y, x, dropout_rng)
+            for layer, y in zip(layers, jnp.split(fp8_dot(x, kernel), splits, axis=-1))]
 
 
 OUTPUT_LAYERS = ("lm_head",)
@@ -319,7 +344,7 @@ class GatedMLP(nnx.Module):
         if self.fused:
             gate, up = jnp.split(self.gate_up_proj(x, dropout_rng), 2, axis=-1)
         else:
-            gate, up = self.gate_proj(x, dropout_rng), self.up_proj(x, dropout_rng)
+            gate, up = apply_linears(x, (self.gate_proj, self.up_proj), dropout_rng)
         hidden = constrain(ACTIVATIONS[self.activation](gate) * up, ("batch", "seq", "mlp"))
         return self.down_proj(hidden, dropout_rng)
 

@@ -253,6 +253,12 @@ def context_parallel() -> bool:
     return active is not None and active[0].shape["context"] > 1
 
 
+def tensor_parallel() -> bool:
+    """True while the active mesh splits parameters over `tensor` (Megatron-style column/row-parallel kernels)."""
+    active = _ACTIVE.get()
+    return active is not None and active[0].shape["tensor"] > 1
+
+
 def gather_kv(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys/values [B, S, K, D] unsharded along the sequence, for queries that stay sharded along it.
 

@@ -4,9 +4,9 @@ implementation and micro-batch so that a run fits its devices, before any weight
 Each candidate's REAL train step (`training.step`: `make_train_step` + `compile_steps`, the shardings the run
 declares) is compiled on abstract inputs (`jax.ShapeDtypeStruct`, the model from `nnx.eval_shape`: no weights). Its
 per-device peak memory is the compiled executable's own account (`memory_analysis()`: arguments + outputs - donated
-aliases + temporaries + generated code), its step time an estimate from XLA's cost analysis (flops of the lowered
-step / peak FLOP/s + bytes accessed by the compiled one / HBM bandwidth, times the accumulation steps: XLA counts the micro-batch scan's body once, so the optimizer
-update is counted `accum` times too). To plan fast, candidates are compiled with 1 and 2 decoder layers and
+aliases + temporaries + generated code), its step time an estimate: the lowered step's matmul flops (`training.hlo_flops`) / peak
+FLOP/s + bytes accessed by the compiled one (XLA's cost analysis, which counts the micro-batch loop's body once) times
+the accumulation steps / HBM bandwidth. To plan fast, candidates are compiled with 1 and 2 decoder layers and
 extrapolated linearly in depth; the one chosen is compiled at full depth before it is trusted. Micro-batch: the
 largest divisor of the per-data-replica batch whose peak fits (memory grows with it: bisection).
 
@@ -39,6 +39,7 @@ from automodel_jax.models.layers import amax_histories, apply_fp8
 from automodel_jax.parallel.sharding import (MESH_AXES, MeshConfigError, check_mesh_fits, make_mesh, rules_for,
                                              tree_shardings)
 from automodel_jax.peft.lora import apply_lora, split_model
+from automodel_jax.training.hlo_flops import matmul_flops
 from automodel_jax.training.metrics import peak_tflops
 from automodel_jax.training.optim import build_optimizer
 from automodel_jax.training.step import LLM_BATCH, compile_steps, make_eval_step, make_train_step, state_layout
@@ -137,21 +138,22 @@ class Figures:
                                                                      dataclasses.astuple(deeper))))
 
 
-def compiled_figures(compiled, lowered=None) -> Figures:
-    """Per-device peak memory of a compiled executable (arguments + outputs - donated aliases + temporaries +
-    generated code, from `memory_analysis()`), its bytes accessed (the compiled program's `cost_analysis()`) and
-    its flops, counted on `lowered` (the same step before XLA's optimizations; without it, on the compiled
-    program). Why: compiled for a GPU, the matmuls are library calls and the compiled program's count came to a
-    fraction of them (H200, W3: 0.071 s estimated against 0.49 s measured). The lowered program holds the
-    recomputation remat asks for; cuDNN attention is a library call there too and stays uncounted."""
+def compiled_figures(compiled, lowered=None, devices: int = 1) -> Figures:
+    """Per-device figures of a compiled step: peak memory (arguments + outputs - donated aliases + temporaries +
+    generated code, from `memory_analysis()`), bytes accessed (the compiled program's `cost_analysis()`, a loop's
+    body once) and the flops of one run of the whole step: the matmuls of `lowered` (the same step before XLA's
+    optimizations, so with the recomputation remat asks for; `hlo_flops.matmul_flops`, loops by their trip counts)
+    over its `devices`, or without it the compiled program's count. Why not XLA's: on a GPU the lowered program has
+    none and the compiled one leaves out the cuBLAS calls (H200, W4: 1.09 s estimated against 8.3 s measured)."""
     def cost(stage) -> dict:
         analysis = stage.cost_analysis()
         return (analysis[0] if isinstance(analysis, (list, tuple)) else analysis) or {}
     m = compiled.memory_analysis()
     peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
             + m.generated_code_size_in_bytes)
-    return Figures(float(peak), float(cost(lowered or compiled).get("flops", 0.0)),
-                   float(cost(compiled).get("bytes accessed", 0.0)))
+    compiled_cost = cost(compiled)
+    flops = matmul_flops(lowered.as_text()) / devices if lowered is not None else compiled_cost.get("flops", 0.0)
+    return Figures(float(peak), float(flops), float(compiled_cost.get("bytes accessed", 0.0)))
 
 
 @dataclasses.dataclass
@@ -318,7 +320,7 @@ class Planner:
             train, args, shardings = self.lower_args(candidate, layers)
             lowered = train.lower(*args)
             compiled = lowered.compile()
-            self._figures[key] = compiled_figures(compiled, lowered)
+            self._figures[key] = compiled_figures(compiled, lowered, len(self.devices))
             if layers == self.layers:
                 self._compiled[candidate] = (compiled, args, shardings)
         return self._figures[key]
@@ -333,7 +335,7 @@ class Planner:
             shallow, deeper = (self.figures(candidate, n) for n in PROBE_LAYERS)
             figures = shallow.at_depth(deeper, self.layers)
         accum, _ = self.geometry(candidate)
-        est = accum * (figures.flops * self.seconds_per_flop + figures.bytes_accessed * self.seconds_per_byte)
+        est = figures.flops * self.seconds_per_flop + accum * figures.bytes_accessed * self.seconds_per_byte
         return Row(candidate, accum, figures, est, full_depth=full)
 
     def fits(self, row: Row) -> bool:

@@ -8,6 +8,8 @@ CPU devices report no `memory_stats()`, so the real run's peak per device is its
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -139,6 +141,9 @@ def test_estimated_flops_are_the_models_training_flops(weightless_model, tmp_pat
     tokens, seq = 8 * 64, 64
     palm = (6 * params + 12 * layers * heads * (h // heads) * seq) * tokens
     assert row.full_depth and 1.0 <= row.figures.flops / palm < 1.15, (row.figures.flops, palm)
+    # The same global batch in 4 micro-steps: the loop's body counts once per trip, so the step's flops stay.
+    accumulated = planner.predict(dataclasses.replace(planner.own(), micro_batch=2))
+    assert accumulated.accum == 4 and accumulated.figures.flops == pytest.approx(row.figures.flops, rel=0.02)
 
 
 def test_xla_out_of_memory_is_explained_in_one_line(weightless_model, tmp_path):

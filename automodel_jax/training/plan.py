@@ -371,8 +371,8 @@ class Planner:
     def search(self, verify: bool = True) -> list[Row]:
         """Rows of every (mesh, remat, loss) with its largest fitting micro-batch (and the run's own settings when
         valid), fitting ones first by estimated step time; with `verify`, the best fitting one is compiled at full
-        depth and rows that do not fit there are marked and moved down, until one does (an error message naming a
-        choice skips that compile, the slowest of a search)."""
+        depth and rows that do not fit there are marked and moved down, until one does (`plan_run.nearest_choice`
+        verifies the row it names instead)."""
         rows = [self.largest_micro_batch(m, r, impl) for m in self.candidate_meshes()
                 for r in self.cfg.plan.remat for impl in self.cfg.plan.loss_impl]
         own = self.own()

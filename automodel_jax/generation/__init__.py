@@ -41,6 +41,12 @@ def context_length(model) -> int:
     return model.config.rope.max_position_embeddings
 
 
+def enforced_context(model) -> int | None:
+    """The context that sequences are held to: max_position_embeddings, or None for a model with "dynamic" rope
+    scaling (NTK, defined for any length as in HF)."""
+    return None if model.config.rope.type == "dynamic" else context_length(model)
+
+
 def check_context(model, positions: int, what: str, setting: str, others: int = 0) -> None:
     """ValueError when `what` needs more `positions` than the model's context (max_position_embeddings): telling to
     set `setting` to at most the context less `others` (positions the rest takes). A model with "dynamic" rope
@@ -49,7 +55,7 @@ def check_context(model, positions: int, what: str, setting: str, others: int = 
     if positions <= limit:
         return
     rope = model.config.rope
-    if rope.type == "dynamic":
+    if enforced_context(model) is None:
         logger.info("%s needs %d positions, beyond max_position_embeddings %d: the model's dynamic rope scaling "
                     "(factor %g) stretches its rotary embedding to that length, as in HF", what, positions, limit,
                     rope.factor)

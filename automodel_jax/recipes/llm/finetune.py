@@ -23,7 +23,7 @@ from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
 from automodel_jax.config import ConfigError, validate_choice
 from automodel_jax.data import (build_dataset, check_vocabulary, data_defaults, load_rows, make_loader,
                                 resolve_pad_id)
-from automodel_jax.generation import check_context, context_length
+from automodel_jax.generation import check_context, enforced_context
 from automodel_jax.losses.cross_entropy import IMPLS as LOSS_IMPLS
 from automodel_jax.models.fp8 import MIN_COMPUTE_CAPABILITY, fp8_unsupported
 from automodel_jax.models.layers import apply_fp8
@@ -161,7 +161,7 @@ def setup(cfg, model=None) -> Run:
         data_cfg[split].path = resolve_path(data_cfg[split].path)
     pad_id = resolve_pad_id(tokenizer, data_cfg.pad_token_id, data_cfg.pad_with_eos)
     check_model_fits(cfg, model, tokenizer, pad_id)
-    context = None if model.config.rope.type == "dynamic" else context_length(model)  # dynamic rope: any length
+    context = enforced_context(model)
     train_set, val_set = (build_dataset(data_cfg[split], tokenizer, seq_len, data_cfg.truncation,
                                         data_cfg.min_kept_fraction, context) for split in ("train", "validation"))
     check_vocabulary(tokenizer, model.config.vocab_size, datasets=(train_set, val_set))

@@ -395,6 +395,11 @@ def commit_output_dir(tmp: Path, out_dir) -> None:
     os.replace(tmp, out)
 
 
+def _path_order(path: tuple) -> tuple:
+    """Sort key of a parameter path as nnx orders its state: names alphabetically, list indices numerically."""
+    return tuple((0, k, "") if isinstance(k, int) else (1, 0, str(k)) for k in path)
+
+
 def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_shard_size: int | str = "5GB",
                     params: dict | None = None, chat_template: str | None = None) -> None:
     """Write `model` (or `params`, a {path: array} override such as merged LoRA weights) as an HF checkpoint, with
@@ -417,6 +422,9 @@ def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_sh
                 shape = x.shape if layer is None else x.shape[1:]
                 entries.append((name, tuple(reversed(shape)) if transpose else tuple(shape), dtype, path, transpose,
                                 layer))
+        # In the order of the per-layer paths (an unrolled model's own order), so that a scanned model's files are
+        # byte for byte the unrolled model's.
+        entries.sort(key=lambda e: _path_order(e[3] if e[5] is None else layer_path(e[3], e[5])))
         shards, current, size = [], [], 0
         for entry in entries:
             nbytes = int(np.prod(entry[1])) * entry[2].itemsize

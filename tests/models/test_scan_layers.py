@@ -22,12 +22,12 @@ LLAMA = dict(model_type="llama", **{**TINY, "num_hidden_layers": 3})
 
 def stacked_state(unrolled, scanned) -> dict:
     """The unrolled model's variables (parameters, adapters, FP8 state) in the scanned model's layout: per-layer
-    arrays stacked on a leading layer axis."""
+    arrays stacked on a leading layer axis (copies: a train step may donate either model's)."""
     flat = flatten(pure_dict(unrolled))
     out = {}
     for path, x in flatten(pure_dict(scanned)).items():
         out[path] = jnp.stack([flat[p] for p in layer_paths(path, x.shape[0])]) if stacked_at(path) is not None \
-            else flat[path]
+            else jnp.copy(flat[path])
     return unflatten(out)
 
 
@@ -129,3 +129,121 @@ def test_export_equals_the_unrolled_export(tmp_path):
     save_pretrained(scanned, tmp_path / "scanned")
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "scanned" / name).read_bytes() == (tmp_path / "unrolled" / name).read_bytes()
+
+
+def unstacked(flat: dict) -> dict:
+    """{per-layer path: array} of a flat {path: array} that may hold stacked paths (each slice under its layer's
+    path), to compare a scanned model's trees with an unrolled one's."""
+    out = {}
+    for path, x in flat.items():
+        for i, p in enumerate(layer_paths(path, np.shape(x)[0] if stacked_at(path) is not None else 1)):
+            out[p] = x[i] if stacked_at(path) is not None else x
+    return out
+
+
+def train_steps(model, lora: bool, mesh_cfg=None, steps: int = 2):
+    """`steps` steps of the recipe's own jitted train step (AdamW, naive loss, 2 micro-batches); (losses, final
+    trainable parameters by per-layer path, final FP8 amax histories by per-layer path)."""
+    from automodel_jax.models.layers import amax_histories
+    from automodel_jax.parallel.sharding import mesh_from_config, tree_shardings
+    from automodel_jax.peft.lora import split_model
+    from automodel_jax.training.optim import build_optimizer, optim_defaults
+    from automodel_jax.training.step import compile_steps, init_state, make_eval_step, make_train_step
+    mesh, rules = mesh_from_config(mesh_cfg or {}, devices=None if mesh_cfg else jax.devices()[:1])
+    cfg = optim_defaults()
+    cfg.update(name="adamw", learning_rate=1e-2, weight_decay=0.01)
+    opt, schedule = build_optimizer(cfg, steps)
+    graphdef, trainable, frozen = split_model(model, lora)
+    state, shardings = init_state(trainable, opt, 0, tree_shardings(model, trainable, mesh, rules),
+                                  amax_histories(model))
+    frozen_shardings = tree_shardings(model, frozen, mesh, rules)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    kw = dict(loss_impl="naive", chunk_size=None, max_segments=1)
+    train_step, _, batch_3d, _ = compile_steps(
+        make_train_step(graphdef, opt, schedule, grad_shardings=shardings["params"], **kw),
+        make_eval_step(graphdef, **kw), shardings, frozen_shardings, mesh, rules)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(steps):
+        lengths = rng.integers(4, 13, size=(2, 8))
+        real = np.arange(12)[None, None, :] < lengths[..., None]
+        ids = rng.integers(0, TINY["vocab_size"], size=(2, 8, 12))
+        batch = dict(input_ids=np.where(real, ids, 0).astype(np.int32),
+                     labels=np.where(real, np.roll(ids, -1, axis=-1), -100).astype(np.int32),
+                     segment_ids=real.astype(np.int32), positions=np.where(real, np.arange(12), 0).astype(np.int32))
+        state, metrics = train_step(state, frozen, jax.device_put(batch, batch_3d))
+        losses.append(float(metrics["loss"]))
+    return (losses, unstacked({p: np.asarray(x) for p, x in flatten(state["params"]).items()}),
+            unstacked({p: np.asarray(x) for p, x in flatten(state.get("fp8", {})).items()}), state["params"])
+
+
+def lora_pair(**lora):
+    """(unrolled, scanned) with the same base weights and adapters applied by each model's own apply_lora."""
+    from automodel_jax.peft.lora import apply_lora
+    unrolled = build_model(LLAMA)
+    scanned = scanned_copy(unrolled)
+    for model in (unrolled, scanned):
+        apply_lora(model, r=4, alpha=8.0, target_modules=("*_proj",), seed=1, **lora)
+    return unrolled, scanned
+
+
+def test_lora_starts_equal_and_trains_equal():
+    from automodel_jax.peft.lora import adapters, lora_settings
+    unrolled, scanned = lora_pair()
+    assert scanned.model.layers.self_attn.q_proj.lora_a[...].shape == (3, 48, 4)
+    assert scanned.model.layers.self_attn.q_proj.lora_b[...].shape == (3, 4, 48)
+    a_u, a_s = adapters(unrolled), adapters(scanned)
+    assert sorted(a_s) == sorted(a_u) and "model.layers.2.mlp.down_proj" in a_s
+    for name in a_u:  # apply_lora gives each per-layer module the same init, scanned or not
+        np.testing.assert_array_equal(a_s[name][0], a_u[name][0])
+    assert lora_settings(scanned) == lora_settings(unrolled)
+    losses_u, params_u, _, _ = train_steps(unrolled, lora=True)
+    losses_s, params_s, _, _ = train_steps(scanned, lora=True)
+    np.testing.assert_allclose(losses_s, losses_u, rtol=1e-6)
+    assert sorted(params_s) == sorted(params_u)
+    for path, x in params_u.items():
+        np.testing.assert_allclose(params_s[path], x, atol=1e-6, rtol=1e-5, err_msg=str(path))
+
+
+def test_full_sft_trains_equal():
+    unrolled = build_model(LLAMA)
+    scanned = scanned_copy(unrolled)
+    losses_u, params_u, _, _ = train_steps(unrolled, lora=False)
+    losses_s, params_s, _, _ = train_steps(scanned, lora=False)
+    np.testing.assert_allclose(losses_s, losses_u, rtol=1e-6)
+    for path, x in params_u.items():
+        np.testing.assert_allclose(params_s[path], x, atol=1e-6, rtol=1e-5, err_msg=str(path))
+
+
+def test_peft_adapter_files_equal_unrolled_and_load_back(tmp_path):
+    from automodel_jax.checkpoint.peft_io import load_peft_adapter, save_peft_adapter
+    from automodel_jax.peft.lora import merged_kernels
+    unrolled, scanned = lora_pair()
+    rng = np.random.default_rng(0)  # trained-looking adapters: lora_b non-zero
+    flat = flatten(pure_dict(unrolled))
+    for p in [p for p in flat if p[-1] == "lora_b"]:
+        flat[p] = jnp.asarray(rng.normal(size=flat[p].shape).astype(np.float32))
+    nnx.update(unrolled, unflatten(flat))
+    nnx.update(scanned, stacked_state(unrolled, scanned))
+    save_peft_adapter(unrolled, tmp_path / "unrolled", "base")
+    save_peft_adapter(scanned, tmp_path / "scanned", "base")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "scanned" / name).read_bytes() == (tmp_path / "unrolled" / name).read_bytes(), name
+    # Loaded back into a fresh scanned model with the same base: the same logits and merged kernels.
+    fresh = scanned_copy(_base_of(unrolled))
+    load_peft_adapter(fresh, tmp_path / "unrolled")
+    ids, mask = batch()
+    np.testing.assert_allclose(np.asarray(fresh(ids, mask)), np.asarray(unrolled(ids, mask)), atol=2e-6, rtol=0)
+    merged_u = unstacked({p: np.asarray(x) for p, x in merged_kernels(unrolled).items()})
+    merged_s = unstacked({p: np.asarray(x) for p, x in merged_kernels(fresh).items()})
+    assert sorted(merged_s) == sorted(merged_u)
+    for path, x in merged_u.items():
+        np.testing.assert_allclose(merged_s[path], x, atol=1e-6, rtol=1e-6)
+
+
+def _base_of(model):
+    """A fresh unrolled model with `model`'s base weights (no adapters)."""
+    base = build_model(LLAMA)
+    nnx.update(base, unflatten({p: x for p, x in flatten(pure_dict(model, nnx.Param)).items()
+                                if p[-1] not in ("lora_a", "lora_b")}))
+    return base

@@ -247,3 +247,77 @@ def _base_of(model):
     nnx.update(base, unflatten({p: x for p, x in flatten(pure_dict(model, nnx.Param)).items()
                                 if p[-1] not in ("lora_a", "lora_b")}))
     return base
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_fp8_lora_trains_equal(recipe):
+    from automodel_jax.models.layers import apply_fp8
+    unrolled, scanned = lora_pair()
+    history = 4 if recipe == "delayed" else None
+    chosen = [apply_fp8(m, ("o_proj",), amax_history_len=history) for m in (unrolled, scanned)]
+    assert "model.layers.self_attn.q_proj" in chosen[1] and "model.layers.self_attn.o_proj" not in chosen[1]
+    if history:
+        assert scanned.model.layers.self_attn.q_proj.amax_history[...].shape == (3, 3, 4)
+    ids, mask = batch()
+    np.testing.assert_allclose(np.asarray(scanned(ids, mask)), np.asarray(unrolled(ids, mask)), atol=1e-5, rtol=0)
+    losses_u, params_u, fp8_u, _ = train_steps(unrolled, lora=True)
+    losses_s, params_s, fp8_s, _ = train_steps(scanned, lora=True)
+    np.testing.assert_allclose(losses_s, losses_u, rtol=1e-5)
+    for path, x in params_u.items():
+        np.testing.assert_allclose(params_s[path], x, atol=1e-5, rtol=1e-4, err_msg=str(path))
+    assert sorted(fp8_s) == sorted(fp8_u) and (len(fp8_u) > 0) == (recipe == "delayed")
+    for path, x in fp8_u.items():  # each layer's amax history rolled with its own amaxes
+        np.testing.assert_allclose(fp8_s[path], x, rtol=1e-5, err_msg=str(path))
+
+
+def test_cached_generation_matches_unrolled():
+    from automodel_jax.generation import generate
+    unrolled = build_model(LLAMA)
+    scanned = scanned_copy(unrolled)
+    cache = scanned.init_cache(2, 16)
+    assert cache.k.shape == (3, 2, 16, 2, 12) and cache.stacked
+    ids, mask = batch()
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    outs = []
+    for model in (unrolled, scanned):  # prefill 6 tokens, then 5 decode steps, through the jitted cached call
+        graphdef, state = nnx.split(model)
+        step = jax.jit(lambda state, ids, mask, cache: nnx.merge(graphdef, state)(ids, mask, cache=cache))
+        cache = model.init_cache(2, 16)
+        logits, cache = step(state, ids[:, :6], mask[:, :6], cache)
+        got = [logits]
+        for t in range(6, 11):
+            logits, cache = step(state, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+            got.append(logits)
+        outs.append((np.concatenate([np.asarray(g) for g in got], axis=1), cache))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], atol=2e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(outs[1][1].k), np.stack(outs[0][1].k), atol=2e-6, rtol=0)
+    tokens = [generate(m, None, [[5, 7, 9], [3, 1, 4, 1, 5]], max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+              for m in (unrolled, scanned)]
+    assert tokens[0] == tokens[1]
+
+
+def test_non_uniform_layers_are_refused():
+    gemma2 = dict(model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+    build_model(gemma2)  # unrolled: fine
+    with pytest.raises(ValueError, match=r"^model.scan_layers=true needs identical decoder layers, but this model "
+                                         r"mixes full_attention and sliding_attention layers .*set "
+                                         r"model.scan_layers=false$"):
+        build_model(gemma2, scan_layers=True)
+
+
+def test_patterns_naming_a_layer_are_refused():
+    from automodel_jax.models.layers import apply_fp8
+    from automodel_jax.peft.lora import apply_lora
+    scanned = build_model(LLAMA, scan_layers=True)
+    with pytest.raises(ValueError, match=r"^peft.target_modules pattern 're:model.layers.0..\*' selects only some "
+                                         r"layers of the scanned module model.layers.mlp.down_proj, .* set "
+                                         r"model.scan_layers=false, or use a pattern without a layer index$"):
+        apply_lora(scanned, r=2, alpha=4.0, target_modules=("re:model.layers.0..*",))
+    with pytest.raises(ValueError, match=r"^peft.exclude_modules pattern 'model.layers.1.self_attn.q_proj' selects"):
+        apply_lora(scanned, r=2, alpha=4.0, exclude_modules=("model.layers.1.self_attn.q_proj",))
+    with pytest.raises(ValueError, match=r"^model.fp8.filter_modules pattern 'layers.2.mlp.up_proj' selects only"):
+        apply_fp8(scanned, ("layers.2.mlp.up_proj",))
+    # Patterns that take every layer are fine, index or not.
+    assert apply_lora(scanned, r=2, alpha=4.0, target_modules=("re:model\\.layers\\.[0-2]\\.self_attn\\.q_proj",)) \
+        == ["model.layers.self_attn.q_proj"]

@@ -350,3 +350,27 @@ def test_scanned_training_on_meshes_matches_unrolled(tmp_path):
     assert specs["model.layers.self_attn.q_proj.kernel"] == "(None, 'fsdp', 'tensor')"
     assert specs["model.layers.self_attn.o_proj.kernel"] == "(None, 'tensor', 'fsdp')"
     assert record["lora/fsdp8"]["specs"]["model.layers.self_attn.q_proj.lora_a"] == "(None, 'fsdp')"
+
+
+def test_orbax_checkpoint_of_scanned_lora_round_trips(tmp_path):
+    """A scanned run's checkpoint records its layout: loading it (export) rebuilds scanned layers, and restoring it
+    into an unrolled config is one line naming model.scan_layers."""
+    from automodel_jax.checkpoint.orbax_io import (check_compatible, load_checkpoint_model, model_meta,
+                                                   save_params_checkpoint)
+    from automodel_jax.checkpoint.safetensors_io import CheckpointError
+    from automodel_jax.peft.lora import adapters, apply_lora
+    _, path = _hf_checkpoint(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(path, scan_layers=True)
+    apply_lora(model, r=4, alpha=8.0, target_modules=("q_proj", "v_proj"), seed=3)
+    save_params_checkpoint(model, tmp_path / "params", model_path=str(path))
+    loaded, meta = load_checkpoint_model(tmp_path / "params")
+    assert meta["scan_layers"] is True and loaded.config.scan_layers
+    for name, (a, b) in adapters(model).items():
+        np.testing.assert_array_equal(adapters(loaded)[name][0], a)
+    unrolled = AutoModelForCausalLM.from_pretrained(path)
+    apply_lora(unrolled, r=4, alpha=8.0, target_modules=("q_proj", "v_proj"), seed=3)
+    assert "scan_layers" not in model_meta(unrolled, str(path))
+    with pytest.raises(CheckpointError, match=r"was trained with model.scan_layers=true but the config says "
+                                              r"model.scan_layers=false .*; set model.scan_layers=true or use a "
+                                              r"fresh run_dir$"):
+        check_compatible(meta, model_meta(unrolled, str(path)), "ckpt")

@@ -374,3 +374,59 @@ def test_orbax_checkpoint_of_scanned_lora_round_trips(tmp_path):
                                               r"model.scan_layers=false .*; set model.scan_layers=true or use a "
                                               r"fresh run_dir$"):
         check_compatible(meta, model_meta(unrolled, str(path)), "ckpt")
+
+
+@pytest.mark.slow
+def test_recipe_lora_run_with_scanned_layers_matches_unrolled(tmp_path, monkeypatch):
+    """The LLM recipe end to end (plan check, streaming load, training, checkpoint, PEFT export) on stories260K with
+    model.scan_layers=true gives the unrolled run's losses and adapter; a family with mixed layers is refused first."""
+    from conftest import skip_without_assets
+    skip_without_assets()
+    from automodel_jax.config import parse_config
+    from automodel_jax.recipes.llm import finetune
+    from reference import DATA
+    from test_finetune import stories_argv
+    monkeypatch.setenv("AUTOMODEL_JAX_CACHE", str(tmp_path / "cache"))
+    rows = (DATA / "hellaswag" / "validation.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    train.write_text("".join(rows[:64]), encoding="utf-8")
+    validation.write_text("".join(rows[64:80]), encoding="utf-8")
+    results = {}
+    for scan in (False, True):
+        run_dir = tmp_path / f"run_{scan}"
+        results[scan] = finetune.run(parse_config(stories_argv(run_dir, train, validation,
+                                                               f"--config.model.scan_layers={str(scan).lower()}")))
+    assert results[True]["model"].config.scan_layers and not results[False]["model"].config.scan_layers
+    np.testing.assert_allclose(results[True]["val_loss_after"], results[False]["val_loss_after"], rtol=1e-5)
+    exported = [load_file(tmp_path / f"run_{scan}" / "export" / "adapter_model.safetensors") for scan in (False, True)]
+    assert sorted(exported[1]) == sorted(exported[0])
+    for name, x in exported[0].items():
+        np.testing.assert_allclose(exported[1][name], x, atol=1e-5, rtol=1e-4, err_msg=name)
+    configs = [json.loads((tmp_path / f"run_{scan}" / "export" / "adapter_config.json").read_text())
+               for scan in (False, True)]
+    assert configs[1] == configs[0]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen2_sliding"])
+def test_recipe_refuses_scanning_mixed_layers_before_loading(hf_model_factory, family):
+    import ml_collections
+    from automodel_jax.recipes.llm.finetune import check_scan_layers
+    from reference import FAMILIES
+    model_cls, config_cls, overrides = FAMILIES[family]
+    _, path = hf_model_factory(model_cls, config_cls, **overrides)
+    cfg = ml_collections.ConfigDict(dict(model=dict(scan_layers=False)))
+    check_scan_layers(cfg, str(path))  # off: nothing to check
+    cfg.model.scan_layers = True
+    with pytest.raises(ValueError, match=r"^model.scan_layers=true needs identical decoder layers, .*; set "
+                                         r"model.scan_layers=false$"):
+        check_scan_layers(cfg, str(path))
+
+
+def test_uniform_sliding_windows_scan():
+    """A window on every layer (Mistral) is uniform: scanned logits equal unrolled ones."""
+    mistral = dict(LLAMA, model_type="mistral", sliding_window=3)
+    unrolled = build_model(mistral)
+    scanned = build_model(mistral, scan_layers=True)
+    nnx.update(scanned, stacked_state(unrolled, scanned))
+    ids, mask = batch()
+    np.testing.assert_allclose(np.asarray(scanned(ids, mask)), np.asarray(unrolled(ids, mask)), atol=2e-6, rtol=0)

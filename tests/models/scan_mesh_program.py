@@ -57,7 +57,31 @@ def main(out_dir: str) -> None:
             record[f"{method}/{name}"] = dict(
                 losses_unrolled=losses_u, losses_scanned=losses_s, specs=specs,
                 max_param_diff=max(float(np.max(np.abs(params_s[p] - x))) for p, x in params_u.items()))
+    record["load_export"] = load_and_export(Path(out_dir))
     (Path(out_dir) / "record.json").write_text(json.dumps(record, indent=1))
+
+
+def load_and_export(out: Path) -> dict:
+    """An HF checkpoint (written by transformers) loaded scanned onto fsdp=2 x tensor=4 and exported: whether every
+    exported file equals the unrolled export's byte for byte, and the loaded q_proj kernel's spec."""
+    import torch
+    import transformers
+    from models import test_scan_layers as t
+    from automodel_jax.checkpoint.hf import load_pretrained, save_pretrained
+    from automodel_jax.parallel.sharding import mesh_from_config
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{k: v for k, v in t.LLAMA.items() if k != "model_type"})
+    transformers.LlamaForCausalLM(config).save_pretrained(out / "hf", max_shard_size="100KB")
+    mesh, rules = mesh_from_config(dict(fsdp=2, tensor=4))
+    for scanned in (False, True):
+        model = load_pretrained(out / "hf", mesh=mesh, rules=rules,
+                                model_overrides=dict(scan_layers=True) if scanned else None)
+        save_pretrained(model, out / f"export_{scanned}", max_shard_size="100KB")
+    files = sorted(p.name for p in (out / "export_False").iterdir())
+    same = files == sorted(p.name for p in (out / "export_True").iterdir()) and all(
+        (out / "export_True" / f).read_bytes() == (out / "export_False" / f).read_bytes() for f in files)
+    return dict(files=files, identical=same,
+                q_proj_spec=normal_spec(model.model.layers.self_attn.q_proj.kernel[...].sharding.spec))
 
 
 if __name__ == "__main__":

@@ -328,7 +328,8 @@ def test_patterns_naming_a_layer_are_refused():
 @pytest.mark.slow
 def test_scanned_training_on_meshes_matches_unrolled(tmp_path):
     """fsdp=8 and fsdp=2 x tensor=4 (8 simulated CPU devices, in a subprocess): scanned LoRA and full SFT steps equal
-    the unrolled ones, stacked parameters keep the rule table's spec behind an unsharded layer axis."""
+    the unrolled ones, stacked parameters keep the rule table's spec behind an unsharded layer axis, and a sharded HF
+    checkpoint streamed onto the mesh exports the unrolled model's files byte for byte."""
     import os
     import subprocess
     import sys
@@ -350,6 +351,9 @@ def test_scanned_training_on_meshes_matches_unrolled(tmp_path):
     assert specs["model.layers.self_attn.q_proj.kernel"] == "(None, 'fsdp', 'tensor')"
     assert specs["model.layers.self_attn.o_proj.kernel"] == "(None, 'tensor', 'fsdp')"
     assert record["lora/fsdp8"]["specs"]["model.layers.self_attn.q_proj.lora_a"] == "(None, 'fsdp')"
+    loaded = record["load_export"]  # streamed onto fsdp=2 x tensor=4, exported from there
+    assert loaded["identical"] and "model.safetensors.index.json" in loaded["files"]
+    assert loaded["q_proj_spec"] == "(None, 'fsdp', 'tensor')"
 
 
 def test_orbax_checkpoint_of_scanned_lora_round_trips(tmp_path):

@@ -129,8 +129,9 @@ def apply_fp8(model: nnx.Module, filter_modules: tuple[str, ...] = (), amax_hist
     compute dtype with the loss) and those matching a `filter_modules` pattern (NeMo Automodel's filter: globs on
     module names/paths or "re:<regex>" on full paths, see `params.module_matches`); returns the FP8 module paths.
     `amax_history_len`: None for tensorwise scaling, else delayed scaling with a zero `AmaxHistory` [3, L] in each FP8
-    layer ([num_layers, 3, L] in scanned layers, where patterns must select every layer or none: `patterns_select`). Raises ValueError naming a pattern that matches no Linear layer nor `lm_head` (a typo would otherwise keep
-    nothing in bf16)."""
+    layer ([num_layers, 3, L] in scanned layers, where patterns must select every layer or none: `patterns_select`).
+    Raises ValueError naming a pattern that matches no Linear layer nor `lm_head` (a typo would otherwise keep nothing
+    in bf16)."""
     linears = linear_modules(model)
     key = "model.fp8.filter_modules"
     per_layer = [n for name, layer in linears.items() for n in layer_names(name, layer)]

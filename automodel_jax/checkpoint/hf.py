@@ -1,7 +1,10 @@
 """Hugging Face checkpoints in and out: streaming safetensors load onto shardings, and sharded export.
 
 The name map is one table, `LEAF_TO_HF`: our parameter path `a.b.q_proj.kernel` is HF's `a.b.q_proj.weight`
-transposed; `embedding` and `scale` are HF's `weight` as they are; `bias` is `bias`.
+transposed; `embedding` and `scale` are HF's `weight` as they are; `bias` is `bias`. A scanned model's stacked
+parameter `model.layers.self_attn.q_proj.kernel` [L, in, out] holds one HF tensor per layer,
+`model.layers.{i}.self_attn.q_proj.weight` (`hf_tensors`); load writes each into its slice of the stacked array on the
+devices, export reads each slice back.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from automodel_jax.checkpoint.safetensors_io import (DTYPES, CheckpointError, SafetensorsFile, dtype_name,
                                                      write_file)
-from automodel_jax.models.params import flatten, path_str, pure_dict, unflatten
+from automodel_jax.models.params import flatten, layer_path, path_str, pure_dict, stacked_at, unflatten
 from automodel_jax.models.base import CausalLM, HFSource, family_config
 from automodel_jax.parallel.sharding import DEFAULT_RULES, make_mesh, param_shardings
 
@@ -68,6 +71,14 @@ def hf_name(path: tuple) -> tuple[str, bool]:
         if name == suffix or name.endswith("." + suffix):
             return name[:len(name) - len(suffix)] + hf_suffix, hf_transpose
     return name, transpose
+
+
+def hf_tensors(path: tuple, shape: tuple) -> list[tuple[str, bool, int | None]]:
+    """(HF tensor name, transposed?, layer) of every HF tensor our parameter `path` of `shape` holds: one, with layer
+    None, or for a stacked path of scanned layers [L, ...] one per layer i, which is the slice [i]."""
+    if stacked_at(path) is None:
+        return [(*hf_name(path), None)]
+    return [(*hf_name(layer_path(path, i)), i) for i in range(shape[0])]
 
 
 def our_key(name: str, model_type: str | None) -> str:
@@ -154,6 +165,22 @@ def _abstract_model(cls, cfg, dtype, param_dtype):
 def _to_param(pieces, *, transpose, dtype, sharding):
     x = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
     return jax.lax.with_sharding_constraint((x.T if transpose else x).astype(dtype), sharding)
+
+
+@jax.jit(static_argnames=("shape", "dtype", "sharding"))
+def _stacked_zeros(*, shape, dtype, sharding):
+    """A stacked parameter's array [L, ...] allocated on its sharding, for `_put_layer` to fill."""
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "sharding"), donate_argnums=0)
+def _put_layer(stacked, pieces, layer, *, transpose, sharding):
+    """`stacked` [L, ...] (donated: updated in place) with slice [layer] replaced by one layer's HF tensor from
+    `pieces` (joined, transposed and cast as `_to_param` does), and a scalar that is ready once `pieces` were read."""
+    x = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+    x = (x.T if transpose else x).astype(stacked.dtype)
+    out = jax.lax.dynamic_update_slice_in_dim(stacked, x[None], layer, axis=0)
+    return jax.lax.with_sharding_constraint(out, sharding), x.ravel()[0]
 
 
 def row_pieces(shape: tuple[int, ...], itemsize: int, rows_split: bool) -> list[slice | None]:
@@ -275,23 +302,24 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
     mesh = mesh or make_mesh()
     abstract, graphdef, shapes = _abstract_model(cls, cfg, dtype, param_dtype)
     shardings = param_shardings(abstract, {p: s for p, (s, _) in shapes.items()}, mesh, rules)
-    expected = {hf_name(p)[0]: p for p in shapes}
+    expected = {name: (p, transpose, layer) for p, (shape, _) in shapes.items()
+                for name, transpose, layer in hf_tensors(p, shape)}
     _check_tensor_names(directory, cls.__name__, set(expected),
                         {n: on_disk[n] for n in on_disk if not IGNORED_HF_KEYS.match(n)})
     params, source_dtypes = {}, []
     placing = Placing(HOST_BYTES_IN_FLIGHT)
-    for name, path_ in expected.items():
+    for name, (path_, transpose, layer) in expected.items():
         view, file = tensors.get(on_disk[name])
         shape, target_dtype = shapes[path_]
-        transpose = hf_name(path_)[1]
+        spec = tuple(shardings[path_].spec) + (None,) * (len(shape) - len(shardings[path_].spec))
+        if layer is not None:  # one layer's slice of a stacked parameter (the layer axis is never sharded)
+            shape, spec = shape[1:], spec[1:]
         hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
         if view.shape != hf_shape:
             raise CheckpointError(f"{file}: tensor {on_disk[name]} has shape {list(view.shape)} but config.json "
                                   f"implies {list(hf_shape)}")
-        spec = shardings[path_].spec
-        hf_spec = jax.sharding.PartitionSpec(*reversed(tuple(spec) + (None,) * (len(shape) - len(spec)))) \
-            if transpose else spec
-        hf_sharding = jax.sharding.NamedSharding(mesh, hf_spec)
+        hf_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+            *(reversed(spec) if transpose else spec)))
         pieces = []
         for rows in row_pieces(hf_shape, view.itemsize, hf_sharding.shard_shape(hf_shape)[:1] != hf_shape[:1]):
             piece = view if rows is None else view[rows]
@@ -299,9 +327,16 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=No
             pieces.append(jax.make_array_from_callback(piece.shape, hf_sharding,
                                                        lambda idx, v=piece: np.asarray(v[idx])))
             placing.add(pieces[-1], piece.nbytes, functools.partial(tensors.release, on_disk[name], rows))
-        params[path_] = _to_param(tuple(pieces), transpose=transpose, dtype=target_dtype, sharding=shardings[path_])
+        if layer is None:
+            params[path_] = done = _to_param(tuple(pieces), transpose=transpose, dtype=target_dtype,
+                                             sharding=shardings[path_])
+        else:
+            if path_ not in params:
+                params[path_] = _stacked_zeros(shape=shapes[path_][0], dtype=target_dtype, sharding=shardings[path_])
+            params[path_], done = _put_layer(params[path_], tuple(pieces), jnp.int32(layer), transpose=transpose,
+                                             sharding=shardings[path_])
         # On a CPU a piece may alias the file's pages, which the conversion then reads again: they go once it is done.
-        placing.add(params[path_], 0, functools.partial(tensors.release, on_disk[name], None))
+        placing.add(done, 0, functools.partial(tensors.release, on_disk[name], None))
         source_dtypes.append((name, dtype_name(view.dtype)))
     placing.drain()
     model = nnx.merge(graphdef, unflatten(params))
@@ -360,6 +395,11 @@ def commit_output_dir(tmp: Path, out_dir) -> None:
     os.replace(tmp, out)
 
 
+def _path_order(path: tuple) -> tuple:
+    """Sort key of a parameter path as nnx orders its state: names alphabetically, list indices numerically."""
+    return tuple((0, k, "") if isinstance(k, int) else (1, 0, str(k)) for k in path)
+
+
 def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_shard_size: int | str = "5GB",
                     params: dict | None = None, chat_template: str | None = None) -> None:
     """Write `model` (or `params`, a {path: array} override such as merged LoRA weights) as an HF checkpoint, with
@@ -377,9 +417,14 @@ def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_sh
         for path, x in flat.items():
             if path[-1] not in LEAF_TO_HF:
                 continue
-            name, transpose = hf_name(path)
-            dtype = DTYPES[source_dtypes[name]] if name in source_dtypes else np.dtype(x.dtype)
-            entries.append((name, tuple(reversed(x.shape)) if transpose else tuple(x.shape), dtype, path, transpose))
+            for name, transpose, layer in hf_tensors(path, x.shape):
+                dtype = DTYPES[source_dtypes[name]] if name in source_dtypes else np.dtype(x.dtype)
+                shape = x.shape if layer is None else x.shape[1:]
+                entries.append((name, tuple(reversed(shape)) if transpose else tuple(shape), dtype, path, transpose,
+                                layer))
+        # In the order of the per-layer paths (an unrolled model's own order), so that a scanned model's files are
+        # byte for byte the unrolled model's.
+        entries.sort(key=lambda e: _path_order(e[3] if e[5] is None else layer_path(e[3], e[5])))
         shards, current, size = [], [], 0
         for entry in entries:
             nbytes = int(np.prod(entry[1])) * entry[2].itemsize
@@ -392,8 +437,8 @@ def save_pretrained(model: CausalLM, out_dir, *, overwrite: bool = False, max_sh
         by_name = {e[0]: e for e in entries}
 
         def fetch(name):
-            _, _, dtype, path, transpose = by_name[name]
-            x = flat[path]
+            _, _, dtype, path, transpose, layer = by_name[name]
+            x = flat[path] if layer is None else flat[path][layer]
             return host_array((x.T if transpose else x).astype(dtype))
 
         weight_map, total = {}, 0

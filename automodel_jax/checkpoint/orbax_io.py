@@ -126,8 +126,16 @@ def model_meta(model: nnx.Module, model_path: str, kind: str = "train") -> dict:
     source = model.hf_source
     peft = {"method": "lora", **lora_settings(model)} if adapters(model) else {"method": "none"}
     param_dtype = jnp.dtype(jax.tree.leaves(split_model(model, bool(adapters(model)))[1])[0].dtype).name
-    return dict(format=FORMAT_VERSION, kind=kind, model_path=model_path, hf_config=json.loads(source.config_json),
+    meta = dict(format=FORMAT_VERSION, kind=kind, model_path=model_path, hf_config=json.loads(source.config_json),
                 hf_dtypes=dict(source.dtypes), param_dtype=param_dtype, peft=peft)
+    if scan_layers(model):  # its parameters are stacked [num_layers, ...] (absent: unrolled, as before the option)
+        meta["scan_layers"] = True
+    return meta
+
+
+def scan_layers(model: nnx.Module) -> bool:
+    """Whether the model's decoder layers are scanned (model.scan_layers: parameters stacked per layer)."""
+    return bool(getattr(getattr(model, "config", None), "scan_layers", False))
 
 
 def _identity_differences(saved: dict, current: dict):
@@ -145,6 +153,11 @@ def check_compatible(saved: dict, current: dict, where) -> None:
         raise CheckpointError(f"checkpoint {where} was trained on a model with {key}={was!r}, but the model at "
                               f"{current['model_path']} has {key}={now!r}; use the checkpoint's base model "
                               f"({saved['model_path']}) or a fresh run_dir")
+    if saved.get("scan_layers", False) != current.get("scan_layers", False):
+        was = saved.get("scan_layers", False)
+        raise CheckpointError(f"checkpoint {where} was trained with model.scan_layers={str(was).lower()} but the "
+                              f"config says model.scan_layers={str(not was).lower()} (the parameters are laid out "
+                              f"differently); set model.scan_layers={str(was).lower()} or use a fresh run_dir")
     was, now = saved["peft"], current["peft"]
     if was["method"] != now["method"]:
         raise CheckpointError(f"checkpoint {where} was trained with peft.method={was['method']!r} but the config "
@@ -366,14 +379,16 @@ def load_checkpoint_model(checkpoint, *, mesh=None) -> tuple[nnx.Module, dict]:
     meta = _read_json(manager, step, ["meta"])["meta"]
     base = meta["model_path"]
     lora = meta["peft"]["method"] == "lora"
+    scanned = dict(scan_layers=True) if meta.get("scan_layers") else {}  # the layout its parameters were saved in
     if lora:  # the base in float32: merged kernels are then rounded once, to the checkpoint's dtypes on export
-        model = load_pretrained(base, dtype=jnp.float32, param_dtype=jnp.float32, mesh=mesh)
+        model = load_pretrained(base, dtype=jnp.float32, param_dtype=jnp.float32, mesh=mesh,
+                                model_overrides=scanned or None)
         check_compatible(meta, {**model_meta(model, base), "peft": meta["peft"]}, where)
         peft = meta["peft"]
         apply_lora(model, r=peft["r"], alpha=peft["alpha"], dropout=peft["dropout"], target_modules=peft["targets"])
     else:
         dtype = jnp.dtype(meta["param_dtype"])
-        model = nnx.eval_shape(lambda: build_model(meta["hf_config"], dtype=dtype, param_dtype=dtype))
+        model = nnx.eval_shape(lambda: build_model(meta["hf_config"], dtype=dtype, param_dtype=dtype, **scanned))
     graphdef, params, frozen = split_model(model, lora)
     target = _abstract(params, tree_shardings(model, params, mesh))
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]

@@ -4,6 +4,9 @@ adapter_model.safetensors holds `base_model.model.<module path>.lora_A.weight` [
 [out, r] (torch layout: our lora_a [in, r] and lora_b [r, out] transposed); adapter_config.json holds r, lora_alpha
 and the targets as full module paths, so PEFT adapts exactly the layers we did.
 
+A scanned model's stacked adapters (lora_a [L, in, r]) are written and read as one adapter per layer under the
+per-layer names (`layers.layer_names`), so the files are those of the unrolled model.
+
 PEFT names modules after transformers' runtime module tree, which for VLMs differs from our (checkpoint) tree:
 `PEFT_MODULE_NAMES` maps one to the other by model_type (text models: the same names).
 """
@@ -24,7 +27,7 @@ from jax.sharding import Mesh
 
 from automodel_jax.checkpoint.hf import commit_output_dir, copy_tokenizer_files, host_array, prepare_output_dir
 from automodel_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_file
-from automodel_jax.models.layers import Linear, LoRAParam
+from automodel_jax.models.layers import Linear, LoRAParam, layer_names
 from automodel_jax.models.params import path_str
 from automodel_jax.parallel.sharding import DEFAULT_RULES, param_shardings, params_mesh
 from automodel_jax.peft.lora import adapters, apply_lora, linear_modules, lora_settings, unadaptable_modules
@@ -169,14 +172,23 @@ def load_peft_adapter(model: nnx.Module, adapter_dir, *, mesh: Mesh | None = Non
     if not factors:
         raise CheckpointError(f"{weights}: holds no LoRA weights")
     linears, r, unadaptable = linear_modules(model), int(config["r"]), unadaptable_modules(model)
+    # Per-layer module name -> (our module path, its per-layer names): a scanned module stands for every layer's.
+    owner = {n: (name, names) for name, layer in linears.items() for names in [layer_names(name, layer)] for n in names}
     for module, pair in sorted(factors.items()):
         if module in unadaptable:
             raise CheckpointError(f"{weights}: module {module} has a LoRA adapter, which this "
                                   f"{type(model).__name__} cannot apply: {unadaptable[module]}")
-        if module not in linears:
+        if module not in owner:
             raise CheckpointError(f"{weights}: module {module} is not a Linear layer of this "
                                   f"{type(model).__name__}; was the adapter trained for another model?")
-        layer = linears[module]
+        layer, names = linears[owner[module][0]], owner[module][1]
+        if len(names) > 1 and not all(n in factors for n in names):
+            raise CheckpointError(f"{weights}: module {module} has a LoRA adapter in only some layers, but scanned "
+                                  f"layers (model.scan_layers=true) are adapted in every layer or none; load it with "
+                                  f"model.scan_layers=false")
+        if len(names) > 1 and "base" in pair:
+            raise CheckpointError(f"{weights}: module {module} has base_layer.weight, which scanned layers "
+                                  f"(model.scan_layers=true) cannot take; load it with model.scan_layers=false")
         if not {"A", "B"} <= set(pair):
             raise CheckpointError(f"{weights}: module {module} lacks lora_{({'A', 'B'} - set(pair)).pop()}")
         if "base" in pair and pair["base"].shape != (layer.out_features, layer.in_features):
@@ -193,11 +205,15 @@ def load_peft_adapter(model: nnx.Module, adapter_dir, *, mesh: Mesh | None = Non
     shardings = param_shardings(model, {paths[m] + (leaf,): getattr(linears[m], leaf)[...].shape
                                         for m in targets for leaf in ("lora_a", "lora_b")}, mesh, rules)
     for module in targets:
-        layer, pair = linears[module], factors[module]
-        layer.lora_a = LoRAParam(_placed(pair["A"].T, layer.lora_a[...].dtype, shardings[paths[module] + ("lora_a",)]))
-        layer.lora_b = LoRAParam(_placed(pair["B"].T, layer.lora_b[...].dtype, shardings[paths[module] + ("lora_b",)]))
+        layer, names = linears[module], layer_names(module, linears[module])
+
+        def factor(key, names=names):  # ours [in, r] / [r, out], stacked [L, ...] for a scanned module
+            return factors[module][key].T if names == [module] else np.stack([factors[n][key].T for n in names])
+        layer.lora_a = LoRAParam(_placed(factor("A"), layer.lora_a[...].dtype, shardings[paths[module] + ("lora_a",)]))
+        layer.lora_b = LoRAParam(_placed(factor("B"), layer.lora_b[...].dtype, shardings[paths[module] + ("lora_b",)]))
         if config.get("use_rslora"):
             layer.lora_scale = float(config["lora_alpha"]) / r ** 0.5
+        pair = factors.get(module, {})
         if "base" in pair:
             kernel = layer.kernel[...]
             if not np.array_equal(host_array(kernel), pair["base"].T.astype(kernel.dtype)):

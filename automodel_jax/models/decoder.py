@@ -3,6 +3,10 @@
 A family is a `DecoderConfig` subclass whose `from_hf` reads its HF config.json (validating every value it cannot
 honour), plus a registered `DecoderLM` subclass. `model.layers.3.self_attn.q_proj.kernel` here is HF's
 `model.layers.3.self_attn.q_proj.weight` (transposed).
+
+With `scan_layers` the decoder layers are one module whose parameters are stacked [num_hidden_layers, ...]
+(`model.layers.self_attn.q_proj.kernel` [L, in, out] is every layer's `model.layers.{i}.self_attn.q_proj.weight`,
+see `params.layer_paths`), run by one `jax.lax.scan`: XLA compiles one layer instead of L copies of it.
 """
 from __future__ import annotations
 
@@ -58,6 +62,14 @@ class DecoderConfig:
     initializer_range: float = 0.02
     remat: str = "none"
     attention_impl: str = "auto"
+    scan_layers: bool = False  # one stacked layer module run by a scan (needs identical layers; see DecoderModel)
+
+    def __post_init__(self):
+        types = {self.layer_type(i) for i in range(self.num_hidden_layers)}
+        if self.scan_layers and len(types) > 1:
+            raise ValueError(f"model.scan_layers=true needs identical decoder layers, but this model mixes "
+                             f"{' and '.join(sorted(types))} layers (config.json layer_types / sliding window); set "
+                             f"model.scan_layers=false")
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else FULL
@@ -151,7 +163,7 @@ class DecoderAttention(nnx.Module):
         k = apply_rope(k, positions, inv_freq, self.rope.attention_factor)
         if cache is not None:
             cache = cache.update(k, v)
-            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+            k, v = (buffer.astype(q.dtype) for buffer in cache.keys_values())
         out = attention(q, k, v, inputs, scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,
                         impl=self.impl, cache=cache)
         return self.o_proj(out.reshape(*x.shape[:2], -1), inputs.dropout_rng), cache
@@ -184,13 +196,30 @@ class DecoderLayer(nnx.Module):
             return x + self.mlp(self.post_attention_layernorm(x), inputs.dropout_rng), cache
 
 
+def stacked_layers(cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> DecoderLayer:
+    """One DecoderLayer whose parameters have a leading axis of cfg.num_hidden_layers (each layer initialised from
+    its own split of `rngs`), for `jax.lax.scan` over the layers. The layers must be identical (`scan_layers`)."""
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return DecoderLayer(cfg, cfg.layer_type(0), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return create(rngs)
+
+
 class DecoderModel(nnx.Module):
+    """embed_tokens, the decoder layers and the final norm. `layers` is an nnx.List of DecoderLayers, or with
+    cfg.scan_layers one DecoderLayer whose parameters are stacked [num_hidden_layers, ...] and which a scan runs
+    (one compiled layer; the same per-layer body, with the same activation checkpointing per layer)."""
+
     def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs, init_std=cfg.initializer_range)
-        self.layers = nnx.List([DecoderLayer(cfg, cfg.layer_type(i), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for i in range(cfg.num_hidden_layers)])
+        if cfg.scan_layers:
+            self.layers = stacked_layers(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, cfg.layer_type(i), dtype=dtype, param_dtype=param_dtype,
+                                                 rngs=rngs) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
                             offset=cfg.norm_offset)
 
@@ -207,25 +236,46 @@ class DecoderModel(nnx.Module):
         embeddings with image features merged in), and the updated cache when one is given."""
         with jax.named_scope("embed_tokens"):
             x = constrain(self.embed(input_ids) if inputs_embeds is None else inputs_embeds, RESIDUAL_AXES)
-        if cache is not None:
-            layer_caches = []
-            for i, (layer, layer_cache) in enumerate(
-                    zip(self.layers, cache.for_tokens(inputs.segment_ids, inputs.positions))):
+        layer_caches = (None,) * self.cfg.num_hidden_layers if cache is None else \
+            cache.for_tokens(inputs.segment_ids, inputs.positions)
+
+        def run_layer(layer, x, inputs, layer_cache):
+            x, layer_cache = layer(x, inputs, layer_cache)
+            return constrain(x, RESIDUAL_AXES), layer_cache
+
+        if self.cfg.remat != "none" and cache is None:
+            # Inside a scan, CSE across the checkpoint cannot happen, so XLA needs no guard against it (faster).
+            run_layer = nnx.remat(run_layer, policy=remat_policy(self.cfg.remat), prevent_cse=not self.cfg.scan_layers)
+        if self.cfg.scan_layers:
+            x, layer_caches = self._scan_layers(run_layer, x, inputs, layer_caches[0])
+        else:
+            layer_caches = list(layer_caches)
+            for i, layer in enumerate(self.layers):
                 with jax.named_scope(f"layers.{i}"):
-                    x, layer_cache = layer(x, inputs, cache=layer_cache)
-                layer_caches.append(layer_cache)
-            return self.norm(x), KVCache.from_layers(layer_caches, x.shape[1])
-
-        def run_layer(layer, x, inputs):
-            return constrain(layer(x, inputs)[0], RESIDUAL_AXES)
-
-        if self.cfg.remat != "none":
-            run_layer = nnx.remat(run_layer, policy=remat_policy(self.cfg.remat))
-        for i, layer in enumerate(self.layers):
-            with jax.named_scope(f"layers.{i}"):
-                x = run_layer(layer, x, inputs)
+                    x, layer_caches[i] = run_layer(layer, x, inputs, layer_caches[i])
         with jax.named_scope("norm"):
-            return self.norm(x), None
+            x = self.norm(x)
+        return x, None if cache is None else KVCache.from_layers(layer_caches, x.shape[1])
+
+    def _scan_layers(self, run_layer, x, inputs: AttentionInputs, layer_cache: LayerCache | None):
+        """`run_layer` over the stacked layers with `jax.lax.scan`: the carry is the residual stream [B, T, hidden]
+        (and with a cache, the stacked key/value buffers [L, B, S, K, D], each layer writing its own slots); the scanned
+        inputs are each layer's parameters and its index (which also varies the LoRA dropout masks per layer)."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            x, kv = carry
+            layer_state, i = xs
+            layer_inputs = inputs if inputs.dropout_rng is None else \
+                dataclasses.replace(inputs, dropout_rng=jax.random.fold_in(inputs.dropout_rng, i))
+            view = None if kv is None else layer_cache._replace(k=kv[0], v=kv[1], layer=i)
+            x, view = run_layer(nnx.merge(graphdef, layer_state), x, layer_inputs, view)
+            return (x, None if view is None else (view.k, view.v)), None
+
+        kv = None if layer_cache is None else (layer_cache.k, layer_cache.v)
+        with jax.named_scope("layers"):
+            (x, kv), _ = jax.lax.scan(body, (x, kv), (state, jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32)))
+        return x, None if kv is None else [layer_cache._replace(k=kv[0], v=kv[1])]
 
 
 class DecoderLM(CausalLM):
@@ -251,4 +301,4 @@ class DecoderLM(CausalLM):
         """An empty KV cache for `batch` rows of up to `max_len` tokens (dtype default: the compute dtype)."""
         cfg = self.config
         return KVCache.create(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim,
-                              self.model.embed_tokens.dtype if dtype is None else dtype)
+                              self.model.embed_tokens.dtype if dtype is None else dtype, stacked=cfg.scan_layers)

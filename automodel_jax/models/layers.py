@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from automodel_jax.models.fp8 import fp8_dot, fp8_dot_delayed, new_amax_history
-from automodel_jax.models.params import module_matches, path_str, pure_dict
+from automodel_jax.models.params import layer_paths, module_matches, path_str, pure_dict, stacked_at
 from automodel_jax.parallel.sharding import constrain, tensor_parallel
 
 
@@ -128,26 +128,52 @@ def linear_modules(model: nnx.Module) -> dict[str, Linear]:
     return {path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, Linear)}
 
 
+def layer_names(name: str, layer: Linear) -> list[str]:
+    """The per-layer module names (HF's) that module `name` stands for: [name], or for a Linear of scanned layers
+    (kernel [L, in, out], `model.layers.self_attn.q_proj`) `model.layers.{i}.self_attn.q_proj` for each layer i."""
+    return layer_paths(name, layer.kernel.shape[0]) if stacked_at(name) is not None else [name]
+
+
+def patterns_select(name: str, layer: Linear, patterns, key: str) -> bool:
+    """Whether module patterns `patterns` (the config key `key` holds them) select the Linear at `name`, judged on its
+    per-layer names (`layer_names`). A scanned module is one module for all layers, so patterns that select only some
+    of its layers (one naming a layer index) are a ValueError naming the pattern and the fix."""
+    names = layer_names(name, layer)
+    hits = [n for n in names if any(module_matches(n, p) for p in patterns)]
+    if hits and len(hits) < len(names):
+        pattern = next(p for p in patterns if any(module_matches(n, p) for n in names))
+        raise ValueError(f"{key} pattern {pattern!r} selects only some layers of the scanned module {name}, but "
+                         f"scanned layers (model.scan_layers=true) take every layer or none; set "
+                         f"model.scan_layers=false, or use a pattern without a layer index")
+    return bool(hits)
+
+
 def apply_fp8(model: nnx.Module, filter_modules: tuple[str, ...] = (), amax_history_len: int | None = None
               ) -> list[str]:
     """Turn on FP8 matmuls (in place) in every Linear of `model` but the output layer (`lm_head`, which stays in the
     compute dtype with the loss) and those matching a `filter_modules` pattern (NeMo Automodel's filter: globs on
     module names/paths or "re:<regex>" on full paths, see `params.module_matches`); returns the FP8 module paths.
     `amax_history_len`: None for tensorwise scaling, else delayed scaling with a zero `AmaxHistory` [3, L] in each FP8
-    layer. Raises ValueError naming a pattern that matches no Linear layer nor `lm_head` (a typo would otherwise keep
-    nothing in bf16)."""
+    layer ([num_layers, 3, L] in scanned layers, where patterns must select every layer or none: `patterns_select`).
+    Raises ValueError naming a pattern that matches no Linear layer nor `lm_head` (a typo would otherwise keep nothing
+    in bf16)."""
     linears = linear_modules(model)
+    key = "model.fp8.filter_modules"
+    per_layer = [n for name, layer in linears.items() for n in layer_names(name, layer)]
     for pattern in filter_modules:
-        if not any(module_matches(name, pattern) for name in [*linears, *OUTPUT_LAYERS]):
+        if not any(module_matches(name, pattern) for name in [*per_layer, *OUTPUT_LAYERS]):
             names = sorted({n.rsplit(".", 1)[-1] for n in linears})
             raise ValueError(f"model.fp8.filter_modules pattern {pattern!r} matches no Linear layer; layer names "
                              f"are {names}")
-    chosen = [name for name in linears if name.rsplit(".", 1)[-1] not in OUTPUT_LAYERS
-              and not any(module_matches(name, p) for p in filter_modules)]
+    chosen = [name for name, layer in linears.items() if name.rsplit(".", 1)[-1] not in OUTPUT_LAYERS
+              and not patterns_select(name, layer, filter_modules, key)]
     for name in chosen:
         linears[name].fp8 = True
-        if amax_history_len is not None:
-            linears[name].amax_history = AmaxHistory(new_amax_history(amax_history_len))
+        if amax_history_len is not None:  # scanned layers: one history per layer [L, 3, amax_history_len]
+            history = new_amax_history(amax_history_len)
+            if stacked_at(name) is not None:
+                history = jnp.broadcast_to(history, (linears[name].kernel.shape[0], *history.shape)) + 0
+            linears[name].amax_history = AmaxHistory(history)
     return chosen
 
 

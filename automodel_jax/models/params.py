@@ -55,3 +55,36 @@ def module_matches(name: str, pattern: str) -> bool:
     if any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(last, pattern) or fnmatch.fnmatchcase(name, pattern)
     return name == pattern or name.endswith("." + pattern)
+
+
+# Scanned decoder layers (`DecoderConfig.scan_layers`) are one module at `...layers` whose parameters have a leading
+# layer axis [L, ...]: `model.layers.self_attn.q_proj.kernel` [L, in, out] stands for `model.layers.{i}.self_attn.
+# q_proj.kernel` of every layer i. A path is stacked when its `layers` key is followed by a name, not a layer index.
+# These helpers are the one place that maps stacked paths to per-layer ones (HF names, PEFT names, module patterns).
+STACKED = "layers"
+
+
+def stacked_at(path: tuple | str) -> int | None:
+    """Position of the stacked `layers` key in `path` (a tuple or a dotted name), None when `path` is not under
+    scanned layers (an unrolled `layers.3....` path, or no layers at all)."""
+    keys = path.split(".") if isinstance(path, str) else path
+    for k in range(len(keys) - 1):
+        if keys[k] == STACKED and not str(keys[k + 1]).isdigit():
+            return k
+    return None
+
+
+def layer_path(path: tuple | str, i: int) -> tuple | str:
+    """The per-layer path of layer `i` that a stacked `path` stands for (`path` itself when not stacked)."""
+    at = stacked_at(path)
+    if at is None:
+        return path
+    if isinstance(path, str):
+        keys = path.split(".")
+        return ".".join(keys[:at + 1] + [str(i)] + keys[at + 1:])
+    return tuple(path[:at + 1]) + (i,) + tuple(path[at + 1:])
+
+
+def layer_paths(path: tuple | str, num_layers: int) -> list:
+    """Every per-layer path a stacked `path` stands for, layer 0 first ([path] when not stacked)."""
+    return [path] if stacked_at(path) is None else [layer_path(path, i) for i in range(num_layers)]

@@ -20,6 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 
+# The logical name of the leading [num_layers] axis of scanned layers' parameters (`param_axes`).
+LAYER_AXIS = "layers"
+
 # Megatron-style tensor parallelism (column-parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embedding and
 # lm_head) plus FSDP over the hidden dimension of every weight; batch over data and fsdp; sequence over context.
 DEFAULT_RULES: dict[str, tuple[str, ...] | str | None] = {
@@ -33,6 +36,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | str | None] = {
     "vision_heads": "tensor",  # a vision tower's attention features (not strict: its head count is not checked)
     "norm": None,
     "lora": None,
+    LAYER_AXIS: None,  # the leading layer axis of scanned decoder layers' stacked parameters (never sharded)
 }
 
 # Dimensions whose mesh axis must divide them: silently replicating these would change the parallel layout asked for.
@@ -148,20 +152,27 @@ def param_axes(module: nnx.Module) -> dict[tuple, tuple]:
     """{param path: logical axes} for every parameter of `module`, from the `axes` its layers declare.
 
     LoRA factors follow their base kernel [in, out]: lora_a [in, r] keeps the input axis, lora_b [r, out] the output
-    axis, so x @ A @ B needs no more communication than x @ kernel."""
+    axis, so x @ A @ B needs no more communication than x @ kernel. A parameter with one dimension more than its layer
+    declares belongs to scanned layers (stacked [num_layers, ...]): its leading axis is LAYER_AXIS."""
     out = {}
+
+    def add(path, var, axes):
+        stacked = len(var.shape) == len(axes) + 1
+        out[path] = (LAYER_AXIS,) + tuple(axes) if stacked else tuple(axes)
+
     for path, node in nnx.iter_graph(module):
         axes = getattr(node, "axes", None)
         if not isinstance(node, nnx.Module) or axes is None:
             continue
+        path = tuple(path)
         for leaf in ("kernel", "embedding", "scale"):
             if getattr(node, leaf, None) is not None:
-                out[tuple(path) + (leaf,)] = axes
+                add(path + (leaf,), getattr(node, leaf), axes)
         if getattr(node, "bias", None) is not None:
-            out[tuple(path) + ("bias",)] = axes[-1:]
+            add(path + ("bias",), node.bias, axes[-1:])
         if getattr(node, "lora_a", None) is not None:
-            out[tuple(path) + ("lora_a",)] = (axes[0], "lora")
-            out[tuple(path) + ("lora_b",)] = ("lora", axes[1])
+            add(path + ("lora_a",), node.lora_a, (axes[0], "lora"))
+            add(path + ("lora_b",), node.lora_b, ("lora", axes[1]))
     return out
 
 

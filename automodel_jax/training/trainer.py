@@ -155,10 +155,14 @@ def start(cfg) -> Started:
 
 def load_model(cfg, model_path: str, started: Started):
     """model.path's HF checkpoint streamed onto the mesh, in model.dtype over model.param_dtype, with the config's
-    activation checkpointing and attention implementation."""
+    activation checkpointing and attention implementation (and scanned layers where the recipe has
+    model.scan_layers and sets it)."""
+    overrides = dict(remat=cfg.model.remat, attention_impl=cfg.model.attention)
+    if cfg.model.get("scan_layers"):
+        overrides["scan_layers"] = True
     return load_pretrained(model_path, dtype=jax.numpy.dtype(cfg.model.dtype),
                            param_dtype=jax.numpy.dtype(cfg.model.param_dtype), mesh=started.mesh, rules=started.rules,
-                           model_overrides=dict(remat=cfg.model.remat, attention_impl=cfg.model.attention))
+                           model_overrides=overrides)
 
 
 def batch_geometry(cfg, mesh) -> tuple[int, int]:

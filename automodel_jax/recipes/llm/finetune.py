@@ -25,6 +25,7 @@ from automodel_jax.data import (build_dataset, check_vocabulary, data_defaults, 
                                 resolve_pad_id)
 from automodel_jax.generation import check_context, enforced_context
 from automodel_jax.losses.cross_entropy import IMPLS as LOSS_IMPLS
+from automodel_jax.models.base import family_config
 from automodel_jax.models.fp8 import MIN_COMPUTE_CAPABILITY, fp8_unsupported
 from automodel_jax.models.layers import apply_fp8
 from automodel_jax.parallel.sharding import check_mesh_fits, check_process_layout
@@ -47,8 +48,12 @@ def load_tokenizer(path: str):
 def default_config() -> ml_collections.ConfigDict:
     """Every key the recipe reads, with defaults; config files start from this and set their presets."""
     cfg = trainer_defaults("runs/finetune")
+    # remat: activation checkpointing per decoder layer (none, full, save_dots). scan_layers: the decoder layers as
+    # one stacked module run by a scan, so XLA compiles one layer instead of all of them (much faster compiles of deep
+    # models); needs identical layers (not Gemma 2/3 or Qwen2 with sliding windows on some layers), and LoRA / FP8
+    # patterns that take every layer or none.
     cfg.model = dict(path="embedded:tiny-llama", dtype="bfloat16", param_dtype="float32", remat="none",
-                     attention="auto")
+                     scan_layers=False, attention="auto")
     # FP8 matmuls in the decoder's Linear layers (not lm_head), E4M3 forward / E5M2 backward, one scale per tensor:
     # recipe "tensorwise" (current scaling) or "delayed" (from the amax history of the last amax_history_len steps,
     # kept in the train state and checkpoints; 1024 as Transformer Engine and Flax); filter_modules: module patterns
@@ -77,6 +82,14 @@ def check_parallelism(cfg, mesh, rules, model_path: str) -> None:
     check_mesh_fits(mesh.shape, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
                     seq_len=cfg.data.seq_len, batch_rows=cfg.train.micro_batch_size * dp)
     check_process_layout(mesh, rules)
+
+
+def check_scan_layers(cfg, model_path: str) -> None:
+    """With model.scan_layers on, ValueError (one line naming the key and the fix) unless the model's decoder layers
+    are identical, before planning or loading anything."""
+    if cfg.model.scan_layers:
+        directory = resolve_checkpoint_dir(model_path)
+        family_config(read_hf_config(directory), str(directory / "config.json"), dict(scan_layers=True))
 
 
 def check_fp8_devices(cfg) -> None:
@@ -140,6 +153,8 @@ def setup(cfg, model=None) -> Run:
 
     # Plan (cfg.plan: check that the run fits, or choose its mesh, remat, loss and micro-batch), model, adapters.
     model_path = resolve_path(cfg.model.path)
+    if model is None:
+        check_scan_layers(cfg, model_path)
     started = plan_run.prepare_run(cfg, started, model_path)
     mesh, rules = started.mesh, started.rules
     check_parallelism(cfg, mesh, rules, model_path)

@@ -102,13 +102,14 @@ def label_tokens(loader, position: dict, steps: int) -> tuple[int, int]:
 def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str | None = None,
         data: str | None = None, tokenizer: str | None = None, packing: bool = False, fp8: bool = False,
         fp8_recipe: str = "tensorwise", fp8_filter: tuple[str, ...] = (), plan_auto: bool = False,
-        micro_batch: int | None = None) -> dict:
+        micro_batch: int | None = None, scan_layers: bool = False) -> dict:
     """One workload through the recipe's own phases: `setup` (state, jitted steps, grain loader of mock rows, or of
     the SQuAD rows in `data` tokenized by the HF tokenizer folder `tokenizer`, packed or not) and `train_loop` (the
     loop users run, metrics read one step behind), timed over `steps` steps after `warmup`.
     `profile`: a directory for a `jax.profiler` trace of two steps after warm-up (the recipe's `profile` section).
     `plan_auto`: remat, loss and micro-batch from the run planner instead of `remat`, `loss` and the workload's.
-    `micro_batch`: rows per micro-step instead of the workload's (hand-tuning against the planner)."""
+    `micro_batch`: rows per micro-step instead of the workload's (hand-tuning against the planner).
+    `scan_layers`: the decoder layers as one stacked module under a scan (model.scan_layers)."""
     name, shape, rank, alpha, micro, seq, global_batch = WORKLOADS[key]
     micro = micro_batch or micro
     lora = rank is not None
@@ -120,7 +121,8 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
     cfg = default_config()
     cfg.run_dir = str(model_dir / "run")
     param_dtype = "bfloat16" if lora or key in BF16_PARAMS else "float32"
-    cfg.model.update(path=str(model_dir), dtype="bfloat16", param_dtype=param_dtype, remat=remat)
+    cfg.model.update(path=str(model_dir), dtype="bfloat16", param_dtype=param_dtype, remat=remat,
+                     scan_layers=scan_layers)
     cfg.model.fp8.update(enabled=fp8, recipe=fp8_recipe, filter_modules=tuple(fp8_filter),
                          emulate=fp8)  # emulate matters on CPU only
     cfg.peft.update(method="lora" if lora else "none", r=rank or 8, alpha=float(alpha), target_modules=("*_proj",))
@@ -150,7 +152,7 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
         cfg.plan.mode = "off"  # planned; the model is built with the choice below
         remat, loss, micro = cfg.model.remat, cfg.loss.impl, cfg.train.micro_batch_size
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=jnp.bfloat16, param_dtype=jnp.dtype(param_dtype),
-                                             remat=remat)
+                                             remat=remat, scan_layers=scan_layers)
     run_ = setup(cfg, model=model)
     del model
     t0 = time.perf_counter()
@@ -171,7 +173,7 @@ def run(key: str, steps: int, warmup: int, remat: str, loss: str, profile: str |
     tflops = tok_s * flops_per_token(hf_cfg, seq, lora) / 1e12
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
     result = dict(impl="automodel-jax", workload=name, batch=micro, seq=seq, global_batch=global_batch,
-                  remat=remat, loss_impl=loss, packing=packing, fp8=fp8, fp8_recipe=fp8_recipe if fp8 else None,
+                  remat=remat, scan_layers=scan_layers, loss_impl=loss, packing=packing, fp8=fp8, fp8_recipe=fp8_recipe if fp8 else None,
                   fp8_filter=list(fp8_filter),
                   step_s=round(step_s, 4), tokens_per_s=round(tok_s),
                   label_tokens_per_s=round(labels / steps / step_s), real_tokens_per_s=round(real / steps / step_s),
@@ -201,6 +203,8 @@ def main() -> int:
                              "--loss and the workload's micro-batch")
     parser.add_argument("--micro-batch", type=int, help="rows per micro-step instead of the workload's (a divisor of "
                                                             "its global batch)")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="the decoder layers as one stacked module under a scan (model.scan_layers)")
     parser.add_argument("--profile", help="write a jax.profiler trace of two timed steps under DIR/WORKLOAD")
     parser.add_argument("--compilation-cache", metavar="DIR",
                         help="JAX's persistent compilation cache in DIR, as the commands use it (a second run shows "
@@ -218,7 +222,8 @@ def main() -> int:
     for key in args.workloads:
         if key not in REAL_DATA:
             print(json.dumps(run(key, args.steps, args.warmup, args.remat, args.loss, args.profile, **fp8,
-                                 plan_auto=args.plan, micro_batch=args.micro_batch)), flush=True)
+                                 plan_auto=args.plan, micro_batch=args.micro_batch,
+                                 scan_layers=args.scan_layers)), flush=True)
             continue
         for name, path in (("--data", args.data), ("--tokenizer", args.tokenizer)):
             if not Path(path).exists():

@@ -7,7 +7,9 @@ per-device peak memory is the compiled executable's own account (`memory_analysi
 aliases + temporaries + generated code), its step time an estimate: the lowered step's matmul flops (`training.hlo_flops`) / peak
 FLOP/s + bytes accessed by the compiled one (XLA's cost analysis, which counts the micro-batch loop's body once) times
 the accumulation steps / HBM bandwidth. To plan fast, candidates are compiled with 1 and 2 decoder layers and
-extrapolated linearly in depth; the one chosen is compiled at full depth before it is trusted. Micro-batch: the
+extrapolated linearly in depth; the one chosen is compiled at full depth before it is trusted (with
+`model.scan_layers` every candidate is compiled at full depth: a scan compiles one layer whatever the depth; the
+bytes accessed then count the layer loop's body once). Micro-batch: the
 largest divisor of the per-data-replica batch whose peak fits (memory grows with it: bisection).
 
 `make_plan` plans a run ("auto": every candidate of `plan.remat` x `plan.loss_impl` x the meshes over
@@ -219,6 +221,8 @@ class Planner:
         check_plan_config(cfg.plan)
         self.cfg, self.memory = cfg, memory
         self.devices = list(devices or jax.devices())
+        # Scanned layers compile as one body whatever the depth: no probes, every candidate at full depth.
+        self.scan = bool(cfg.model.get("scan_layers"))
         self.hf = read_hf_config(resolve_checkpoint_dir(model_path))
         self.layers = int(self.hf["num_hidden_layers"])
         self.lora = cfg.peft.method == "lora"
@@ -269,7 +273,7 @@ class Planner:
         hf = {**self.hf, "num_hidden_layers": layers}
         if isinstance(hf.get("layer_types"), list):
             hf["layer_types"] = hf["layer_types"][:layers]
-        cls, model_cfg = family_config(hf, "config.json", dict(remat=candidate.remat,
+        cls, model_cfg = family_config(hf, "config.json", dict(remat=candidate.remat, scan_layers=self.scan,
                                                                attention_impl=cfg.model.attention))
 
         def build():
@@ -328,7 +332,7 @@ class Planner:
     def predict(self, candidate: Candidate, full_depth: bool = False) -> Row:
         """The candidate's row: extrapolated from the PROBE_LAYERS compiles, or compiled at full depth (also when
         the model is no deeper than the probes, or `full_depth`)."""
-        full = full_depth or self.layers <= max(PROBE_LAYERS) or (candidate, self.layers) in self._figures
+        full = full_depth or self.scan or self.layers <= max(PROBE_LAYERS) or (candidate, self.layers) in self._figures
         if full:
             figures = self.figures(candidate, self.layers)
         else:

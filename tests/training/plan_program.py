@@ -2,10 +2,11 @@
 
 `python -m tests.training.plan_program OUT_DIR` plans a tiny 4-layer Llama (LoRA, mock rows) and writes record.json
 for tests/training/test_plan.py:
-  accuracy  for several candidates (mesh, remat, micro-batch): the planner's peak per device, extrapolated from 1-
-            and 2-layer compiles of abstract inputs, and the peak of the real run's compiled train step (the recipe's
-            `setup`, one real step; CPU devices report no memory_stats, so the executable's own figures are the
-            measure of the real run), and what `memory_stats()` says;
+  accuracy  for several candidates (mesh, remat, micro-batch, scanned layers or not): the planner's peak per
+            device, extrapolated from 1- and 2-layer compiles of abstract inputs (at full depth when scanned), and
+            the peak of the real run's compiled train step (the recipe's `setup`, one real step; CPU devices report
+            no memory_stats, so the executable's own figures are the measure of the real run), and what
+            `memory_stats()` says;
   auto      a budget between two micro-batches: the recipe's `run` with plan=auto and plan.measure_steps=1 trains the
             chosen candidate; its plan.json, plan.md and config.json; a second start reuses plan.json;
   errors    the one-line errors of unsatisfiable requests (memory too small for every candidate, a global batch no
@@ -42,11 +43,12 @@ TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_siz
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
             tie_word_embeddings=False)
 SEQ, GLOBAL_BATCH = 128, 16
-# name: (mesh, remat, micro-batch)
+# name: (mesh, remat, micro-batch, model.scan_layers)
 ACCURACY = {
-    "fsdp8_none_m2": (dict(data=1, fsdp=8), "none", 2),
-    "data2_fsdp2_tensor2_full_m1": (dict(data=2, fsdp=2, tensor=2), "full", 1),
-    "data8_save_dots_m1": (dict(data=8, fsdp=1), "save_dots", 1),
+    "fsdp8_none_m2": (dict(data=1, fsdp=8), "none", 2, False),
+    "data2_fsdp2_tensor2_full_m1": (dict(data=2, fsdp=2, tensor=2), "full", 1, False),
+    "data8_save_dots_m1": (dict(data=8, fsdp=1), "save_dots", 1, False),
+    "fsdp8_save_dots_m2_scan": (dict(data=1, fsdp=8), "save_dots", 2, True),
 }
 
 
@@ -91,10 +93,10 @@ def main(out: Path) -> None:
 
     # Accuracy: predicted (probes, abstract inputs) against the real run's compiled step.
     record["accuracy"] = {}
-    for name, (mesh, remat, micro) in ACCURACY.items():
+    for name, (mesh, remat, micro, scan) in ACCURACY.items():
         cfg = config(model, out / name, mode="off", device_memory_gb=1.0)
         cfg.mesh.update(mesh)
-        cfg.model.remat = remat
+        cfg.model.update(remat=remat, scan_layers=scan)
         cfg.train.micro_batch_size = micro
         planner = plan.Planner(cfg, str(model), memory=10 ** 9)
         predicted = planner.predict(planner.own())

@@ -223,7 +223,8 @@ def test_predicted_peak_is_within_ten_percent_of_the_real_run(record):
     assert record["devices"] == 8
     assert record["memory_stats"] is None  # why the real run's compiled step is the measure on CPU
     for name, figures in record["accuracy"].items():
-        assert not figures["full_depth"], name  # extrapolated from the 1- and 2-layer probes
+        # extrapolated from the 1- and 2-layer probes, or compiled at full depth when the layers are scanned
+        assert figures["full_depth"] == name.endswith("_scan"), name
         assert abs(figures["predicted"] - figures["real"]) <= 0.1 * figures["real"], (name, figures)
 
 

@@ -381,3 +381,13 @@ def test_a_run_dir_that_cannot_be_written_is_one_line_before_anything_loads(hell
     line = error_line(capsys)
     assert line.startswith(f"error: run_dir {run_dir}") and "set run_dir to a" in line, line
     assert (tmp_path / "afile").read_text() == "not a directory"
+
+
+def test_an_unknown_dataset_kind_fails_before_anything_is_built(hellaswag, tmp_path, capsys):
+    """A typo in a dataset section is one line naming the section, before the planner compiles or weights load (no
+    run directory is written)."""
+    train, validation = hellaswag
+    argv = stories_argv(tmp_path / "run", train, validation, "--config.data.validation.kind=alpaca")
+    assert finetune_cli.main(argv) == 2
+    assert "data.validation: unknown dataset kind 'alpaca'" in error_line(capsys)
+    assert not (tmp_path / "run").exists()

@@ -45,8 +45,8 @@ from typing import Any
 from ml_collections import ConfigDict
 from ml_collections.config_dict import FieldReference
 
-_TRUE = ("true", "yes", "1")
-_FALSE = ("false", "no", "0")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
 _BUILTIN_TYPES = (bool, int, float, str, tuple, list)
 _USAGE = "expected --config PATH[:PRESET] and --config.KEY=VALUE overrides"
 MAPPING_SECTIONS = ("columns",)
@@ -182,6 +182,8 @@ def apply_override(cfg: ConfigDict, key: str, raw: str | None) -> None:
         parent[name] = None if optional and raw == "None" else _parse("true" if raw is None else raw, declared)
     except (ValueError, SyntaxError, TypeError):
         expected = declared.__name__ + (" or None" if optional else "")
+        if declared is bool:
+            expected += f" ({'/'.join(_TRUE)} or {'/'.join(_FALSE)})"
         raise ConfigError(f"config key '{key}' expects {expected}, got {raw!r}") from None
 
 

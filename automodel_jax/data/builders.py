@@ -215,21 +215,27 @@ BUILDERS: dict[str, Callable[..., TokenizedDataset]] = {
 }
 
 
+def check_dataset_config(ds_cfg, where: str = "dataset") -> dict:
+    """A dataset section (`data.train`, ...) with its kind's defaults filled in; DataError naming `where` for an
+    unknown kind or setting (checked before anything is built, and again by `build_dataset`)."""
+    given = dict(ds_cfg)
+    if given.get("kind") not in BUILDERS:
+        raise DataError(f"{where}: unknown dataset kind {given.get('kind')!r}: use one of {sorted(BUILDERS)}")
+    cfg = dataset_defaults(given["kind"], path="", split="train")
+    unknown = sorted(set(given) - set(cfg))
+    if unknown:
+        raise DataError(f"{where}: unknown dataset setting(s) {unknown}: the known ones are {sorted(cfg)}")
+    cfg.update(given)
+    return cfg
+
+
 def build_dataset(ds_cfg, tokenizer, seq_len: int, truncation: str,
                   min_kept_fraction: float = 0.1, context: int | None = None) -> TokenizedDataset:
     """Dispatch on `ds_cfg.kind`; see data_defaults() for the keys each kind reads. Rows lost to seq_len are reported
     by `check_fit` (a DataError when fewer than `min_kept_fraction` of them are kept; its hints suggest no seq_len
     past the model's `context`, in positions, when given)."""
-    given = dict(ds_cfg)
-    builder = BUILDERS.get(given.get("kind"))
-    if builder is None:
-        raise DataError(f"unknown dataset kind {given.get('kind')!r}: use one of {sorted(BUILDERS)}")
-    cfg = dataset_defaults(given["kind"], path="", split="train")
-    unknown = sorted(set(given) - set(cfg))
-    if unknown:
-        raise DataError(f"unknown dataset setting(s) {unknown}: the known ones are {sorted(cfg)}")
-    cfg.update(given)
-    dataset = builder(ml_collections.ConfigDict(cfg), tokenizer, seq_len, truncation)
+    cfg = check_dataset_config(ds_cfg)
+    dataset = BUILDERS[cfg["kind"]](ml_collections.ConfigDict(cfg), tokenizer, seq_len, truncation)
     check_fit(dataset, seq_len, truncation, min_kept_fraction, context)
     return dataset
 

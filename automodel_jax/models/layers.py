@@ -164,7 +164,7 @@ def apply_fp8(model: nnx.Module, filter_modules: tuple[str, ...] = (), amax_hist
         if not any(module_matches(name, pattern) for name in [*per_layer, *OUTPUT_LAYERS]):
             names = sorted({n.rsplit(".", 1)[-1] for n in linears})
             raise ValueError(f"model.fp8.filter_modules pattern {pattern!r} matches no Linear layer; layer names "
-                             f"are {names}")
+                             f"are {names}, full paths look like {per_layer[0]!r}")
     chosen = [name for name, layer in linears.items() if name.rsplit(".", 1)[-1] not in OUTPUT_LAYERS
               and not patterns_select(name, layer, filter_modules, key)]
     for name in chosen:

@@ -377,11 +377,14 @@ class Planner:
         valid), fitting ones first by estimated step time; with `verify`, the best fitting one is compiled at full
         depth and rows that do not fit there are marked and moved down, until one does (`plan_run.nearest_choice`
         verifies the row it names instead)."""
+        try:
+            own = self.own()
+        except MeshConfigError:  # the config's mesh does not fit these devices: the plan chooses one anyway
+            own = None
         rows = [self.largest_micro_batch(m, r, impl) for m in self.candidate_meshes()
                 for r in self.cfg.plan.remat for impl in self.cfg.plan.loss_impl]
-        own = self.own()
-        if self.mesh_problem(own.mesh) is None and own not in {row.candidate for row in rows} and \
-                self.cfg.train.global_batch_size % (own.micro_batch * own.data_parallel) == 0:
+        if own is not None and self.mesh_problem(own.mesh) is None and own not in {row.candidate for row in rows} \
+                and self.cfg.train.global_batch_size % (own.micro_batch * own.data_parallel) == 0:
             rows.append(self.predict(own))
         for row in rows:
             if row.candidate == own:

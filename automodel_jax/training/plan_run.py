@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import jax
 
 from automodel_jax.launcher.distributed import describe_topology
-from automodel_jax.parallel.sharding import mesh_from_config
+from automodel_jax.parallel.sharding import MESH_AXES, mesh_from_config
 from automodel_jax.training.loop import TrainingError
 from automodel_jax.training.plan import Candidate, Planner, PlanError, device_memory_bytes, make_plan, plan_key
 from automodel_jax.training.trainer import Started
@@ -100,6 +100,10 @@ def prepare_run(cfg, started: Started, model_path: str) -> Started:
         settings = plan.chosen.candidate.settings()
         if started.primary:
             print(plan.table(), flush=True)
+            print(f"plan: training with {plan.chosen.candidate.describe()} (the config's own: mesh "
+                  f"{' x '.join(f'{k}={v}' for k, v in cfg.mesh.items() if k in MESH_AXES)}, model.remat="
+                  f"{cfg.model.remat}, loss.impl={cfg.loss.impl}, train.micro_batch_size="
+                  f"{cfg.train.micro_batch_size})", flush=True)
         # Written with the config once the run starts (`trainer.record_config`): a run that fails first writes nothing.
         files = {PLAN_MD: plan.markdown(), PLAN_JSON: json.dumps(plan.record(), indent=2) + "\n"}
         started = dataclasses.replace(started, run_files={**started.run_files, **files})

@@ -148,8 +148,12 @@ def start(cfg) -> Started:
     initialize_distributed(cfg.distributed.timeout_s)
     primary = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
-    mesh, rules = mesh_from_config(cfg.mesh)
-    describe_topology(mesh)
+    if cfg.get("plan") is not None and cfg.plan.mode == "auto":
+        # The plan chooses the mesh (`plan_run.prepare_run`); until then every device on fsdp, whatever the config's.
+        mesh, rules = mesh_from_config({"fsdp": -1, "zero3_over_data": cfg.mesh.get("zero3_over_data", False)})
+    else:
+        mesh, rules = mesh_from_config(cfg.mesh)
+        describe_topology(mesh)
     return Started(export_to, primary, run_dir, mesh, rules, copy.deepcopy(cfg))
 
 

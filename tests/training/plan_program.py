@@ -118,6 +118,7 @@ def main(out: Path) -> None:
     memory_gb = (small + large) / 2 / 0.9 / 1e9
     record["auto_memory_gb"], record["probe_peaks"] = memory_gb, [small, large]
     cfg = config(model, out / "auto", mode="auto", device_memory_gb=memory_gb, measure_steps=1, **fsdp)
+    cfg.mesh.update(data=1, fsdp=1)  # a mesh for 1 device, not these 8: the plan chooses the mesh anyway
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         result = finetune.run(cfg)
@@ -128,6 +129,7 @@ def main(out: Path) -> None:
                           plan_md=(run_dir / plan_run.PLAN_MD).read_text(),
                           config=json.loads((run_dir / "config.json").read_text()))
     again = config(model, out / "auto", mode="auto", device_memory_gb=memory_gb, measure_steps=1, **fsdp)
+    again.mesh.update(data=1, fsdp=1)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         started = plan_run.prepare_run(again, start(again), str(model))

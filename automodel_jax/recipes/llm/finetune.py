@@ -21,8 +21,8 @@ import ml_collections
 from automodel_jax.checkpoint.export import export_model
 from automodel_jax.checkpoint.hf import read_hf_config, resolve_checkpoint_dir
 from automodel_jax.config import ConfigError, validate_choice
-from automodel_jax.data import (build_dataset, check_vocabulary, data_defaults, load_rows, make_loader,
-                                resolve_pad_id)
+from automodel_jax.data import (build_dataset, check_dataset_config, check_vocabulary, data_defaults, load_rows,
+                                make_loader, resolve_pad_id)
 from automodel_jax.generation import check_context, enforced_context
 from automodel_jax.losses.cross_entropy import IMPLS as LOSS_IMPLS
 from automodel_jax.models.base import family_config
@@ -112,10 +112,15 @@ def check_run_config(cfg) -> None:
     validate_choice(cfg, "peft.method", ("lora", "none"))
     fp8 = cfg.model.fp8
     recipe = validate_choice(cfg, "model.fp8.recipe", FP8_RECIPES)
+    if fp8.emulate and not fp8.enabled:
+        raise ConfigError("model.fp8.emulate=true emulates FP8 matmuls, which are off: set model.fp8.enabled=true "
+                          "too (or drop emulate)")
     if fp8.enabled and recipe == "delayed" and fp8.amax_history_len < 1:  # unused by other recipes, or with FP8 off
         raise ConfigError(f"model.fp8.amax_history_len must be >= 1 (steps of amax history for delayed scaling; "
                           f"Transformer Engine's default is 1024), got {fp8.amax_history_len}")
     validate_choice(cfg, "loss.impl", LOSS_IMPLS)
+    for split in ("train", "validation"):
+        check_dataset_config(cfg.data[split], f"data.{split}")
     plan.check_plan_config(cfg.plan)
     check_training_config(cfg)
     if validate_choice(cfg, "evaluation.task", ("none", "hellaswag", "squad")) != "none" and not cfg.evaluation.data:

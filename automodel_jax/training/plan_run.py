@@ -101,7 +101,7 @@ def prepare_run(cfg, started: Started, model_path: str) -> Started:
         if started.primary:
             print(plan.table(), flush=True)
             print(f"plan: training with {plan.chosen.candidate.describe()} (the config's own: mesh "
-                  f"{' x '.join(f'{k}={v}' for k, v in cfg.mesh.items() if k in MESH_AXES)}, model.remat="
+                  f"{' x '.join(f'{a}={cfg.mesh.get(a, 1)}' for a in MESH_AXES)}, model.remat="
                   f"{cfg.model.remat}, loss.impl={cfg.loss.impl}, train.micro_batch_size="
                   f"{cfg.train.micro_batch_size})", flush=True)
         # Written with the config once the run starts (`trainer.record_config`): a run that fails first writes nothing.

@@ -118,7 +118,6 @@ def main(out: Path) -> None:
     memory_gb = (small + large) / 2 / 0.9 / 1e9
     record["auto_memory_gb"], record["probe_peaks"] = memory_gb, [small, large]
     cfg = config(model, out / "auto", mode="auto", device_memory_gb=memory_gb, measure_steps=1, **fsdp)
-    cfg.mesh.update(data=1, fsdp=1)  # a mesh for 1 device, not these 8: the plan chooses the mesh anyway
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         result = finetune.run(cfg)
@@ -129,12 +128,20 @@ def main(out: Path) -> None:
                           plan_md=(run_dir / plan_run.PLAN_MD).read_text(),
                           config=json.loads((run_dir / "config.json").read_text()))
     again = config(model, out / "auto", mode="auto", device_memory_gb=memory_gb, measure_steps=1, **fsdp)
-    again.mesh.update(data=1, fsdp=1)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         started = plan_run.prepare_run(again, start(again), str(model))
     record["reuse"] = dict(printed=printed.getvalue(), mesh=dict(started.mesh.shape),
                            micro=again.train.micro_batch_size, remat=again.model.remat)
+
+    # A config mesh for 1 device, not these 8: plan=auto chooses the mesh anyway (it used to fail after planning).
+    foreign = config(model, out / "foreign", mode="auto", device_memory_gb=1.0, mesh_axes=("fsdp",),
+                     remat=("none",))
+    foreign.mesh.update(data=1, fsdp=1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        plan_run.prepare_run(foreign, start(foreign), str(model))
+    record["foreign_mesh"] = dict(printed=printed.getvalue(), mesh=dict(foreign.mesh))
 
     # Errors.
     tiny = config(model, out / "tiny", mode="auto", device_memory_gb=1e-6, mesh_axes=("fsdp",), remat=("full",))

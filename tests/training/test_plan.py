@@ -248,12 +248,15 @@ def test_auto_trains_the_chosen_candidate_and_records_the_plan(record):
     assert auto["config"]["model"]["remat"] == settings["model.remat"]
     assert {k: auto["config"]["mesh"][k] for k in settings["mesh"]} == settings["mesh"]
     assert "chosen" in auto["printed"] and "| chosen" in auto["plan_md"]
-    assert "plan: training with mesh fsdp=8, model.remat=" in auto["printed"]
-    assert "(the config's own: mesh data=1 x fsdp=1 x " in auto["printed"]
+    assert "plan: training with mesh " in auto["printed"]
     # A second start of the same run reuses plan.json.
     reuse = record["reuse"]
-    # the config's 1-device mesh is no topology line: the plan's mesh is the first one described
-    assert reuse["printed"].startswith("plan: reusing ")
+    assert reuse["printed"].startswith("plan: reusing ")  # the plan's mesh is the first topology line
+    # A config mesh that does not fit the devices: the plan chooses one and says so against the config's.
+    foreign = record["foreign_mesh"]
+    assert foreign["mesh"]["fsdp"] == 8
+    assert "plan: training with mesh fsdp=8, model.remat=none" in foreign["printed"]
+    assert "(the config's own: mesh data=1 x fsdp=1 x " in foreign["printed"]
     assert (reuse["micro"], reuse["remat"]) == (settings["train.micro_batch_size"], settings["model.remat"])
     assert reuse["mesh"] == {**reuse["mesh"], **settings["mesh"]}
 

@@ -15,9 +15,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from automodel_jax.models.attention import AttentionInputs, attention
-from automodel_jax.models.base import CausalLM, remat_policy
+from automodel_jax.models.base import CausalLM, remat_policy, scan_save_policy
 from automodel_jax.models.kvcache import KVCache, LayerCache
 from automodel_jax.models.layers import (ACTIVATIONS, Embedding, GatedMLP, Linear, RMSNorm, RopeConfig, apply_linears,
                                          apply_rope)
@@ -28,6 +29,8 @@ LAYER_TYPES = (FULL, SLIDING)
 
 # The residual stream [batch, seq, hidden]: batch over data/fsdp, sequence over context (the rule table).
 RESIDUAL_AXES = ("batch", "seq", None)
+# checkpoint_name of the rotated queries and keys.
+ROPE_OUT = "rope_out"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +162,10 @@ class DecoderAttention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = self.rope.inv_freq(self.head_dim, positions)
-        q = apply_rope(q, positions, inv_freq, self.rope.attention_factor)
-        k = apply_rope(k, positions, inv_freq, self.rope.attention_factor)
+        # Named: a scanned layer keeps the rotated q and k for attention's backward pass (`scan_save_policy`), which
+        # need then not keep the projections they come from.
+        q = checkpoint_name(apply_rope(q, positions, inv_freq, self.rope.attention_factor), ROPE_OUT)
+        k = checkpoint_name(apply_rope(k, positions, inv_freq, self.rope.attention_factor), ROPE_OUT)
         if cache is not None:
             cache = cache.update(k, v)
             k, v = (buffer.astype(q.dtype) for buffer in cache.keys_values())
@@ -246,6 +251,9 @@ class DecoderModel(nnx.Module):
         if self.cfg.remat != "none" and cache is None:
             # Inside a scan, CSE across the checkpoint cannot happen, so XLA needs no guard against it (faster).
             run_layer = nnx.remat(run_layer, policy=remat_policy(self.cfg.remat), prevent_cse=not self.cfg.scan_layers)
+        elif self.cfg.scan_layers and cache is None:
+            # remat "none" in a scan: keep what is costly to recompute, redo the cheap elementwise rest.
+            run_layer = nnx.remat(run_layer, policy=scan_save_policy, prevent_cse=False)
         if self.cfg.scan_layers:
             x, layer_caches = self._scan_layers(run_layer, x, inputs, layer_caches[0])
         else:

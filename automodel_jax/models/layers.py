@@ -15,11 +15,15 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from automodel_jax.models.fp8 import fp8_dot, fp8_dot_delayed, new_amax_history
 from automodel_jax.models.params import layer_paths, module_matches, path_str, pure_dict, stacked_at
 from automodel_jax.parallel.sharding import constrain, tensor_parallel
 
+
+# checkpoint_name of every Linear's output (after its bias and adapter).
+LINEAR_OUT = "linear_out"
 
 # Marks an attribute as pytree data even while it holds None (flax >= 0.12 needs it; older flax has no such marker).
 as_data = getattr(nnx, "data", lambda value: value)
@@ -73,7 +77,8 @@ class Linear(nnx.Module):
         if self.lora_a is not None:
             h = self.lora_input(x, dropout_rng)
             y = y + jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
-        return y
+        # Named so that a checkpoint policy can keep the sum rather than its terms (`base.scan_save_policy`).
+        return checkpoint_name(y, LINEAR_OUT)
 
     def lora_input(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         """dropout(x) @ lora_a [..., r] in the compute dtype: the adapter's path before lora_b and the scale (PEFT's

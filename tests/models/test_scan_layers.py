@@ -438,11 +438,9 @@ def test_orbax_checkpoint_of_scanned_lora_round_trips(tmp_path):
 
 
 @pytest.mark.slow
-def test_recipe_lora_run_with_scanned_layers_matches_unrolled(tmp_path, monkeypatch):
+def test_recipe_lora_run_with_scanned_layers_matches_unrolled(assets, tmp_path, monkeypatch):
     """The LLM recipe end to end (plan check, streaming load, training, checkpoint, PEFT export) on stories260K with
     model.scan_layers=true gives the unrolled run's losses and adapter; a family with mixed layers is refused first."""
-    from conftest import skip_without_assets
-    skip_without_assets()
     from automodel_jax.config import parse_config
     from automodel_jax.recipes.llm import finetune
     from reference import DATA

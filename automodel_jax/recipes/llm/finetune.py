@@ -112,9 +112,6 @@ def check_run_config(cfg) -> None:
     validate_choice(cfg, "peft.method", ("lora", "none"))
     fp8 = cfg.model.fp8
     recipe = validate_choice(cfg, "model.fp8.recipe", FP8_RECIPES)
-    if fp8.emulate and not fp8.enabled:
-        raise ConfigError("model.fp8.emulate=true emulates FP8 matmuls, which are off: set model.fp8.enabled=true "
-                          "too (or drop emulate)")
     if fp8.enabled and recipe == "delayed" and fp8.amax_history_len < 1:  # unused by other recipes, or with FP8 off
         raise ConfigError(f"model.fp8.amax_history_len must be >= 1 (steps of amax history for delayed scaling; "
                           f"Transformer Engine's default is 1024), got {fp8.amax_history_len}")
